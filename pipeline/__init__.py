@@ -1,0 +1,3 @@
+"""Reproducible CIFAR-10 classification and RNN image compression pipeline."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,76 @@
+"""``python -m pipeline <stage>``: run one pipeline stage (dvc.yaml calls exactly this).
+
+Also ``python -m pipeline configure [--profile P] [--set KEY=VALUE ...]`` (write params.yaml)
+and ``python -m pipeline params`` (print the resolved params as YAML).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipeline.errors import PipelineError
+
+#: stage name -> "module:function"; dvc.yaml runs each as ``python -m pipeline <stage>``
+STAGES = {
+    "download": "pipeline.data.download:main",
+    "augment": "pipeline.data.augment:main",
+    "train_classifier": "pipeline.classifier.train:main",
+    "train_compressor": "pipeline.compression.train:main",
+    "evaluate": "pipeline.evaluation.evaluate:main",
+    "report": "pipeline.report.build:main",
+}
+
+
+def _configure(args: argparse.Namespace) -> None:
+    from pipeline.config import PARAMS_FILE, set_params
+
+    changed = set_params(args.params or PARAMS_FILE, args.profile, args.set or [])
+    print("params.yaml updated" if changed else "params.yaml unchanged")
+
+
+def _show(args: argparse.Namespace) -> None:
+    import yaml
+
+    from pipeline.config import PARAMS_FILE, load_params
+
+    print(yaml.safe_dump(load_params(args.params or PARAMS_FILE).model_dump(mode="json"), sort_keys=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    for name, target in STAGES.items():
+        sub.add_parser(name, help=f"run stage {name} ({target})")
+    conf = sub.add_parser("configure", help="set the profile and KEY=VALUE overrides in params.yaml")
+    conf.add_argument("--profile", choices=["cpu", "gpu", "coursework", "tiny"])
+    conf.add_argument("--set", action="append", metavar="KEY=VALUE")
+    conf.add_argument("--params", help="params file (default: params.yaml)")
+    show = sub.add_parser("params", help="print the resolved params (profile applied)")
+    show.add_argument("--params", help="params file (default: params.yaml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "configure":
+            _configure(args)
+        elif args.command == "params":
+            _show(args)
+        else:
+            module, func = STAGES[args.command].split(":")
+            getattr(importlib.import_module(module), func)()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

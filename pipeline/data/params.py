@@ -1,0 +1,37 @@
+"""params.yaml sections ``data`` (download) and ``augment``, and the classifier's augmentation."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipeline.schema import Section
+
+
+class DataParams(Section):
+    mirror: str | None = None  # directory or URL holding SHA256SUMS; env DATA_MIRROR overrides
+    cifar_url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    cifar_md5: str = Field("c58f30108f718f92721af3b95e74349a", pattern=r"^[0-9a-f]{32}$")
+    kodak_url: str = "http://r0k.us/graphics/kodak/kodak/kodim{index:02d}.png"
+    kodak_images: int = Field(24, ge=1, le=24)  # kodim01 .. kodimNN
+    retries: int = Field(4, ge=0)  # network retries, exponential backoff
+    backoff_s: float = Field(1.0, ge=0)  # first retry delay, doubled each time
+    timeout_s: float = Field(60.0, gt=0)  # socket timeout per request
+
+
+class AugmentParams(Section):
+    train_limit: int | None = Field(None, ge=10)  # keep the first N training images (None: all 50000)
+    test_limit: int | None = Field(None, ge=10)  # keep the first N test images (None: all 10000)
+    patches: int = Field(20000, ge=1)  # compressor training patches (crops of CIFAR-10 train)
+    val_patches: int = Field(1000, ge=1)  # held-out patches, cut from CIFAR-10 test images
+    patch_size: int = Field(32, ge=8, le=32)  # side in pixels; a multiple of 16 for the codec
+    patch_pad: int = Field(4, ge=0)  # reflect padding before the random crop (translation, px)
+    patch_flip: bool = True  # random horizontal flips of patches
+    preview_grid: int = Field(8, ge=1, le=32)  # preview PNG shows grid x grid samples
+
+
+class AugmentationParams(Section):
+    """On-the-fly augmentation of classifier batches (tensor ops, on the training device)."""
+
+    flip: bool = True  # random horizontal flip
+    translate: int = Field(2, ge=0)  # random shift of up to N px (reflect padding)
+    cutout: int = Field(0, ge=0)  # side of a zeroed random square, 0 disables

@@ -1,0 +1,90 @@
+"""Small helpers shared by the stages: atomic writes, JSON, seeding, device choice, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    Works for files and directories: nothing half-written is ever left at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_device(prefer: str = "auto"):
+    """``auto``: CUDA when present, else the CPU on all its cores."""
+    import torch
+
+    if prefer == "auto":
+        prefer = "cuda" if torch.cuda.is_available() else "cpu"
+    if prefer == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    return torch.device(prefer)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar on stderr (quiet when PIPELINE_NO_PROGRESS is set)."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("disable", bool(os.environ.get("PIPELINE_NO_PROGRESS")))
+    kwargs.setdefault("file", sys.stderr)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
