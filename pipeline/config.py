@@ -113,6 +113,10 @@ def resolve(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
         profiles = section.pop("profiles", None) or {}
         if not isinstance(profiles, dict):
             raise ParamsError(f"{source}: {name}.profiles: expected a mapping of profile -> overrides")
+        try:  # the base values first, so an error names the key where it is written
+            schema.model_validate(section)
+        except ValidationError as err:
+            raise ParamsError(f"{source}: {_describe(err, name)}") from None
         for pname, override in profiles.items():
             if pname not in PROFILES:
                 raise ParamsError(f"{source}: {name}.profiles.{pname}: unknown profile (one of {', '.join(PROFILES)})")
@@ -152,10 +156,24 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value)
 
 
+def _effective_keys(doc: dict, keys: list[str], profile: str) -> list[str]:
+    """Where KEY must be written so the run sees it: in the active profile's block if that sets it."""
+    if len(keys) < 2:
+        return keys
+    node = (doc.get(keys[0]) or {}).get("profiles", {}) or {}
+    node = node.get(profile) if isinstance(node, dict) else None
+    for k in keys[1:]:
+        if not isinstance(node, dict) or k not in node:
+            return keys
+        node = node[k]
+    return [keys[0], "profiles", profile, *keys[1:]]
+
+
 def set_params(path: str | os.PathLike, profile: str | None, overrides: list[str]) -> bool:
     """Write a profile and KEY=VALUE overrides into params.yaml, keeping its comments.
 
     Like ``dvc exp run -S``: the file is the record of what a run used, so DVC sees the change.
+    A key that the active profile overrides is written in that profile's block, so it takes effect.
     The result is validated before anything is written. Returns True when the file changed.
     """
     from ruamel.yaml import YAML  # ships with DVC; round-trips comments
@@ -169,6 +187,7 @@ def set_params(path: str | os.PathLike, profile: str | None, overrides: list[str
     changed = False
     edits = ([(["profile"], profile)] if profile else []) + [parse_override(o) for o in overrides]
     for keys, value in edits:
+        keys = _effective_keys(doc, keys, profile or doc.get("profile", "cpu"))
         node = doc
         for k in keys[:-1]:
             if not isinstance(node, dict) or k not in node:

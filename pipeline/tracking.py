@@ -147,3 +147,12 @@ def stage_run(stage: str, params, sections: tuple[str, ...] | None = None) -> It
         mlflow.log_params({k: _param_value(v) for k, v in logged.items()})
         log(f"[mlflow] {stage}: run {run.info.run_id} in {tracking_uri()}")
         yield run
+
+
+def record_failure(parent_run_id: str, stage: str, message: str = "") -> None:
+    """Mark a pipeline's parent run FAILED, naming the stage that failed."""
+    client = _mlflow().MlflowClient()
+    client.set_tag(parent_run_id, "failed_stage", stage)
+    if message:
+        client.set_tag(parent_run_id, "failure", message[:5000])
+    client.set_terminated(parent_run_id, status="FAILED")

@@ -1,0 +1,1 @@
+"""Helpers for orchestrators (Airflow): reading the pipeline graph from dvc.yaml. No ML here."""

@@ -1,0 +1,152 @@
+"""Airflow DAGs derived from dvc.yaml — the pipeline graph is never repeated here.
+
+``pipeline``: ``start`` (write the run's profile/overrides into params.yaml, open the MLflow parent
+run) -> one task per DVC stage, wired as DVC's graph says, each running ``dvc repro --single-item``
+so up-to-date stages are skipped -> ``finish`` (close the parent run). Adding a stage to dvc.yaml
+adds its task.
+
+``evaluate_report``: re-runs the stages downstream of training (evaluate, report) when a trained
+model Asset is updated, or by hand after adding a codec.
+
+Every DVC call in one workspace goes through the one-slot pool ``dvc_workspace`` (DVC locks its
+workspace). The workspace is the project folder, or ``PIPELINE_WORKSPACE``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import DAG, Asset, AssetAny, Param, task
+
+from pipeline.orchestration.dvcgraph import descendants, load_stages, model_outputs
+
+WORKSPACE = Path(os.environ.get("PIPELINE_WORKSPACE") or Path(__file__).resolve().parents[1]).resolve()
+PROFILES = ["cpu", "gpu", "coursework", "tiny"]
+DVC_POOL = os.environ.get("PIPELINE_DVC_POOL", "dvc_workspace")
+#: wall-clock limit of one stage task (hours); a GPU-profile training run may need raising it
+STAGE_TIMEOUT_H = float(os.environ.get("PIPELINE_STAGE_TIMEOUT_H", "12"))
+STAGES = load_stages(WORKSPACE / "dvc.yaml")
+ASSETS = {stage: [Asset(uri=f"file://{WORKSPACE / out}", name=f"{stage}:{out}") for out in outs]
+          for stage, outs in model_outputs(STAGES).items()}
+
+DEFAULT_ARGS = {
+    "owner": "pipeline",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=20),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+def _stage_env() -> dict[str, str]:
+    return {
+        "PIPELINE_HOME": str(WORKSPACE),
+        "MLFLOW_PARENT_RUN_ID": "{{ ti.xcom_pull(task_ids='start') or '' }}",
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def record_failure(context) -> None:
+    """on_failure_callback: mark the MLflow parent run FAILED and name the failed stage."""
+    from pipeline import tracking
+
+    ti = context["ti"]
+    parent = ti.xcom_pull(task_ids="start")
+    if parent:
+        os.environ.setdefault("PIPELINE_HOME", str(WORKSPACE))
+        tracking.record_failure(parent, ti.task_id, str(context.get("exception") or ""))
+
+
+def stage_task(name: str) -> BashOperator:
+    cmd = f"cd {shlex.quote(str(WORKSPACE))} && {shlex.quote(sys.executable)} -m dvc repro --single-item {name}"
+    return BashOperator(
+        task_id=name,
+        bash_command=cmd,
+        env=_stage_env(),
+        append_env=True,
+        pool=DVC_POOL,
+        execution_timeout=timedelta(hours=STAGE_TIMEOUT_H),
+        on_failure_callback=record_failure,
+        outlets=ASSETS.get(name, []),
+        doc_md=f"`{STAGES[name].cmd}` through DVC (skipped when up to date).",
+    )
+
+
+@task
+def start(**context) -> str:
+    """Apply the run's profile and overrides to params.yaml, then open the MLflow parent run."""
+    os.environ.setdefault("PIPELINE_HOME", str(WORKSPACE))
+    from pipeline import tracking
+    from pipeline.config import load_params, set_params
+
+    conf = context["params"]
+    changed = set_params(WORKSPACE / "params.yaml", conf.get("profile"), list(conf.get("overrides") or []))
+    params = load_params(WORKSPACE / "params.yaml")
+    print(f"params.yaml {'updated' if changed else 'unchanged'}; profile {params.profile}")
+    dag_run = context["dag_run"]
+    return tracking.start_parent_run(
+        params.tracking.experiment, f"{dag_run.dag_id} {dag_run.run_id}", params=params.flat(),
+        tags={"airflow.dag_id": dag_run.dag_id, "airflow.run_id": dag_run.run_id, "profile": params.profile})
+
+
+@task
+def finish(parent_run_id: str) -> None:
+    os.environ.setdefault("PIPELINE_HOME", str(WORKSPACE))
+    from pipeline import tracking
+
+    tracking.end_parent_run(parent_run_id, "FINISHED")
+
+
+def build(dag: DAG, names: list[str]) -> None:
+    with dag:
+        parent = start()
+        tasks = {name: stage_task(name) for name in names}
+        for name, t in tasks.items():
+            ups = [tasks[u] for u in STAGES[name].upstream if u in tasks]
+            if ups:
+                ups >> t
+            else:
+                parent >> t
+        sinks = [t for name, t in tasks.items() if not any(name in STAGES[o].upstream for o in names)]
+        sinks >> finish(parent)
+
+
+PARAMS = {
+    "profile": Param(None, type=["null", "string"], enum=[None, *PROFILES],
+                     description="params.yaml profile for this run (null: keep the file's)"),
+    "overrides": Param([], type="array", items={"type": "string", "pattern": r"^[A-Za-z_][\w.]*=.*$"},
+                       description="KEY=VALUE params overrides, e.g. train_classifier.epochs=3"),
+}
+
+pipeline_dag = DAG(
+    dag_id="pipeline",
+    description="The whole DVC pipeline: " + " -> ".join(STAGES),
+    schedule=None,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=PARAMS,
+    tags=["dvc", "mlflow"],
+    doc_md=__doc__,
+)
+build(pipeline_dag, list(STAGES))
+
+_trained = set(ASSETS)
+_rerun = [s for s in STAGES if s in descendants(STAGES, _trained)]
+if _rerun:
+    evaluate_report_dag = DAG(
+        dag_id="evaluate_report",
+        description="Re-run " + ", ".join(_rerun) + " for the current models",
+        schedule=AssetAny(*(a for assets in ASSETS.values() for a in assets)),  # any model updated
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        params=PARAMS,
+        tags=["dvc", "mlflow"],
+        doc_md=__doc__,
+    )
+    build(evaluate_report_dag, _rerun)

@@ -1,0 +1,134 @@
+"""Stage ``augment``: materialise what training reads.
+
+- ``data/prepared/cifar10.npz``: CIFAR-10 as compact uint8 arrays (N, 32, 32, 3) with int64 labels.
+- ``data/prepared/patches.npz``: the compressor's patches, random crops (after reflect padding) and
+  flips of CIFAR-10 *training* images, plus held-out ones cut from *test* images. Kodak is never
+  used here: it is the codec's test set.
+- ``data/prepared/preview.png``: a grid of augmented samples (classifier augmentation and patches).
+
+Everything is reproducible from ``seed``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.params import AugmentParams
+from pipeline.errors import PipelineError
+from pipeline.utils import atomic_path, log, progress
+
+RAW = Path("data/raw/cifar-10-batches-py")
+OUT = Path("data/prepared")
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing; run the download stage first (dvc repro download)")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as err:  # corrupt pickle
+        raise PipelineError(f"{path}: cannot read CIFAR-10 batch: {err}") from None
+
+
+def load_cifar(raw: Path = RAW) -> dict[str, np.ndarray]:
+    """Read the original python batches into HWC uint8 arrays."""
+    xs, ys = [], []
+    for name in progress([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], desc="CIFAR-10 batches"):
+        batch = _unpickle(raw / name)
+        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    meta = _unpickle(raw / "batches.meta")
+    names = np.array([n.decode() for n in meta[b"label_names"]])
+    return {"x_train": np.ascontiguousarray(np.concatenate(xs[:5])), "y_train": np.concatenate(ys[:5]),
+            "x_test": np.ascontiguousarray(xs[5]), "y_test": ys[5], "label_names": names}
+
+
+def random_patches(images: np.ndarray, count: int, size: int, pad: int, flip: bool,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``count`` random ``size``×``size`` crops of reflect-padded images, randomly mirrored."""
+    src = rng.integers(0, len(images), count)
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect") if pad else images
+    h, w = padded.shape[1:3]
+    ys = rng.integers(0, h - size + 1, count)
+    xs = rng.integers(0, w - size + 1, count)
+    flips = rng.random(count) < 0.5 if flip else np.zeros(count, bool)
+    out = np.empty((count, size, size, images.shape[3]), np.uint8)
+    for i in range(count):
+        patch = padded[src[i], ys[i]:ys[i] + size, xs[i]:xs[i] + size]
+        out[i] = patch[:, ::-1] if flips[i] else patch
+    return out
+
+
+def preview_grid(tiles: np.ndarray, grid: int) -> np.ndarray:
+    """Tile up to grid×grid HWC uint8 images into one image, 2 px gutters."""
+    n, h, w, c = tiles.shape
+    canvas = np.full((grid * (h + 2), grid * (w + 2), c), 255, np.uint8)
+    for i in range(min(n, grid * grid)):
+        r, col = divmod(i, grid)
+        canvas[r * (h + 2):r * (h + 2) + h, col * (w + 2):col * (w + 2) + w] = tiles[i]
+    return canvas
+
+
+def run(params: AugmentParams, augmentation, seed: int) -> dict[str, float]:
+    import torch
+    from PIL import Image
+
+    from pipeline.data.transforms import augment_batch
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    data = load_cifar()
+    if params.train_limit:
+        data["x_train"], data["y_train"] = data["x_train"][:params.train_limit], data["y_train"][:params.train_limit]
+    if params.test_limit:
+        data["x_test"], data["y_test"] = data["x_test"][:params.test_limit], data["y_test"][:params.test_limit]
+    OUT.mkdir(parents=True, exist_ok=True)
+    with atomic_path(OUT / "cifar10.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **data)
+    patches = {
+        "train": random_patches(data["x_train"], params.patches, params.patch_size, params.patch_pad,
+                                params.patch_flip, rng),
+        "val": random_patches(data["x_test"], params.val_patches, params.patch_size, 0, False, rng),
+    }
+    with atomic_path(OUT / "patches.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **patches)
+    # preview: left half classifier augmentation of training images, right half codec patches
+    g = params.preview_grid
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.from_numpy(data["x_train"][: g * g]).permute(0, 3, 1, 2)
+    augmented = augment_batch(sample, augmentation, gen).permute(0, 2, 3, 1).numpy()
+    patch_view = patches["train"][: g * g]
+    if params.patch_size != 32:
+        patch_view = np.pad(patch_view, ((0, 0), (0, 32 - params.patch_size), (0, 32 - params.patch_size), (0, 0)),
+                            constant_values=255)
+    left, right = preview_grid(augmented, g), preview_grid(patch_view, g)
+    canvas = np.concatenate([left, np.full((left.shape[0], 8, 3), 255, np.uint8), right], axis=1)
+    img = Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST)
+    with atomic_path(OUT / "preview.png") as tmp:
+        img.save(tmp, format="PNG")
+    log(f"[augment] {len(data['x_train'])} train / {len(data['x_test'])} test images, "
+        f"{params.patches} + {params.val_patches} patches -> {OUT}")
+    return {"train_images": len(data["x_train"]), "test_images": len(data["x_test"]),
+            "patches": params.patches, "val_patches": params.val_patches,
+            "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.config import load_params
+
+    params = load_params()
+    with tracking.stage_run("augment", params, sections=("augment",)):
+        mlflow.log_params({f"train_classifier.augmentation.{k}": v
+                           for k, v in params.train_classifier.augmentation.model_dump().items()})
+        mlflow.log_metrics(run(params.augment, params.train_classifier.augmentation, params.seed))
+        mlflow.log_artifact(str(OUT / "preview.png"))
