@@ -36,7 +36,7 @@ ASSETS = {stage: [Asset(uri=f"file://{WORKSPACE / out}", name=f"{stage}:{out}") 
 
 DEFAULT_ARGS = {
     "owner": "pipeline",
-    "retries": 2,
+    "retries": int(os.environ.get("PIPELINE_TASK_RETRIES", "2")),
     "retry_delay": timedelta(seconds=20),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=10),

@@ -20,6 +20,7 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ["PIPELINE_WORKSPACE"] = str(DAG_WORKSPACE)
+os.environ["PIPELINE_TASK_RETRIES"] = "0"  # a failing stage fails the test at once
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["PIPELINE_NO_PROGRESS"] = "1"
 os.environ.setdefault("GIT_AUTHOR_NAME", "tests")
@@ -27,10 +28,16 @@ os.environ.setdefault("GIT_AUTHOR_EMAIL", "tests@example.invalid")
 os.environ.setdefault("GIT_COMMITTER_NAME", "tests")
 os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
 
-#: what a workspace copy leaves out (environments, run outputs, caches)
-IGNORE = shutil.ignore_patterns(".venv", ".git", "data", ".cache", "mlflow.db", "mlartifacts", "airflow",
-                                "__pycache__", ".pytest_cache", "*.egg-info", ".dvc-remote", "tmp", "cache",
-                                ".notes", ".whl")
+#: what a workspace copy leaves out at the top level (environments, run outputs, caches)
+TOP_IGNORE = {".venv", ".git", "data", ".cache", "mlflow.db", "mlartifacts", "airflow", ".pytest_cache",
+              ".dvc-remote", ".notes", ".whl", "out"}
+
+
+def _ignore(src: str, names: list[str]) -> set[str]:
+    skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+    if Path(src) == REPO:
+        skip |= TOP_IGNORE & set(names)
+    return skip
 
 
 def mirror_path() -> Path:
@@ -48,7 +55,7 @@ def make_workspace(dest: Path, profile: str = "tiny", git: bool = False) -> Path
     """Copy the project (code, dvc.yaml, params.yaml) to ``dest`` and select ``profile``."""
     from pipeline.config import set_params
 
-    shutil.copytree(REPO, dest, ignore=IGNORE)
+    shutil.copytree(REPO, dest, ignore=_ignore)
     (dest / "data").mkdir(exist_ok=True)
     set_params(dest / "params.yaml", profile, [])
     if git:
