@@ -1,7 +1,54 @@
-"""params.yaml section ``train_compressor`` (filled in by the codec issue)."""
+"""params.yaml section ``train_compressor``: the RNN codec's architecture and its training schedule."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from pipeline.schema import Section
 
 
 class TrainCompressorParams(Section):
-    pass
+    # --- architecture (Toderici et al. 2017; the full size is 64-256-512-512 / 512-512-256-128) ---
+    encoder_widths: tuple[int, int, int, int] = (16, 64, 128, 128)  # channels: strided conv, 3 ConvLSTMs
+    decoder_widths: tuple[int, int, int, int] = (128, 128, 64, 32)  # channels of the 4 ConvLSTMs (÷4 by depth-to-space)
+    bits: int = Field(32, ge=1, le=255)  # binary code channels per 16x16 block per iteration (32 -> 0.125 bpp)
+    iterations: int = Field(8, ge=1, le=255)  # residual iterations trained (= most a file can hold)
+    # --- optimisation ---
+    epochs: int = Field(8, ge=1)  # passes (of patches_per_epoch patches each)
+    patches_per_epoch: int | None = Field(1536, ge=1)  # training patches drawn per epoch; null: all of them
+    batch_size: int = Field(32, ge=1)  # patches per step
+    lr: float = Field(0.002, gt=0)  # Adam learning rate (peak)
+    lr_schedule: Literal["constant", "cosine", "multistep"] = "cosine"  # per-step schedule over the whole run
+    lr_warmup: float = Field(0.02, ge=0, lt=1)  # fraction of all steps with linear warm-up
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: fractions of the run where lr *= lr_gamma
+    lr_gamma: float = Field(0.5, gt=0, le=1)  # multistep: decay factor
+    weight_decay: float = Field(0.0, ge=0)  # Adam (L2) weight decay
+    grad_clip: float | None = Field(1.0, gt=0)  # clip the global gradient norm; null: off
+    loss: Literal["l1", "l2"] = "l1"  # mean absolute (l1) or squared (l2) residual, averaged over iterations
+    # --- validation (held-out patches, every epoch) ---
+    val_patches: int | None = Field(512, ge=1)  # held-out patches scored per epoch; null: all
+    val_iterations: tuple[int, ...] = (1, 2, 4, 8)  # iteration counts reported (PSNR, SSIM, bpp)
+    ssim_window: int = Field(11, ge=3)  # odd Gaussian window of pytorch_msssim.ssim (<= patch side)
+    # --- hardware ---
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # NHWC memory format on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the model (untested on GPU here; off by default)
+    eval_batch_size: int = Field(256, ge=1)  # patches per validation forward pass
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainCompressorParams":
+        for name in ("encoder_widths", "decoder_widths"):
+            if any(w < 1 for w in getattr(self, name)):
+                raise ValueError(f"{name}: every width must be >= 1")
+        if any(w % 4 for w in self.decoder_widths):
+            raise ValueError("decoder_widths: each must be a multiple of 4 (depth-to-space x2 divides by 4)")
+        if any(k < 1 or k > self.iterations for k in self.val_iterations):
+            raise ValueError(f"val_iterations: each must be in 1..iterations ({self.iterations})")
+        if self.ssim_window % 2 == 0:
+            raise ValueError("ssim_window: must be odd")
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ValueError("lr_milestones: fractions strictly between 0 and 1")
+        return self
