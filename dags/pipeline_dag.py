@@ -8,8 +8,14 @@ adds its task.
 ``evaluate_report``: re-runs the stages downstream of training (evaluate, report) when a trained
 model Asset is updated, or by hand after adding a codec.
 
-Every DVC call in one workspace goes through the one-slot pool ``dvc_workspace`` (DVC locks its
-workspace). The workspace is the project folder, or ``PIPELINE_WORKSPACE``.
+Execution modes (``PIPELINE_EXECUTION``):
+- ``shared`` (default): every task works in one workspace (the project folder, or
+  ``PIPELINE_WORKSPACE``); DVC locks it, so all DVC calls go through the one-slot pool
+  ``dvc_workspace``.
+- ``remote``: each worker has its own working copy and shares only the DVC remote: a task pulls its
+  inputs, runs its stage, pushes its outputs and hands its ``dvc.lock`` entry to downstream tasks by
+  XCom (``pipeline.orchestration.remote_exec``). A stage's ``meta: {queue: gpu, pool: gpu}`` in
+  dvc.yaml sends it to the GPU workers' Celery queue and pool (one slot per GPU).
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ PROFILES = ["cpu", "gpu", "coursework", "tiny"]
 DVC_POOL = os.environ.get("PIPELINE_DVC_POOL", "dvc_workspace")
 #: wall-clock limit of one stage task (hours); a GPU-profile training run may need raising it
 STAGE_TIMEOUT_H = float(os.environ.get("PIPELINE_STAGE_TIMEOUT_H", "12"))
+EXECUTION = os.environ.get("PIPELINE_EXECUTION", "shared")
+if EXECUTION not in ("shared", "remote"):
+    raise ValueError(f"PIPELINE_EXECUTION must be 'shared' or 'remote', not {EXECUTION!r}")
 STAGES = load_stages(WORKSPACE / "dvc.yaml")
 ASSETS = {stage: [Asset(uri=f"file://{WORKSPACE / out}", name=f"{stage}:{out}") for out in outs]
           for stage, outs in model_outputs(STAGES).items()}
@@ -64,17 +73,29 @@ def record_failure(context) -> None:
 
 
 def stage_task(name: str) -> BashOperator:
-    cmd = f"cd {shlex.quote(str(WORKSPACE))} && {shlex.quote(sys.executable)} -m dvc repro --single-item {name}"
+    stage, env, extra = STAGES[name], _stage_env(), {}
+    cd = f"cd {shlex.quote(str(WORKSPACE))} && "
+    if EXECUTION == "shared":
+        cmd = cd + f"{shlex.quote(sys.executable)} -m dvc repro --single-item {name}"
+        extra["pool"] = DVC_POOL
+    else:
+        cmd = cd + f"{shlex.quote(sys.executable)} -m pipeline.orchestration.remote_exec {name}"
+        ups = ", ".join(f"{{{{ ti.xcom_pull(task_ids='{u}') or '{{}}' }}}}" for u in sorted(stage.upstream))
+        env.update(PIPELINE_UPSTREAM_LOCKS=f"[{ups}]", PIPELINE_PROFILE="{{ params.profile or '' }}",
+                   PIPELINE_OVERRIDES="{{ params.overrides | tojson }}")
+        extra.update(queue=stage.meta.get("queue", "default"), do_xcom_push=True)
+        if stage.meta.get("pool"):
+            extra["pool"] = stage.meta["pool"]
     return BashOperator(
         task_id=name,
         bash_command=cmd,
-        env=_stage_env(),
+        env=env,
         append_env=True,
-        pool=DVC_POOL,
         execution_timeout=timedelta(hours=STAGE_TIMEOUT_H),
         on_failure_callback=record_failure,
         outlets=ASSETS.get(name, []),
-        doc_md=f"`{STAGES[name].cmd}` through DVC (skipped when up to date).",
+        doc_md=f"`{stage.cmd}` through DVC (skipped when up to date).",
+        **extra,
     )
 
 

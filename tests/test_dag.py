@@ -90,3 +90,47 @@ def test_dag_runs_end_to_end_on_tiny(airflow_db, mirror, monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=DAG_WORKSPACE, capture_output=True,
                           text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     assert proc.returncode == 0 and "up to date" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _load_dag_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pipeline_dag_under_test", REPO / "dags" / "pipeline_dag.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_remote_mode_routes_gpu_stages_and_passes_locks(airflow_db, monkeypatch):
+    """PIPELINE_EXECUTION=remote: tasks run remote_exec, GPU stages go to their queue and pool."""
+    monkeypatch.setenv("PIPELINE_EXECUTION", "remote")
+    module = _load_dag_module()
+    dag = module.pipeline_dag
+    for name, stage in module.STAGES.items():
+        task = dag.get_task(name)
+        assert "remote_exec " + name in task.bash_command
+        assert task.queue == stage.meta.get("queue", "default")
+        for up in stage.upstream:
+            assert f"xcom_pull(task_ids='{up}')" in task.env["PIPELINE_UPSTREAM_LOCKS"]
+    assert any(s.meta.get("queue") == "gpu" for s in module.STAGES.values())
+
+
+def test_failure_callback_marks_parent_run(airflow_db, tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline import tracking
+
+    record_failure = _load_dag_module().record_failure
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracking.start_parent_run("exp", "pipeline test")
+
+    class TI:
+        task_id = "train_classifier"
+
+        def xcom_pull(self, task_ids):
+            assert task_ids == "start"
+            return parent
+
+    record_failure({"ti": TI(), "exception": RuntimeError("boom")})
+    run = mlflow.MlflowClient(tracking.tracking_uri()).get_run(parent)
+    assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "train_classifier"

@@ -20,6 +20,7 @@ class Stage:
     deps: list[str] = field(default_factory=list)
     outs: list[str] = field(default_factory=list)
     upstream: set[str] = field(default_factory=set)
+    meta: dict = field(default_factory=dict)  # dvc.yaml `meta:` (DVC ignores it): e.g. {queue: gpu}
 
 
 def _paths(entries) -> list[str]:
@@ -47,7 +48,7 @@ def load_stages(dvc_yaml: str | os.PathLike) -> dict[str, Stage]:
             raise ValueError(f"{dvc_yaml}: stage {name}: foreach/matrix stages are not supported here")
         outs = _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
         cmd = spec["cmd"] if isinstance(spec["cmd"], str) else " && ".join(spec["cmd"])
-        stages[name] = Stage(name, cmd, _paths(spec.get("deps")), outs)
+        stages[name] = Stage(name, cmd, _paths(spec.get("deps")), outs, meta=spec.get("meta") or {})
     for stage in stages.values():
         for other in stages.values():
             if other is not stage and any(_overlaps(d, o) for d in stage.deps for o in other.outs):

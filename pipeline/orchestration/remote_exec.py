@@ -1,0 +1,83 @@
+"""Run one DVC stage in a worker's own working copy, sharing only the DVC remote.
+
+``python -m pipeline.orchestration.remote_exec STAGE [--upstream LOCKJSON ...]``
+
+0. apply the DAG run's profile and overrides to this copy's params.yaml;
+1. merge the ``dvc.lock`` entries of the upstream stages (each the JSON this command printed on the
+   worker that ran it; the DAG passes them through XCom) into the local ``dvc.lock``, so DVC knows
+   which versions of the inputs to fetch;
+2. ``dvc repro --pull --single-item STAGE``: pull the inputs from the remote, run the stage if changed;
+3. ``dvc push STAGE``: send its outputs to the remote;
+4. print the stage's own ``dvc.lock`` entry as one JSON line (the last line: Airflow's XCom).
+
+No shared disk is needed between workers: only the DVC remote (MinIO/S3 in the Compose stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+LOCK = Path("dvc.lock")
+
+
+def merge_lock(entries: dict[str, dict], lock: Path = LOCK) -> None:
+    doc = yaml.safe_load(lock.read_text()) if lock.exists() else None
+    doc = doc or {"schema": "2.0", "stages": {}}
+    doc.setdefault("stages", {}).update(entries)
+    tmp = lock.with_suffix(".lock.tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, lock)
+
+
+def lock_entry(stage: str, lock: Path = LOCK) -> dict:
+    doc = yaml.safe_load(lock.read_text()) or {}
+    return doc["stages"][stage]
+
+
+def apply_run_conf() -> None:
+    """Apply the DAG run's profile/overrides (``PIPELINE_PROFILE``, ``PIPELINE_OVERRIDES`` as JSON) to
+    this copy's params.yaml: every worker must see the same params."""
+    from pipeline.config import set_params
+
+    profile = os.environ.get("PIPELINE_PROFILE") or None
+    overrides = json.loads(os.environ.get("PIPELINE_OVERRIDES") or "[]")
+    if profile or overrides:
+        set_params("params.yaml", profile, overrides)
+
+
+def dvc(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], stdout=sys.stderr, stderr=sys.stderr,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"error: dvc {' '.join(args)} failed (exit {proc.returncode})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage")
+    parser.add_argument("--upstream", action="append", default=[], metavar="JSON",
+                        help='{"stage": {dvc.lock entry}} printed by an upstream run of this command')
+    args = parser.parse_args(argv)
+    apply_run_conf()
+    entries: dict[str, dict] = {}
+    texts = args.upstream + [json.dumps(e) for e in json.loads(os.environ.get("PIPELINE_UPSTREAM_LOCKS") or "[]")]
+    for text in texts:
+        if text.strip():
+            entries.update(json.loads(text))
+    if entries:
+        merge_lock(entries)
+    dvc("repro", "--pull", "--single-item", args.stage)
+    dvc("push", args.stage)
+    print(json.dumps({args.stage: lock_entry(args.stage)}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
