@@ -100,7 +100,7 @@ def airflow_db() -> Path:
     home = Path(os.environ["AIRFLOW_HOME"])
     home.mkdir(parents=True, exist_ok=True)
     if not DAG_WORKSPACE.exists():
-        make_workspace(DAG_WORKSPACE, git=True)
+        make_workspace(DAG_WORKSPACE, profile="cpu", git=True)  # the DAG run switches it to tiny
     airflow = [sys.executable, "-m", "airflow"]
     for cmd in (["db", "migrate"], ["dags", "reserialize"], ["pools", "set", "dvc_workspace", "1", "dvc"]):
         proc = subprocess.run(airflow + cmd, capture_output=True, text=True, env=os.environ.copy())
