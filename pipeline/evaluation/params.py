@@ -25,12 +25,14 @@ class EvaluateParams(Section):
     rnn_model: str = "data/compressor/model.pt"  # checkpoint path or MLflow model URI of the RNN codec
     rnn_iterations: list[int] | None = None  # iteration counts (0.125 bpp each); None: 1..max_iterations
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where the RNN codec and the metrics run
+    cpu_threads: int = Field(0, ge=0)  # torch threads on CPU (0: all cores; 1 avoids contention on busy hosts)
     rates: list[float] = Field([0.125, 0.25, 0.5, 1.0], min_length=1)  # bpp at which curves are interpolated
+    rate_slack: float = Field(0.02, ge=0, le=0.1)  # a rate this much (relative) past a curve's end reads its end point
     anchor: CodecName = "jpeg"  # BD-rates of every codec are taken against this one
     bd_method: Literal["pchip", "polyfit"] = "pchip"  # Bjontegaard fit: piecewise cubic or cubic polyfit
     visual_image: int = Field(23, ge=1, le=24)  # Kodak image of the visual comparison (must be evaluated)
     visual_bpp: float = Field(0.25, gt=0)  # the visual comparison picks each codec's setting nearest this bpp
-    visual_crop: list[int] = Field([256, 128, 256, 256], min_length=4, max_length=4)  # left, top, width, height px
+    visual_crop: list[int] = Field([390, 90, 256, 256], min_length=4, max_length=4)  # left, top, width, height px
     plot_max_bpp: float = Field(2.0, gt=0)  # x-axis limit of the rate-distortion figures
 
     @model_validator(mode="after")

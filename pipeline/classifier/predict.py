@@ -1,0 +1,97 @@
+"""``python -m pipeline.classifier.predict IMAGE...``: top-5 CIFAR-10 classes of any image.
+
+Each image is converted to RGB and resized to 32x32 (the network's input). ``--model`` takes a
+``model.pt`` written by the train_classifier stage (default) or an MLflow model URI
+(``models:/cifar10-classifier/1``, ``runs:/<id>/model``). A missing, corrupt or non-image file ends
+the command with one ``error:`` line and exit status 1; nothing is printed for the other images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+DEFAULT_MODEL = "data/classifier/model.pt"
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def load_image(path: str | os.PathLike, size: int = 32) -> np.ndarray:
+    """RGB uint8 (size, size, 3); PipelineError for a missing, unreadable or non-image file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: no such file")
+    if not path.is_file():
+        raise PipelineError(f"{path}: not a file")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            rgb = img.convert("RGB")
+    except UnidentifiedImageError:
+        raise PipelineError(f"{path}: not an image file (format not recognised)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise PipelineError(f"{path}: corrupt or unreadable image ({err})") from None
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def load_model(spec: str):
+    """A model.pt path, or an MLflow model URI (needs the tracking server/DB it lives in)."""
+    if "://" in spec or spec.startswith(("models:/", "runs:/")):
+        from pipeline import tracking
+
+        mlflow = tracking._mlflow()
+        try:
+            model = mlflow.pytorch.load_model(spec, map_location="cpu")
+        except Exception as err:  # noqa: BLE001 - any failure to resolve/load the URI is the user's input
+            raise PipelineError(f"{spec}: cannot load MLflow model ({type(err).__name__}: {err})") from None
+        return model.eval()
+    from pipeline.classifier.model import load_classifier
+
+    return load_classifier(spec)
+
+
+def top_k(model, images: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-k (class, probability) for uint8 (N, 32, 32, 3) images."""
+    import torch
+
+    names = list(getattr(model, "label_names", None) or CIFAR10)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    with torch.no_grad():
+        probs = model(x).float().softmax(1)
+    values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [[(names[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())] for vs, ix in zip(values, indices)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.classifier.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size/format Pillow reads)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model.pt or MLflow model URI (default {DEFAULT_MODEL})")
+    parser.add_argument("-k", "--top", type=int, default=5, help="classes to print per image (default 5)")
+    args = parser.parse_args(argv)
+    try:
+        images = np.stack([load_image(p) for p in args.images])
+        model = load_model(args.model)
+        results = top_k(model, images, args.top)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    for path, top in zip(args.images, results):
+        print(path)
+        for name, p in top:
+            print(f"  {name:<12s} {100 * p:6.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

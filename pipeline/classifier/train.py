@@ -1,0 +1,522 @@
+"""Stage ``train_classifier``: train the CIFAR-10 classifier with the recipe params.yaml selects.
+
+Data and augmentation stay on the training device (uint8 tensors, batched tensor augmentations);
+loss and accuracy accumulate on the device and are read once per epoch, so the inner loop never
+waits for the host. A checkpoint is written after every epoch to
+``data/checkpoints/train_classifier/last.pt``; a killed run started again resumes from it (losing at
+most the epoch in flight) when its fingerprint (params section + seed + data digest) matches.
+
+Recipes (``train_classifier.recipe``):
+- ``coursework``: plain CNN, Adam, per-epoch sawtooth learning rate, cross-entropy.
+- ``fast``: airbench-style net and tricks (see ``FastRecipe``), then test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.classifier.model import Classifier, build_classifier
+from pipeline.classifier.params import TrainClassifierParams
+from pipeline.data.transforms import augment_batch
+from pipeline.errors import PipelineError
+from pipeline.utils import atomic_path, log, progress
+
+STAGE = "train_classifier"
+DATA_FILE = Path("data/prepared/cifar10.npz")
+OUT_DIR = Path("data/classifier")
+CHECKPOINT = Path("data/checkpoints/train_classifier/last.pt")
+ARRAYS = ("x_train", "y_train", "x_test", "y_test", "label_names")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class CifarData:
+    """Images as uint8 (N, 3, 32, 32) and labels as int64, already on the training device."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    label_names: list[str]
+    digest: str = ""  # of the training arrays: part of the checkpoint fingerprint
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], device: torch.device | str = "cpu") -> "CifarData":
+        def images(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous().to(device)
+
+        def labels(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a.astype(np.int64)).to(device)
+
+        digest = hashlib.sha256()
+        for key in ("x_train", "y_train"):
+            digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+        return cls(images(arrays["x_train"]), labels(arrays["y_train"]), images(arrays["x_test"]),
+                   labels(arrays["y_test"]), [str(n) for n in arrays["label_names"]], digest.hexdigest()[:16])
+
+
+def load_arrays(path: str | os.PathLike = DATA_FILE) -> dict[str, np.ndarray]:
+    """Read and check ``cifar10.npz`` (the augment stage's output)."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: not found (run `python -m pipeline augment` first)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ARRAYS if k not in z.files]
+            if missing:
+                raise PipelineError(f"{path}: missing arrays {', '.join(missing)}")
+            arrays = {k: z[k] for k in ARRAYS}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise PipelineError(f"{path}: unreadable ({err})") from None
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) != len(y) or len(x) == 0:
+            raise PipelineError(f"{path}: x_{split} must be uint8 (N, 32, 32, 3) matching y_{split}")
+        if y.min() < 0 or y.max() >= len(arrays["label_names"]):
+            raise PipelineError(f"{path}: y_{split} has labels outside 0..{len(arrays['label_names']) - 1}")
+    return arrays
+
+
+# --------------------------------------------------------------------------------------------
+# schedules
+
+
+def sawtooth(lr_max: float, lr_min: float, epochs: int, teeth: int) -> list[float]:
+    """Per-epoch learning rates: ``teeth`` linear decays lr_max -> lr_min, each restarting at lr_max.
+
+    Each tooth spans ceil(epochs / teeth) epochs (the last one may be cut short).
+    """
+    period = math.ceil(epochs / teeth)
+    rates = []
+    for epoch in range(epochs):
+        t = epoch % period
+        frac = t / (period - 1) if period > 1 else 0.0
+        rates.append(lr_max + (lr_min - lr_max) * frac)
+    return rates
+
+
+def fast_lr_factor(step: int, total: int, warmup: float, final: float) -> float:
+    """airbench's triangle: 0.2x -> 1x over the warm-up fraction, then linear to ``final``x."""
+    warm = int(total * warmup)
+    if step < warm:
+        frac = step / warm
+        return 0.2 * (1 - frac) + frac
+    frac = (step - warm) / max(total - warm, 1)
+    return (1 - frac) + final * frac
+
+
+# --------------------------------------------------------------------------------------------
+# model, optimiser, lookahead
+
+
+def model_config(cfg: TrainClassifierParams) -> dict[str, Any]:
+    """The plain-dict architecture config stored in model.pt (``build_classifier`` rebuilds it)."""
+    if cfg.recipe == "coursework":
+        c = cfg.coursework
+        return {"arch": "coursework", "widths": list(c.widths), "dense": c.dense, "dropout": c.dropout,
+                "batchnorm": c.batchnorm}
+    f = cfg.fast
+    return {"arch": "fast", "widths": list(f.widths), "bn_momentum": f.bn_momentum, "scale": f.scale}
+
+
+class Lookahead:
+    """airbench's lookahead: every few steps the weights move to an EMA of themselves."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.ema = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, decay: float) -> None:
+        for key, value in model.state_dict().items():
+            if key in self.ema:
+                self.ema[key].lerp_(value, 1 - decay)
+                value.copy_(self.ema[key])
+
+
+def make_optimizer(cfg: TrainClassifierParams, model: Classifier) -> torch.optim.Optimizer:
+    if cfg.recipe == "coursework":
+        c = cfg.coursework
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=c.lr_max, weight_decay=c.weight_decay)
+    else:
+        f = cfg.fast
+        kilostep = 1024 * (1 + 1 / (1 - f.momentum))  # summed loss: lr per example, momentum-corrected
+        lr = f.lr / kilostep
+        wd = f.weight_decay * cfg.batch_size / kilostep
+        lr_bias = lr * f.bias_scaler
+        named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        norm_biases = [p for k, p in named if "norm" in k]
+        others = [p for k, p in named if "norm" not in k]
+        opt = torch.optim.SGD([dict(params=norm_biases, lr=lr_bias, weight_decay=wd / lr_bias),
+                               dict(params=others, lr=lr, weight_decay=wd / lr)],
+                              momentum=f.momentum, nesterov=True)
+    for group in opt.param_groups:
+        group["base_lr"] = group["lr"]
+    return opt
+
+
+# --------------------------------------------------------------------------------------------
+# inference
+
+
+def device_context(cfg: TrainClassifierParams, device: torch.device):
+    """bf16/fp16 autocast on CUDA for the fast recipe; nothing on CPU."""
+    if device.type == "cuda" and cfg.recipe == "fast" and cfg.fast.autocast != "off":
+        dtype = torch.bfloat16 if cfg.fast.autocast == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def uses_channels_last(cfg: TrainClassifierParams, device: torch.device) -> bool:
+    return device.type == "cuda" and cfg.recipe == "fast" and cfg.fast.channels_last
+
+
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> list[torch.Tensor]:
+    """Logits at TTA levels 0..level: [plain, + mirror, + mirror and 1-px shifts] (airbench)."""
+    plain = model(x).float()
+    out = [plain]
+    if level >= 1:
+        out.append(0.5 * plain + 0.5 * model(x.flip(-1)).float())
+    if level >= 2:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+        shift = torch.stack([0.5 * model(s).float() + 0.5 * model(s.flip(-1)).float() for s in shifted]).mean(0)
+        out.append(0.5 * out[1] + 0.5 * shift)
+    return out
+
+
+@torch.no_grad()
+def predict_logits(model: Classifier, images: torch.Tensor, batch_size: int, tta: int = 0,
+                   autocast=None, channels_last: bool = False) -> list[torch.Tensor]:
+    """Logits for uint8 (N, 3, 32, 32) images at every TTA level up to ``tta`` (stays on device)."""
+    was_training = model.training
+    model.eval()
+    chunks: list[list[torch.Tensor]] = []
+    for i in range(0, len(images), batch_size):
+        xb = images[i:i + batch_size].float().div_(255)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast or contextlib.nullcontext():
+            chunks.append(tta_logits(model, xb, tta))
+    model.train(was_training)
+    return [torch.cat([c[level] for c in chunks]) for level in range(tta + 1)]
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainResult:
+    model: Classifier
+    config: dict[str, Any]
+    history: list[dict[str, float]]
+    train_time_s: float  # pure training time (no eval, no checkpointing), over all sessions
+    images_seen: int
+    resumed_from: int = 0  # epochs already done when this session started
+    fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StopTraining(Exception):
+    """Raised by an ``on_epoch`` hook to end a run early (tests use it to simulate a kill)."""
+
+
+def fingerprint(cfg: TrainClassifierParams, seed: int, data: CifarData) -> str:
+    blob = json.dumps({"params": cfg.model_dump(mode="json"), "seed": seed, "data": data.digest,
+                       "n_train": len(data.x_train)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_checkpoint(path: Path | None, fp: str) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint just means starting over
+        log(f"[{STAGE}] ignoring unreadable checkpoint {path} ({type(err).__name__})")
+        return None
+    if state.get("fingerprint") != fp:
+        log(f"[{STAGE}] checkpoint {path} is for other params/data: starting fresh")
+        return None
+    return state
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _to_cpu(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
+def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.device | str = "cpu",
+          checkpoint: Path | None = None, on_epoch: Callable[[int, dict], None] | None = None,
+          eval_last: bool = True) -> TrainResult:
+    """Train (or resume) one classifier; returns the final model (lookahead weights for ``fast``).
+
+    The test set is scored every ``cfg.eval_every`` epochs (without TTA) for the history; with
+    ``eval_last=False`` the last epoch's score is left to the caller (``evaluate``).
+    """
+    device = torch.device(device)
+    fp = fingerprint(cfg, seed, data)
+    n_train = len(data.x_train)
+    batch = min(cfg.batch_size, n_train)
+    steps_per_epoch = n_train // batch  # the last partial batch is dropped
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    fast = cfg.recipe == "fast"
+    autocast, channels_last = device_context(cfg, device), uses_channels_last(cfg, device)
+
+    torch.manual_seed(seed)
+    config = model_config(cfg)
+    model = build_classifier(config, data.label_names).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    flip_base = torch.rand(n_train, device=device, generator=gen) < 0.5  # alternating flip's epoch-0 coin
+    if fast:
+        with torch.no_grad():
+            sample = data.x_train[torch.randperm(n_train, device=device, generator=gen)[:5000]]
+            model.net.init_whitening(model.normalize(sample.float() / 255))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    lookahead = Lookahead(model) if fast else None
+    aug = cfg.augmentation.model_copy(update={"flip": False}) if fast and cfg.fast.alternating_flip \
+        else cfg.augmentation
+    lrs = sawtooth(cfg.coursework.lr_max, cfg.coursework.lr_min, n_epochs, cfg.coursework.teeth) if not fast else []
+    if fast:
+        ramp = torch.arange(total_steps + 1, dtype=torch.float64) / total_steps
+        decays = (cfg.fast.lookahead_decay ** cfg.fast.lookahead_every * ramp**3).tolist()
+
+    history: list[dict[str, float]] = []
+    step, start_epoch, train_time, images_seen = 0, 0, 0.0, 0
+    state = _load_checkpoint(checkpoint, fp)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if lookahead is not None:
+            lookahead.ema = {k: v.to(device) for k, v in state["lookahead"].items()}
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, step, start_epoch = state["history"], state["step"], state["epoch"]
+        train_time, images_seen = state["train_time_s"], state["images_seen"]
+        log(f"[{STAGE}] resuming from {checkpoint} after epoch {start_epoch}/{n_epochs}")
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.fast.label_smoothing if fast else 0.0,
+                                          reduction="sum" if fast else "mean")
+
+    bar = progress(total=total_steps, initial=step, desc=f"{STAGE} ({cfg.recipe}, {device.type})", unit="step")
+    model.train()
+    for epoch in range(start_epoch, n_epochs):
+        epoch_steps = min(steps_per_epoch, total_steps - step)
+        if fast:
+            model.net.whiten.bias.requires_grad_(epoch < cfg.fast.whiten_bias_epochs)
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = lrs[epoch]
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        t0 = time.perf_counter()
+        perm = torch.randperm(n_train, device=device, generator=gen)
+        for i in range(epoch_steps):
+            idx = perm[i * batch:(i + 1) * batch]
+            xb, yb = data.x_train[idx].float().div_(255), data.y_train[idx]
+            if fast and cfg.fast.alternating_flip and cfg.augmentation.flip:
+                flip = flip_base[idx] ^ bool(epoch % 2)
+                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            xb = augment_batch(xb, aug, gen)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            if fast:
+                factor = fast_lr_factor(step, total_steps, cfg.fast.warmup, cfg.fast.final_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+            with autocast:
+                logits = model(xb)
+            loss = criterion(logits.float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if lookahead is not None and (step % cfg.fast.lookahead_every == 0 or step == total_steps):
+                lookahead.update(model, decays[step])
+            loss_sum += loss.detach() * (1 if fast else len(yb))
+            correct += (logits.argmax(1) == yb).sum()
+            bar.update(1)
+        if lookahead is not None and step == total_steps:
+            lookahead.update(model, 1.0)  # finish on the lookahead (EMA) weights
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time += time.perf_counter() - t0
+        seen = epoch_steps * batch
+        images_seen += seen
+        row = {"epoch": epoch + 1, "step": step,
+               "lr": optimizer.param_groups[-1]["lr"],
+               "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+               "test_loss": float("nan"), "test_acc": float("nan"), "train_time_s": train_time}
+        last = epoch + 1 == n_epochs
+        if (not last and (epoch + 1) % cfg.eval_every == 0) or (last and eval_last):
+            (logits,) = predict_logits(model, data.x_test, cfg.eval_batch_size, 0, autocast, channels_last)
+            row["test_loss"] = F.cross_entropy(logits, data.y_test).item()
+            row["test_acc"] = (logits.argmax(1) == data.y_test).float().mean().item()
+        history.append(row)
+        bar.set_postfix(train_acc=f"{row['train_acc']:.3f}", test_acc=f"{row['test_acc']:.3f}")
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {
+                "fingerprint": fp, "epoch": epoch + 1, "step": step, "history": history,
+                "train_time_s": train_time, "images_seen": images_seen,
+                "model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(optimizer.state_dict()),
+                "lookahead": _to_cpu(lookahead.ema) if lookahead is not None else {},
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, row)
+    bar.close()
+    model.eval()
+    return TrainResult(model, config, history, train_time, images_seen, start_epoch, fp)
+
+
+# --------------------------------------------------------------------------------------------
+# stage
+
+
+HISTORY_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "train_time_s")
+
+
+def evaluate(result: TrainResult, cfg: TrainClassifierParams, data: CifarData,
+             device: torch.device) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Final test metrics (with and without TTA); also returns TTA probabilities and labels."""
+    levels = predict_logits(result.model, data.x_test, cfg.eval_batch_size, cfg.tta,
+                            device_context(cfg, device), uses_channels_last(cfg, device))
+    y = data.y_test
+    plain, best = levels[0], levels[-1]
+    probs = best.softmax(1)
+    preds = best.argmax(1)
+    per_class = {name: (preds[y == c] == c).float().mean().item() if (y == c).any() else float("nan")
+                 for c, name in enumerate(data.label_names)}
+    last = result.history[-1]
+    last["test_acc"] = (plain.argmax(1) == y).float().mean().item()  # same weights as the TTA eval
+    last["test_loss"] = F.cross_entropy(plain, y).item()
+    metrics = {
+        "test_acc": (preds == y).float().mean().item(),
+        "test_acc_no_tta": last["test_acc"],
+        "test_loss": F.cross_entropy(best, y).item(),
+        "test_loss_no_tta": last["test_loss"],
+        "train_loss": last["train_loss"],
+        "train_acc": last["train_acc"],
+        "per_class_acc": per_class,
+        "train_time_s": result.train_time_s,
+        "images_per_s": result.images_seen / max(result.train_time_s, 1e-9),
+        "epochs": cfg.epochs,
+        "tta": cfg.tta,
+        "parameters": sum(p.numel() for p in result.model.parameters()),
+    }
+    return metrics, probs.cpu().numpy(), y.cpu().numpy()
+
+
+def write_outputs(out_dir: Path, result: TrainResult, metrics: dict[str, Any], probs: np.ndarray,
+                  labels: np.ndarray, test_images: np.ndarray, title: str) -> None:
+    """model.pt, metrics.json, history.csv and figures/, all appearing at once (temp dir, rename)."""
+    import csv
+
+    from pipeline.classifier import figures
+    from pipeline.classifier.model import save_classifier
+    from pipeline.utils import save_json
+
+    names = result.model.label_names
+    preds = probs.argmax(1)
+    with atomic_path(out_dir) as tmp:
+        (tmp / "figures").mkdir(parents=True)
+        save_classifier(tmp / "model.pt", result.model, result.config, fingerprint=result.fingerprint,
+                        test_acc=metrics["test_acc"])
+        save_json(tmp / "metrics.json", metrics)
+        with open(tmp / "history.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(result.history)
+        figures.accuracy_curves(result.history, tmp / "figures" / "fig1_1_accuracy.png",
+                                f"Figure 1.1: accuracy per epoch ({title})")
+        pick = figures.pick_examples(labels, preds)
+        figures.prediction_grid(test_images[pick], probs[pick], labels[pick], names,
+                                tmp / "figures" / "fig1_2_predictions.png")
+        cm = figures.confusion_matrix(labels, preds, len(names))
+        figures.confusion_plot(cm, names, tmp / "figures" / "confusion_matrix.png",
+                               f"Confusion matrix, test set ({title}, accuracy {100 * metrics['test_acc']:.2f}%)")
+
+
+def log_to_mlflow(out_dir: Path, result: TrainResult, metrics: dict[str, Any], register: bool,
+                  device: torch.device) -> None:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    import pipeline
+
+    for row in result.history:
+        mlflow.log_metrics({k: row[k] for k in ("lr", "train_loss", "train_acc", "test_loss", "test_acc")
+                            if not math.isnan(row[k])}, step=int(row["epoch"]))
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    flat.update({f"test_acc_{name}": v for name, v in metrics["per_class_acc"].items()})
+    mlflow.log_metrics(flat)
+    mlflow.set_tags({"device": str(device), "torch": torch.__version__,
+                     "resumed_from_epoch": str(result.resumed_from)})
+    for name in ("metrics.json", "history.csv"):
+        mlflow.log_artifact(str(out_dir / name))
+    mlflow.log_artifacts(str(out_dir / "figures"), artifact_path="figures")
+    model = result.model.cpu().eval()
+    example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    mlflow.pytorch.log_model(
+        model, name="model", serialization_format="pickle", signature=signature, input_example=example,
+        code_paths=[str(Path(pipeline.__file__).parent)], pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        registered_model_name="cifar10-classifier" if register else None)
+
+
+def main() -> None:
+    from pipeline import tracking
+    from pipeline.config import load_params
+    from pipeline.utils import seed_everything, select_device
+
+    params = load_params()
+    cfg = params.train_classifier
+    arrays = load_arrays(DATA_FILE)
+    device = select_device(cfg.device) if cfg.device != "cuda" or torch.cuda.is_available() else None
+    if device is None:
+        raise PipelineError("train_classifier.device is cuda but no CUDA device is available")
+    seed_everything(params.seed)
+    data = CifarData.from_arrays(arrays, device)
+    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    log(f"[{STAGE}] recipe {cfg.recipe}, {cfg.epochs:g} epochs on {len(data.x_train)} images, "
+        f"device {device}{threads}")
+    with tracking.stage_run(STAGE, params):
+        result = train(cfg, data, params.seed, device, CHECKPOINT if cfg.checkpoint else None,
+                       eval_last=False)  # evaluate() below scores the final weights once, with TTA
+        metrics, probs, labels = evaluate(result, cfg, data, device)
+        log(f"[{STAGE}] test accuracy {100 * metrics['test_acc']:.2f}% (TTA {cfg.tta}), "
+            f"{100 * metrics['test_acc_no_tta']:.2f}% without; {metrics['train_time_s']:.1f} s training, "
+            f"{metrics['images_per_s']:.0f} images/s")
+        write_outputs(OUT_DIR, result, metrics, probs, labels, arrays["x_test"], f"{cfg.recipe}, {params.profile}")
+        log_to_mlflow(OUT_DIR, result, metrics, params.tracking.register_models, device)
+    if cfg.checkpoint and CHECKPOINT.exists():
+        CHECKPOINT.unlink()  # outputs are complete: nothing left to resume

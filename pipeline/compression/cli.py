@@ -1,0 +1,212 @@
+"""``rnnc``: compress images to .rnnc files with the trained RNN codec, and back.
+
+    rnnc compress IN.png OUT.rnnc (--iterations K | --bpp B) [--model M] [--tile T]
+    rnnc decompress IN.rnnc OUT.png [--iterations K] [--model M]
+    rnnc info IN.rnnc
+
+--model is a checkpoint (default data/compressor/model.pt) or an MLflow model URI such as
+models:/rnn-compressor/1. Errors end with one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+
+def note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr, flush=True)
+
+
+def read_image(path: str) -> np.ndarray:
+    """Any image Pillow reads -> uint8 HxWx3 (other modes converted to RGB, with a note)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from pipeline.compression.codec import InputError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "RGB":
+                return np.asarray(im, dtype=np.uint8).copy()
+            if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                a = np.asarray(im).astype(np.float64)
+                if mode != "F" and a.max(initial=0) > 255:
+                    a = a * (255.0 / 65535.0)
+                gray = np.clip(np.round(a), 0, 255).astype(np.uint8)
+                note(f"{path}: {mode} (high bit depth grayscale) converted to 8-bit RGB")
+                return np.repeat(gray[:, :, None], 3, axis=2)
+            has_alpha = "A" in mode or "transparency" in im.info
+            rgb = im.convert("RGBA").convert("RGB") if has_alpha else im.convert("RGB")
+            note(f"{path}: {mode} image converted to RGB" + (" (alpha channel dropped)" if has_alpha else ""))
+            return np.asarray(rgb, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory") from None
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{path}: {err}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise InputError(f"{path}: not an image Pillow can read ({err})") from None
+
+
+def write_image(path: str, img: np.ndarray) -> None:
+    from PIL import Image
+
+    from pipeline.utils import atomic_path
+
+    ext = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None:
+        raise PipelineError(f"{path}: unknown image extension {ext or '(none)'!r} (use .png)")
+    try:
+        with atomic_path(path) as tmp:
+            Image.fromarray(img).save(tmp, format=fmt)
+    except OSError as err:
+        raise PipelineError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def read_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such file") from None
+    except OSError as err:
+        raise PipelineError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    from pipeline.utils import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        raise PipelineError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def _compress(args: argparse.Namespace) -> None:
+    from pipeline.compression.codec import bits_per_pixel, load_codec
+
+    img = read_image(args.input)
+    codec = load_codec(args.model, device=args.device, tile=args.tile)
+    h, w = img.shape[:2]
+    k = args.iterations if args.iterations is not None else codec.iterations_for_bpp(h, w, args.bpp)
+    t0 = time.perf_counter()
+    data = codec.compress(img, k)
+    seconds = time.perf_counter() - t0
+    write_bytes(args.output, data)
+    print(f"{args.output}: {w}x{h}, {k} iteration(s), {len(data)} bytes, "
+          f"{bits_per_pixel(len(data), h, w):.4f} bpp ({seconds:.2f} s)")
+
+
+def _decompress(args: argparse.Namespace) -> None:
+    from pipeline.compression.codec import load_codec
+
+    data = read_bytes(args.input)
+    codec = load_codec(args.model, device=args.device)
+    header, present = codec.read_header(data)
+    if present < header.iterations:
+        note(f"{args.input}: holds {present} of {header.iterations} iterations (a progressive prefix); "
+             f"decoding {args.iterations or present}")
+    t0 = time.perf_counter()
+    img = codec.decompress(data, args.iterations)
+    seconds = time.perf_counter() - t0
+    write_image(args.output, img)
+    k = args.iterations or present
+    print(f"{args.output}: {header.width}x{header.height} from {k} iteration(s) ({seconds:.2f} s)")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from pipeline.compression.codec import bits_per_pixel, parse
+
+    data = read_bytes(args.input)
+    header, chunks = parse(data)
+    print(f"{args.input}: .rnnc v{header.version}, {header.width}x{header.height}, "
+          f"{len(chunks)}/{header.iterations} iterations, {header.bits} bits per {header.block}x{header.block} "
+          f"block, tile {header.tile or 'whole image'}, model {header.fingerprint.hex()}, {len(data)} bytes, "
+          f"{bits_per_pixel(len(data), header.height, header.width):.4f} bpp")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.compression.codec import DEFAULT_MODEL, DEFAULT_TILE
+
+    parser = argparse.ArgumentParser(prog="rnnc", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None,
+                       help=f"checkpoint path or MLflow model URI (default: {DEFAULT_MODEL})")
+        p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
+
+    c = sub.add_parser("compress", help="image -> .rnnc")
+    c.add_argument("input", help="image file (PNG, JPEG, ...; any size and mode)")
+    c.add_argument("output", help=".rnnc file to write")
+    rate = c.add_mutually_exclusive_group(required=True)
+    rate.add_argument("--iterations", "-k", type=_positive, help="iterations to code (0.125 bpp each at 32 bits)")
+    rate.add_argument("--bpp", type=_positive_float, help="most bits per pixel, header included")
+    c.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                   help=f"coding tile side in px, a multiple of 16; 0 = whole image (default {DEFAULT_TILE})")
+    common(c)
+
+    d = sub.add_parser("decompress", help=".rnnc -> image")
+    d.add_argument("input", help=".rnnc file (or a prefix of whole iterations)")
+    d.add_argument("output", help="image file to write (.png)")
+    d.add_argument("--iterations", "-k", type=_positive, help="decode only the first K iterations")
+    common(d)
+
+    i = sub.add_parser("info", help="print a .rnnc file's header")
+    i.add_argument("input")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        {"compress": _compress, "decompress": _decompress, "info": _info}[args.command](args)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except MemoryError:
+        print("error: out of memory (try a smaller --tile)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

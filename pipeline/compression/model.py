@@ -1,0 +1,171 @@
+"""Toderici et al. (2017) recurrent image codec: ConvLSTM encoder E, binarizer B, ConvLSTM decoder D.
+
+One iteration codes the residual left by the previous ones ("additive reconstruction"):
+
+    b_t = B(E_t(r_{t-1}))        r_0 = x
+    x̂_t = D_t(b_t) + x̂_{t-1}     x̂_0 = 0   (γ = 0 at t = 1, 1 after)
+    r_t = x - x̂_t
+
+E: strided 3x3 conv, then three strided ConvLSTMs (16x down in all). B: 1x1 conv, tanh, sign
+(stochastic while training, with a straight-through gradient; deterministic at inference), so each
+16x16 block yields ``bits`` bits per iteration. D: 1x1 conv, four ConvLSTMs each followed by
+depth-to-space x2, then a 1x1 conv to RGB. E_t and D_t are the same weights; the index t is their
+recurrent state. Pixels are in [-0.5, 0.5].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BLOCK = 16  # pixels per code cell side: E downsamples 16x, D upsamples 16x
+
+State = tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder_widths: tuple[int, ...] = (64, 256, 512, 512)  # strided conv, then ConvLSTM 1..3
+    decoder_widths: tuple[int, ...] = (512, 512, 256, 128)  # ConvLSTM 1..4 (each then depth-to-space)
+    bits: int = 32  # code channels per 16x16 block per iteration
+    iterations: int = 16  # iterations trained: the most a file may hold
+    encoder_hidden_kernel: int = 1  # hidden-to-hidden kernel of the encoder's ConvLSTMs
+    decoder_hidden_kernels: tuple[int, ...] = (1, 1, 3, 3)  # the decoder's, per layer
+
+    def __post_init__(self) -> None:
+        if len(self.encoder_widths) != 4 or len(self.decoder_widths) != 4 or len(self.decoder_hidden_kernels) != 4:
+            raise ValueError("ModelConfig: encoder_widths, decoder_widths and decoder_hidden_kernels need 4 entries")
+        if any(w % 4 for w in self.decoder_widths):
+            raise ValueError("ModelConfig: decoder widths must be multiples of 4")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown keys {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @classmethod
+    def from_params(cls, p) -> "ModelConfig":
+        """From a ``TrainCompressorParams`` section."""
+        return cls(encoder_widths=tuple(p.encoder_widths), decoder_widths=tuple(p.decoder_widths),
+                   bits=p.bits, iterations=p.iterations)
+
+
+class ConvLSTMCell(nn.Module):
+    """LSTM whose gates are convolutions: input conv (may be strided) + hidden conv."""
+
+    def __init__(self, cin: int, hidden: int, kernel: int = 3, stride: int = 1, hidden_kernel: int = 1):
+        super().__init__()
+        self.hidden = hidden
+        self.conv_x = nn.Conv2d(cin, 4 * hidden, kernel, stride, kernel // 2)
+        self.conv_h = nn.Conv2d(hidden, 4 * hidden, hidden_kernel, 1, hidden_kernel // 2, bias=False)
+
+    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        gates = self.conv_x(x)
+        if state is not None:  # t = 1 starts from h = c = 0: skip the convolution of zeros
+            gates = gates + self.conv_h(state[0])
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(i) * torch.tanh(g)
+        if state is not None:
+            c = torch.sigmoid(f) * state[1] + c
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, (h, c)
+
+
+def binarize(z: torch.Tensor, stochastic: bool) -> torch.Tensor:
+    """Map z in [-1, 1] to {-1, +1}.
+
+    Stochastic (training): +1 with probability (1 + z) / 2, so E[b] = z; the gradient passes straight
+    through (d b / d z = 1). Deterministic (inference): sign(z), with sign(0) = +1.
+    """
+    if stochastic:
+        u = torch.rand(z.shape, device=z.device, dtype=torch.float32)
+        b = torch.where(u < (1 + z.float()) / 2, 1.0, -1.0).to(z.dtype)
+        return b + (z - z.detach())  # value exactly b (z - z = 0), gradient 1
+    return torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w = cfg.encoder_widths
+        self.conv = nn.Conv2d(3, w[0], 3, 2, 1, bias=False)
+        self.rnn = nn.ModuleList(ConvLSTMCell(w[i], w[i + 1], 3, 2, cfg.encoder_hidden_kernel) for i in range(3))
+        self.binarizer = nn.Conv2d(w[3], cfg.bits, 1, bias=False)
+
+    def forward(self, r: torch.Tensor, states: list[State]) -> tuple[torch.Tensor, list[State]]:
+        """Residual (N,3,H,W) -> pre-binarisation code tanh(.) in [-1,1] (N,bits,H/16,W/16)."""
+        x = self.conv(r)
+        new = []
+        for cell, s in zip(self.rnn, states):
+            x, s = cell(x, s)
+            new.append(s)
+        return torch.tanh(self.binarizer(x)), new
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w = cfg.decoder_widths
+        self.conv_in = nn.Conv2d(cfg.bits, w[0], 1, bias=False)
+        cins = [w[0]] + [wi // 4 for wi in w[:3]]
+        self.rnn = nn.ModuleList(ConvLSTMCell(cins[i], w[i], 3, 1, cfg.decoder_hidden_kernels[i]) for i in range(4))
+        self.conv_out = nn.Conv2d(w[3] // 4, 3, 1, bias=False)
+
+    def forward(self, b: torch.Tensor, states: list[State]) -> tuple[torch.Tensor, list[State]]:
+        """Bits (N,bits,h,w) in {-1,+1} -> this iteration's additive output (N,3,16h,16w)."""
+        x = self.conv_in(b)
+        new = []
+        for cell, s in zip(self.rnn, states):
+            x, s = cell(x, s)
+            new.append(s)
+            x = F.pixel_shuffle(x, 2)
+        return self.conv_out(x), new
+
+
+class RNNCompressor(nn.Module):
+    """E, B and D together. ``forward`` returns every iteration's reconstruction (for training)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    @staticmethod
+    def init_states() -> tuple[list[State], list[State]]:
+        return [None] * 3, [None] * 4
+
+    def encode_step(self, r: torch.Tensor, enc_states: list[State]) -> tuple[torch.Tensor, list[State]]:
+        z, enc_states = self.encoder(r, enc_states)
+        return binarize(z, self.training), enc_states
+
+    def decode_step(self, b: torch.Tensor, dec_states: list[State]) -> tuple[torch.Tensor, list[State]]:
+        return self.decoder(b, dec_states)
+
+    def forward(self, x: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
+        """x (N,3,H,W) in [-0.5,0.5], H and W multiples of 16 -> reconstructions (T,N,3,H,W), T = iterations."""
+        iterations = iterations or self.config.iterations
+        enc, dec = self.init_states()
+        recon = torch.zeros_like(x)
+        outs = []
+        for _ in range(iterations):
+            b, enc = self.encode_step(x - recon, enc)
+            delta, dec = self.decode_step(b, dec)
+            recon = recon + delta
+            outs.append(recon)
+        return torch.stack(outs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

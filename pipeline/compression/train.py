@@ -1,0 +1,341 @@
+"""Stage ``train_compressor``: train the RNN codec on 32x32 patches (data/prepared/patches.npz).
+
+Loss: mean absolute (or squared) residual |x - x̂_t| averaged over pixels and iterations t. Adam with
+a per-step schedule. The patches live on the training device as uint8 and are batched there; CUDA
+runs under bf16 autocast with channels_last. Every epoch: validation on held-out patches (PSNR and
+SSIM at several iteration counts), a row of history.csv, MLflow metrics and a resumable checkpoint in
+data/checkpoints/train_compressor/ (a killed run resumes from its last epoch when params and data are
+unchanged). Outputs: data/compressor/{model.pt,metrics.json,history.csv}; the model is logged to
+MLflow and registered as ``rnn-compressor``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.compression.codec import MODEL_FORMAT, model_fingerprint, save_model
+from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor, count_parameters
+from pipeline.compression.params import TrainCompressorParams
+from pipeline.errors import PipelineError
+from pipeline.utils import atomic_path, atomic_write_text, log, progress, save_json, seed_everything, select_device
+
+STAGE = "train_compressor"
+PATCHES = Path("data/prepared/patches.npz")
+OUT_DIR = Path("data/compressor")
+CKPT_DIR = Path("data/checkpoints") / STAGE
+REGISTERED_NAME = "rnn-compressor"
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def load_patches(path: Path = PATCHES) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) uint8 arrays (N, S, S, 3), S a multiple of 16."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing; run `python -m pipeline augment` first")
+    try:
+        with np.load(path) as z:
+            train, val = z["train"], z["val"]
+    except KeyError as err:
+        raise PipelineError(f"{path}: no array {err} (expected 'train' and 'val')") from None
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{path}: not a readable .npz ({err})") from None
+    for name, a in (("train", train), ("val", val)):
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] != 3 or a.shape[1] % BLOCK or a.shape[2] % BLOCK \
+                or len(a) == 0:
+            raise PipelineError(f"{path}: '{name}' must be non-empty uint8 (N, S, S, 3) with S a multiple of "
+                                f"{BLOCK}, got {a.dtype} {a.shape}")
+    return train, val
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_input(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-0.5, 0.5] on the batch's device."""
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def lr_factor(p: TrainCompressorParams, total_steps: int):
+    """step -> multiplier of p.lr: linear warm-up, then constant / cosine / multistep."""
+    warm = int(p.lr_warmup * total_steps)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, total_steps - warm)
+        if p.lr_schedule == "cosine":
+            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        if p.lr_schedule == "multistep":
+            return p.lr_gamma ** sum(step >= m * total_steps for m in p.lr_milestones)
+        return 1.0
+
+    return f
+
+
+def residual_loss(x: torch.Tensor, recon: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Mean over iterations, pixels and channels of |x - x̂_t| (l1) or (x - x̂_t)^2 (l2)."""
+    r = x.float()[None] - recon.float()
+    return r.abs().mean() if kind == "l1" else r.square().mean()
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+@torch.inference_mode()
+def evaluate(model: RNNCompressor, val: torch.Tensor, p: TrainCompressorParams, device: torch.device,
+             amp: bool = False) -> dict[str, float]:
+    """Held-out metrics: loss at full iterations; PSNR (dB) and SSIM of uint8 reconstructions at each k."""
+    from pytorch_msssim import ssim
+
+    was_training = model.training
+    model.eval()
+    ks = sorted(set(p.val_iterations))
+    kmax = p.iterations
+    sums = {f"psnr_k{k}": torch.zeros((), device=device) for k in ks}
+    sums.update({f"ssim_k{k}": torch.zeros((), device=device) for k in ks})
+    loss_sum = torch.zeros((), device=device)
+    n = 0
+    for i in range(0, len(val), p.eval_batch_size):
+        x = to_input(val[i: i + p.eval_batch_size])
+        with autocast(device, amp):
+            recon = model(x, iterations=kmax)
+        recon = recon.float()
+        loss_sum += residual_loss(x, recon, p.loss) * len(x)
+        ref = (x + 0.5) * 255.0
+        for k in ks:
+            q = ((recon[k - 1] + 0.5) * 255.0).round().clamp(0, 255)
+            mse = (q - ref).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)
+            sums[f"psnr_k{k}"] += (10 * torch.log10(255.0 ** 2 / mse)).sum()
+            sums[f"ssim_k{k}"] += ssim(q, ref.round(), data_range=255, size_average=False,
+                                       win_size=p.ssim_window).sum()
+        n += len(x)
+    model.train(was_training)
+    out = {"loss": (loss_sum / n).item()}
+    out.update({k: (v / n).item() for k, v in sums.items()})
+    return out
+
+
+def autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def run_key(p: TrainCompressorParams, seed: int, data_hash: str) -> str:
+    """What a checkpoint must match to be resumed: the section, the seed and the patches."""
+    blob = json.dumps({"params": p.model_dump(mode="json"), "seed": seed, "data": data_hash}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged checkpoint is ignored, not fatal
+        log(f"[{STAGE}] ignoring unreadable checkpoint {path} ({type(err).__name__}); starting afresh")
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        log(f"[{STAGE}] checkpoint {path} is from other params or data; starting afresh")
+        return None
+    return state
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+def train(p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, *, seed: int = 0,
+          device: torch.device | None = None, ckpt_path: Path | None = None, key: str = "",
+          on_epoch=None) -> dict[str, Any]:
+    """Train (resuming from ``ckpt_path`` when it matches ``key``). Returns model, history, timings.
+
+    ``on_epoch(row)`` is called after each epoch with that epoch's history row (MLflow logging).
+    """
+    device = device or select_device(p.device)
+    cuda = device.type == "cuda"
+    seed_everything(seed)
+    cfg = ModelConfig.from_params(p)
+    model = RNNCompressor(cfg).to(device)
+    if cuda and p.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    n_epoch = min(p.patches_per_epoch or len(train_u8), len(train_u8))
+    steps_per_epoch = math.ceil(n_epoch / p.batch_size)
+    total = steps_per_epoch * p.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(p, total))
+    history: list[dict[str, float]] = []
+    start_epoch, train_seconds = 0, 0.0
+
+    state = load_checkpoint(ckpt_path, key) if ckpt_path else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if cuda and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
+        log(f"[{STAGE}] resuming from {ckpt_path} after epoch {start_epoch}/{p.epochs}")
+        if on_epoch:
+            for row in history:
+                on_epoch(row)
+
+    fwd = torch.compile(model) if p.compile else model
+    train_dev = torch.from_numpy(train_u8).to(device)  # the whole set, uint8, on the device
+    val_dev = torch.from_numpy(val_u8[: p.val_patches] if p.val_patches else val_u8).to(device)
+    log(f"[{STAGE}] {count_parameters(model):,} parameters, {cfg.iterations} iterations, {n_epoch} of "
+        f"{len(train_u8)} patches x {p.epochs} epochs on {device}")
+
+    model.train()
+    for epoch in range(start_epoch, p.epochs):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(train_u8), generator=gen)[:n_epoch].to(device)
+        loss_sum = torch.zeros((), device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="step", leave=False)
+        for step in bar:
+            x = to_input(train_dev[order[step * p.batch_size: (step + 1) * p.batch_size]], cuda and p.channels_last)
+            with autocast(device, p.amp):
+                recon = fwd(x)
+            loss = residual_loss(x, recon, p.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach()
+            if step % 25 == 24:  # the only host sync of the loop, for the progress bar
+                bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}")
+        bar.close()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        val = evaluate(model, val_dev, p, device, p.amp)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch,
+               "lr": opt.param_groups[0]["lr"], "patches_per_s": n_epoch / seconds, "epoch_seconds": seconds,
+               **{f"val_{k}": v for k, v in val.items()}}
+        history.append(row)
+        kmax = max(p.val_iterations)
+        log(f"[{STAGE}] epoch {epoch + 1}/{p.epochs}: loss {row['train_loss']:.4f}, val PSNR@{kmax} "
+            f"{row[f'val_psnr_k{kmax}']:.2f} dB, SSIM@{kmax} {row[f'val_ssim_k{kmax}']:.4f}, "
+            f"{row['patches_per_s']:.1f} patches/s")
+        if ckpt_path:
+            save_checkpoint(ckpt_path, {
+                "format": MODEL_FORMAT + "-train", "key": key, "epoch": epoch + 1, "config": cfg.to_dict(),
+                "model": model.state_dict(), "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if cuda else None, "history": history,
+                "train_seconds": train_seconds})
+        if on_epoch:  # after the checkpoint: a kill from here on loses nothing
+            on_epoch(row)
+    model.eval()
+    return {"model": model, "history": history, "train_seconds": train_seconds, "device": device,
+            "patches_seen": n_epoch * p.epochs}
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+def summarize(p: TrainCompressorParams, result: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: final validation PSNR/SSIM and code bpp at each iteration count, speed."""
+    last = result["history"][-1]
+    model = result["model"]
+    metrics: dict[str, Any] = {
+        "epochs": len(result["history"]), "train_loss": last["train_loss"], "val_loss": last["val_loss"],
+        "train_seconds": round(result["train_seconds"], 2),
+        "train_patches_per_s": result["patches_seen"] / max(result["train_seconds"], 1e-9),
+        "parameters": count_parameters(model), "fingerprint": model_fingerprint(model).hex(),
+        "device": str(result["device"]),
+    }
+    for k in sorted(set(p.val_iterations)):
+        metrics[f"val_psnr_k{k}"] = last[f"val_psnr_k{k}"]
+        metrics[f"val_ssim_k{k}"] = last[f"val_ssim_k{k}"]
+        metrics[f"code_bpp_k{k}"] = k * p.bits / BLOCK**2  # bits only; files add a header
+    return metrics
+
+
+def history_csv(history: list[dict[str, float]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+def write_outputs(out_dir: Path, model: RNNCompressor, metrics: dict[str, Any], history: list[dict[str, float]],
+                  meta: dict[str, Any]) -> None:
+    save_model(model, out_dir / "model.pt", meta)
+    atomic_write_text(out_dir / "history.csv", history_csv(history))
+    save_json(out_dir / "metrics.json", metrics)
+
+
+def log_to_mlflow(model: RNNCompressor, out_dir: Path, register: bool) -> None:
+    import mlflow
+    import mlflow.pytorch
+
+    for name in ("metrics.json", "history.csv"):
+        mlflow.log_artifact(str(out_dir / name))
+    side = 32
+    example = np.zeros((1, 3, side, side), dtype=np.float32)
+    mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle",
+                             input_example=example,
+                             registered_model_name=REGISTERED_NAME if register else None)
+
+
+def main() -> None:
+    from pipeline import tracking
+    from pipeline.config import load_params
+
+    params = load_params()
+    p = params.train_compressor
+    train_u8, val_u8 = load_patches(PATCHES)
+    data_hash = file_sha256(PATCHES)
+    key = run_key(p, params.seed, data_hash)
+    device = select_device(p.device)
+    with tracking.stage_run(STAGE, params) as run:
+        import mlflow
+
+        def on_epoch(row: dict[str, float]) -> None:
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+        mlflow.set_tags({"model.parameters": count_parameters(RNNCompressor(ModelConfig.from_params(p))),
+                         "device": str(device), "data.patches_sha256": data_hash})
+        result = train(p, train_u8, val_u8, seed=params.seed, device=device, ckpt_path=CKPT_DIR / "last.pt",
+                       key=key, on_epoch=on_epoch)
+        metrics = summarize(p, result)
+        meta = {"profile": params.profile, "seed": params.seed, "run_key": key, "mlflow_run_id": run.info.run_id,
+                "epochs": metrics["epochs"], "val_psnr": {k: metrics[f"val_psnr_k{k}"] for k in p.val_iterations}}
+        write_outputs(OUT_DIR, result["model"], metrics, result["history"], meta)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_to_mlflow(result["model"], OUT_DIR, params.tracking.register_models)
+    log(f"[{STAGE}] wrote {OUT_DIR}/model.pt (fingerprint {metrics['fingerprint']}), metrics.json, history.csv")

@@ -1,0 +1,202 @@
+"""Every codec the evaluation compares, as a small class over one interface (after CompressAI's
+``utils/bench``): ``name``, ``label``, ``setting`` (what the sweep varies), ``settings`` (the sweep),
+``encode(img, setting) -> bytes`` (the real file) and ``decode(bytes) -> uint8 HxWx3``.
+
+Adding a codec is one class here plus its name in ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, features
+
+from pipeline.errors import PipelineError
+
+
+def bpp(n_bytes: int, height: int, width: int) -> float:
+    """Bits per pixel of a file of ``n_bytes`` for an image of height x width: 8 N / (H W)."""
+    return 8.0 * n_bytes / (height * width)
+
+
+class Codec(ABC):
+    name: str = ""  # short id used in files and metric names
+    label: str = ""  # display name
+    setting: str = ""  # what the sweep varies
+
+    def __init__(self, settings: Sequence[Any]):
+        self.settings = list(settings)
+
+    def available(self) -> str | None:
+        """None when usable here, else why not (the codec is then skipped, with a note)."""
+        return None
+
+    def describe(self) -> str:
+        return self.label
+
+    @abstractmethod
+    def encode(self, img: np.ndarray, setting: Any) -> bytes: ...
+
+    @abstractmethod
+    def decode(self, data: bytes) -> np.ndarray: ...
+
+
+class PillowCodec(Codec):
+    """A format Pillow writes and reads; subclasses map a setting to save() options."""
+
+    format: str = ""
+    feature: str = ""
+
+    def options(self, setting: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def available(self) -> str | None:
+        if self.feature and not features.check(self.feature):
+            return f"Pillow was built without {self.feature}"
+        return None
+
+    def describe(self) -> str:
+        version = features.version(self.feature) if self.feature else None
+        return f"{self.label} (Pillow, {self.feature} {version})" if version else self.label
+
+    def encode(self, img: np.ndarray, setting: Any) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(img, "RGB").save(buf, self.format, **self.options(setting))
+        return buf.getvalue()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+
+
+class JPEG(PillowCodec):
+    name, label, setting, format, feature = "jpeg", "JPEG", "quality", "JPEG", "jpg"
+
+    def options(self, q):  # baseline, 4:2:0, optimised Huffman tables (cjpeg -optimize)
+        return {"quality": int(q), "optimize": True}
+
+
+class JPEG2000(PillowCodec):
+    name, label, setting, format, feature = "jpeg2000", "JPEG 2000", "ratio", "JPEG2000", "jpg_2000"
+
+    def options(self, ratio):  # raw codestream (no JP2 box), 9/7 irreversible wavelet, one layer
+        return {"quality_mode": "rates", "quality_layers": [float(ratio)], "irreversible": True, "no_jp2": True}
+
+
+class WebP(PillowCodec):
+    name, label, setting, format, feature = "webp", "WebP", "quality", "WEBP", "webp"
+
+    def __init__(self, settings, method: int = 4):
+        super().__init__(settings)
+        self.method = method
+
+    def options(self, q):
+        return {"quality": int(q), "method": self.method, "lossless": False}
+
+
+class AVIF(PillowCodec):
+    name, label, setting, format, feature = "avif", "AVIF", "quality", "AVIF", "avif"
+
+    def __init__(self, settings, speed: int = 6):
+        super().__init__(settings)
+        self.speed = speed
+
+    def options(self, q):  # 4:2:0, libavif's default encoder
+        return {"quality": int(q), "speed": self.speed, "subsampling": "4:2:0"}
+
+
+class JPEGXL(Codec):
+    """JPEG XL through imagecodecs (optional: skipped when imagecodecs or its libjxl is absent)."""
+
+    name, label, setting = "jpegxl", "JPEG XL", "distance"
+
+    def available(self) -> str | None:
+        if importlib.util.find_spec("imagecodecs") is None:
+            return "imagecodecs is not installed"
+        import imagecodecs
+
+        if not getattr(imagecodecs, "JPEGXL", None) or not imagecodecs.JPEGXL.available:
+            return "imagecodecs has no JPEG XL support"
+        return None
+
+    def describe(self) -> str:
+        import imagecodecs
+
+        return f"JPEG XL (imagecodecs {imagecodecs.__version__})"
+
+    def encode(self, img, distance):
+        import imagecodecs
+
+        return bytes(imagecodecs.jpegxl_encode(img, distance=float(distance), lossless=False))
+
+    def decode(self, data):
+        import imagecodecs
+
+        out = np.asarray(imagecodecs.jpegxl_decode(data))
+        return np.ascontiguousarray(out[..., :3]).astype(np.uint8)
+
+
+def load_rnn(model: str, device: str = "cpu"):
+    """The RNN codec object of ``pipeline.compression.codec`` (contract: compress/decompress/max_iterations)."""
+    try:
+        from pipeline.compression.codec import load_codec
+    except ImportError as err:
+        raise PipelineError(f"the RNN codec is not available (pipeline.compression.codec: {err})") from None
+    return load_codec(model, device=device)
+
+
+class RNN(Codec):
+    """The recurrent codec through its real file format: k iterations -> one .rnnc file."""
+
+    name, label, setting = "rnn", "RNN (ours)", "iterations"
+
+    def __init__(self, codec, settings: Sequence[int] | None = None):
+        self.codec = codec
+        top = int(codec.max_iterations)
+        settings = list(range(1, top + 1)) if settings is None else [int(k) for k in settings]
+        dropped = [k for k in settings if not 1 <= k <= top]
+        settings = [k for k in settings if 1 <= k <= top]
+        if dropped:
+            from pipeline.utils import log
+
+            log(f"[evaluate] rnn: dropping iterations {dropped} (the model stops at {top})")
+        if not settings:
+            raise PipelineError(f"evaluate.rnn_iterations: none within 1..{top} (the model's max_iterations)")
+        super().__init__(settings)
+
+    def describe(self) -> str:
+        return f"RNN codec (ConvLSTM, up to {self.codec.max_iterations} iterations)"
+
+    def encode(self, img, iterations):
+        return bytes(self.codec.compress(img, int(iterations)))
+
+    def decode(self, data):
+        return np.asarray(self.codec.decompress(data), dtype=np.uint8)
+
+
+def build(params, device: str = "cpu", rnn_loader=load_rnn) -> tuple[list[Codec], dict[str, str]]:
+    """The codecs ``params`` (an EvaluateParams) asks for, and {name: why skipped} for those not usable."""
+    makers = {
+        "jpeg": lambda: JPEG(params.jpeg_quality),
+        "jpeg2000": lambda: JPEG2000(params.jpeg2000_ratio),
+        "webp": lambda: WebP(params.webp_quality, method=params.webp_method),
+        "avif": lambda: AVIF(params.avif_quality, speed=params.avif_speed),
+        "jpegxl": lambda: JPEGXL(params.jpegxl_distance),
+        "rnn": lambda: RNN(rnn_loader(params.rnn_model, device=device), params.rnn_iterations),
+    }
+    codecs, skipped = [], {}
+    for name in params.codecs:
+        codec = makers[name]()
+        why = codec.available()
+        if why:
+            skipped[name] = why
+        else:
+            codecs.append(codec)
+    return codecs, skipped
+
+
+REGISTRY: dict[str, type[Codec]] = {c.name: c for c in (JPEG, JPEG2000, WebP, AVIF, JPEGXL, RNN)}

@@ -1,0 +1,489 @@
+"""Stage ``report``: one self-contained HTML report (images inlined) and a Markdown summary.
+
+Reads the classifier's and the evaluation's outputs, checks each claim of the coursework against
+our numbers (verdicts are computed here, never written by hand), and records the provenance: git
+commit, hashes of the data files, MLflow run ids and durations, profile, hardware.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import math
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.evaluation import bdrate
+from pipeline.evaluation.evaluate import BD_METRICS, by_codec, read_csv
+from pipeline.utils import atomic_write_text, load_json, log
+
+CLASSIFIER_DIR = Path("data/classifier")
+COMPRESSOR_DIR = Path("data/compressor")
+EVAL_DIR = Path("data/evaluation")
+OUT_DIR = Path("data/report")
+TEMPLATE = Path(__file__).with_name("template.html")
+CLASSIFIER_FIGURES = [
+    ("fig1_1_accuracy.png", "Figure 1.1: train and test accuracy per epoch"),
+    ("fig1_2_predictions.png", "Figure 1.2: test images and the classifier's output probabilities "
+                               "(true class blue, wrong guess red)"),
+    ("confusion_matrix.png", "Confusion matrix on the CIFAR-10 test set"),
+]
+EVAL_FIGURES = [
+    ("ms_ssim_vs_bpp.png", "Figure 1.7 analogue: MS-SSIM (5-scale, Wang et al. 2003) vs bpp"),
+    ("ms_ssim_db_vs_bpp.png", "MS-SSIM in dB (-10 log10(1 - MS-SSIM)) vs bpp"),
+    ("psnr_vs_bpp.png", "PSNR (RGB) vs bpp"),
+    ("ssim_vs_bpp.png", "Single-scale SSIM vs bpp: the metric the coursework's Figure 1.7 actually plotted"),
+]
+#: keys of the classifier's metrics.json tried in order for "the" test accuracy
+ACCURACY_KEYS = ("test_acc_tta", "test_accuracy_tta", "tta_accuracy", "test_acc", "test_accuracy", "accuracy", "acc")
+STAGES = ("download", "augment", "train_classifier", "train_compressor", "evaluate", "report")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def data_uri(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+    kind = mime.get(path.suffix.lower(), "application/octet-stream")
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fmt(v: Any, digits: int = 4, pct: bool = False, signed: bool = False) -> str:
+    if not finite(v):
+        return "n/a"
+    text = f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+    return text + ("%" if pct else "")
+
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def md5_path(path: Path) -> tuple[str, int] | None:
+    """md5 of a file (= DVC's file hash), or of a directory's sorted 'relpath md5' lines; and the file count."""
+    if path.is_file():
+        return md5_file(path), 1
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        lines = "".join(f"{p.relative_to(path).as_posix()} {md5_file(p)}\n" for p in files)
+        return hashlib.md5(lines.encode()).hexdigest(), len(files)
+    return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def find_accuracy(metrics: dict[str, Any]) -> tuple[str, float] | None:
+    """The classifier's test accuracy (a fraction) and the key it came from."""
+    flat = _flatten(metrics)
+    for key in ACCURACY_KEYS:
+        for k, v in flat.items():
+            if k.split(".")[-1] == key and finite(v):
+                return k, float(v) / 100 if v > 1 else float(v)
+    return None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {}
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@dataclass
+class Inputs:
+    classifier: dict[str, Any] | None
+    compressor: dict[str, Any] | None
+    summary: dict[str, Any]
+    curves: list[dict[str, Any]]
+    at_rates: list[dict[str, Any]]
+    bd: list[dict[str, Any]]
+    visual: dict[str, Any] | None
+    missing: list[str] = field(default_factory=list)
+
+
+def read_inputs(classifier_dir: Path = CLASSIFIER_DIR, eval_dir: Path = EVAL_DIR,
+                compressor_dir: Path = COMPRESSOR_DIR) -> Inputs:
+    needed = [eval_dir / n for n in ("summary.json", "curves.csv", "at_rates.csv", "bd.csv")]
+    absent = [str(p) for p in needed if not p.is_file()]
+    if absent:
+        raise PipelineError(f"report: missing {', '.join(absent)} (run the evaluate stage first)")
+    missing = []
+    classifier = None
+    if (classifier_dir / "metrics.json").is_file():
+        classifier = load_json(classifier_dir / "metrics.json")
+    else:
+        missing.append(str(classifier_dir / "metrics.json"))
+    compressor = load_json(compressor_dir / "metrics.json") if (compressor_dir / "metrics.json").is_file() else None
+    visual = load_json(eval_dir / "visual" / "visual.json") if (eval_dir / "visual" / "visual.json").is_file() else None
+    return Inputs(classifier=classifier, compressor=compressor, summary=load_json(eval_dir / "summary.json"),
+                  curves=read_csv(eval_dir / "curves.csv"), at_rates=read_csv(eval_dir / "at_rates.csv"),
+                  bd=read_csv(eval_dir / "bd.csv"), visual=visual, missing=missing)
+
+
+# ----------------------------------------------------------------------------- claims
+
+@dataclass
+class Claim:
+    claim: str  # the coursework's statement
+    metric: str  # what we compare
+    evidence: str  # our numbers
+    verdict: str  # confirmed / refuted / partly / not checked
+
+
+def _grid(lo: float, hi: float, n: int) -> np.ndarray:
+    return np.exp(np.linspace(math.log(lo), math.log(hi), n))
+
+
+def compare_below(curves: list[dict[str, Any]], ours: str, other: str, quality: str, below: float,
+                  n: int) -> tuple[str, str]:
+    """Is ``ours`` above ``other`` in ``quality`` at every rate below ``below`` where both are measured?"""
+    per = by_codec(curves)
+    if ours not in per or other not in per:
+        return f"no {ours if ours not in per else other} curve", "not checked"
+    a, b = per[ours], per[other]
+    lo = max(min(p["bpp"] for p in a), min(p["bpp"] for p in b))
+    hi = min(below, max(p["bpp"] for p in a), max(p["bpp"] for p in b))
+    if not hi > lo:
+        span = f"below {below:g} bpp" if math.isfinite(below) else "range"
+        return (f"the curves share no rate {span} ({ours}: {min(p['bpp'] for p in a):.3f}-"
+                f"{max(p['bpp'] for p in a):.3f} bpp, {other}: {min(p['bpp'] for p in b):.3f}-"
+                f"{max(p['bpp'] for p in b):.3f} bpp)"), "not checked"
+    x = _grid(lo, hi, n)
+    qa = bdrate.interpolate([p["bpp"] for p in a], [p[quality] for p in a], x)
+    qb = bdrate.interpolate([p["bpp"] for p in b], [p[quality] for p in b], x)
+    diff = qa - qb
+    better = diff > 0
+    where = x[better]
+    text = (f"over {lo:.3f}-{hi:.3f} bpp (both measured), {ours} minus {other}: "
+            f"mean {diff.mean():+.4f}, min {diff.min():+.4f}, max {diff.max():+.4f}; "
+            f"{ours} is ahead on {better.mean() * 100:.0f}% of the range")
+    if where.size:
+        text += f" ({where.min():.3f}-{where.max():.3f} bpp)"
+    if better.all():
+        verdict = "confirmed"
+    elif not better.any():
+        verdict = "refuted"
+    else:
+        verdict = "partly"
+    if math.isfinite(below) and (lo > 0.9 * below or hi < below * 0.999):
+        text += f"; only part of 0-{below:g} bpp could be compared"
+    return text, verdict
+
+
+def check_claims(inputs: Inputs, rp) -> list[Claim]:
+    claims = []
+    acc = find_accuracy(inputs.classifier) if inputs.classifier else None
+    if acc is None:
+        claims.append(Claim(f"The CNN reaches {rp.claim_accuracy:.0%} test accuracy on CIFAR-10", "test accuracy",
+                            "no classifier accuracy found", "not checked"))
+    else:
+        key, value = acc
+        claims.append(Claim(f"The CNN reaches {rp.claim_accuracy:.0%} test accuracy on CIFAR-10", "test accuracy",
+                            f"{value:.2%} ({key} in data/classifier/metrics.json, profile "
+                            f"{inputs.summary.get('profile')})",
+                            "confirmed" if value >= rp.claim_accuracy else "refuted"))
+    for quality, name in (("ms_ssim", "MS-SSIM (5-scale)"),
+                          ("ssim", "single-scale SSIM (what the coursework called MS-SSIM)")):
+        text, verdict = compare_below(inputs.curves, "rnn", "jpeg", quality, rp.claim_jpeg_below_bpp, rp.claim_grid)
+        claims.append(Claim(f"The RNN codec is better than JPEG below {rp.claim_jpeg_below_bpp:g} bpp", name,
+                            text, verdict))
+    bd = {(r["anchor"], r["test"], r["metric"]): r for r in inputs.bd}
+    labels = inputs.summary.get("labels", {})
+    for other in rp.claim_behind:
+        label = labels.get(other, other)
+        row = bd.get((other, "rnn", "ms_ssim_db"))
+        psnr_row = bd.get((other, "rnn", "psnr"))
+        if row is not None and finite(row["bd_rate_pct"]):
+            rate = row["bd_rate_pct"]
+            text = (f"BD-rate of the RNN against {label} on MS-SSIM dB: {rate:+.1f}% "
+                    f"({'more' if rate > 0 else 'fewer'} bits for the same quality); "
+                    f"BD-MS-SSIM {fmt(row['bd_quality_db'], 2, signed=True)} dB")
+            if psnr_row is not None:
+                text += f"; on PSNR: BD-rate {fmt(psnr_row['bd_rate_pct'], 1, pct=True, signed=True)}"
+            claims.append(Claim(f"The RNN codec is behind {label}", "BD-rate, MS-SSIM dB", text,
+                                "confirmed" if rate > 0 else "refuted"))
+            continue
+        text, verdict = compare_below(inputs.curves, other, "rnn", "ms_ssim", float("inf"), rp.claim_grid)
+        if verdict != "not checked":
+            text = f"no BD-rate (curves barely overlap); on the common range: {text}"
+        claims.append(Claim(f"The RNN codec is behind {label}", "MS-SSIM on the common rate range", text, verdict))
+    return claims
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def hardware() -> dict[str, str]:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": str(os.cpu_count())}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory"] = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    except Exception:  # torch missing or CUDA broken: the report still builds
+        info["gpu"] = "unknown"
+    try:
+        from PIL import features
+
+        info["codecs"] = ", ".join(f"{k} {features.version(k)}" for k in ("jpg", "jpg_2000", "webp", "avif")
+                                   if features.check(k))
+    except Exception:
+        pass
+    return info
+
+
+def data_hashes(paths: list[Path]) -> list[dict[str, str]]:
+    rows = []
+    for p in paths:
+        h = md5_path(p)
+        if h is not None:
+            rows.append({"path": p.as_posix(), "md5": h[0], "files": str(h[1]),
+                         "kind": "file md5 (as DVC)" if p.is_file() else "md5 of sorted 'path md5' lines"})
+    return rows
+
+
+def mlflow_runs(experiment: str, current_run_id: str | None = None) -> list[dict[str, str]]:
+    """The latest MLflow run of every stage (id, status, start, duration), found by the dvc_stage tag."""
+    from pipeline import tracking
+
+    mlflow = tracking._mlflow()
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = mlflow.search_runs([exp.experiment_id], order_by=["attribute.start_time DESC"], max_results=500,
+                              output_format="list")
+    parent = None
+    if current_run_id:
+        cur = mlflow.get_run(current_run_id)
+        parent = cur.data.tags.get("mlflow.parentRunId")
+    out = []
+    for stage in STAGES:
+        cands = [r for r in runs if r.data.tags.get("dvc_stage") == stage]
+        if parent:  # prefer runs of the same pipeline run
+            same = [r for r in cands if r.data.tags.get("mlflow.parentRunId") == parent]
+            cands = same or cands
+        if stage == "report" and current_run_id:
+            cands = [r for r in cands if r.info.run_id == current_run_id] or cands
+        if not cands:
+            continue
+        r = cands[0]
+        start = dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.timezone.utc)
+        dur = (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time else None
+        this = r.info.run_id == current_run_id
+        out.append({"stage": stage, "run_id": r.info.run_id, "status": "this run" if this else r.info.status,
+                    "start": start.strftime("%Y-%m-%d %H:%M:%S UTC"),
+                    "duration": f"{dur:.1f} s" if dur is not None else ("-" if this else "unfinished")})
+    return out
+
+
+def provenance(params, run_id: str | None, classifier_dir: Path, eval_dir: Path,
+               compressor_dir: Path) -> dict[str, Any]:
+    from pipeline import tracking
+
+    runs: list[dict[str, str]] = []
+    runs_note = ""
+    if params.report.mlflow_runs:
+        try:
+            runs = mlflow_runs(params.tracking.experiment, run_id)
+        except Exception as err:  # the report must not fail because the tracking store is unreachable
+            runs_note = f"MLflow lookup failed: {type(err).__name__}: {err}"
+    hashes = data_hashes([Path("data/raw/kodak"), compressor_dir / "model.pt", classifier_dir / "model.pt",
+                          classifier_dir / "metrics.json", compressor_dir / "metrics.json",
+                          eval_dir / "per_image.csv", eval_dir / "curves.csv", eval_dir / "bd.csv",
+                          eval_dir / "metrics.json", Path("params.yaml"), Path("dvc.yaml")])
+    return {
+        "git_commit": tracking.git_commit(),
+        "git_date": _git("log", "-1", "--format=%cI") or "unknown",
+        "profile": params.profile, "seed": params.seed,
+        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "mlflow_uri": tracking.tracking_uri(), "experiment": params.tracking.experiment,
+        "report_run_id": run_id, "runs": runs, "runs_note": runs_note,
+        "hashes": hashes, "hardware": hardware(),
+    }
+
+
+# ----------------------------------------------------------------------------- assembling
+
+def tables(inputs: Inputs) -> dict[str, Any]:
+    labels = inputs.summary.get("labels", {})
+    rates = inputs.summary.get("rates") or sorted({r["bpp"] for r in inputs.at_rates})
+    at = {(r["codec"], r["bpp"]): r for r in inputs.at_rates}
+    codecs = list(labels) or sorted({r["codec"] for r in inputs.at_rates})
+    rate_rows = []
+    for c in codecs:
+        row = {"codec": labels.get(c, c), "cells": []}
+        for rate in rates:
+            p = at.get((c, float(rate)), {})
+            row["cells"].append({"ms_ssim": fmt(p.get("ms_ssim"), 4), "ms_ssim_db": fmt(p.get("ms_ssim_db"), 2),
+                                 "psnr": fmt(p.get("psnr"), 2)})
+        rate_rows.append(row)
+    bd_rows = []
+    for r in inputs.bd:
+        bd_rows.append({"anchor": labels.get(r["anchor"], r["anchor"]), "test": labels.get(r["test"], r["test"]),
+                        "metric": {"ms_ssim_db": "MS-SSIM dB", "psnr": "PSNR"}.get(r["metric"], r["metric"]),
+                        "bd_rate": fmt(r["bd_rate_pct"], 1, pct=True, signed=True),
+                        "bd_quality": fmt(r["bd_quality_db"], 2, signed=True),
+                        "section": "vs anchor" if r["anchor"] == inputs.summary.get("anchor") else "RNN vs codec"})
+    ranges = []
+    for c, pts in by_codec(inputs.curves).items():
+        ranges.append({"codec": labels.get(c, c), "setting": pts[0]["setting_name"],
+                       "settings": ", ".join(f"{p['setting']:g}" for p in sorted(pts, key=lambda p: p["setting"])),
+                       "bpp": f"{min(p['bpp'] for p in pts):.3f} - {max(p['bpp'] for p in pts):.3f}",
+                       "encode_ms": f"{1000 * np.mean([p['encode_s'] for p in pts]):.1f}",
+                       "decode_ms": f"{1000 * np.mean([p['decode_s'] for p in pts]):.1f}"})
+    return {"rates": rates, "rate_rows": rate_rows, "bd_rows": bd_rows, "ranges": ranges}
+
+
+def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, eval_dir: Path) -> dict[str, Any]:
+    rp = params.report
+    s = inputs.summary
+    labels = s.get("labels", {})
+    acc = find_accuracy(inputs.classifier) if inputs.classifier else None
+    classifier_figs = [{"caption": cap, "src": data_uri(classifier_dir / "figures" / name),
+                        "path": (classifier_dir / "figures" / name).as_posix()} for name, cap in CLASSIFIER_FIGURES]
+    eval_figs = [{"caption": cap, "src": data_uri(eval_dir / "figures" / name),
+                  "path": (eval_dir / "figures" / name).as_posix()} for name, cap in EVAL_FIGURES]
+    visual = []
+    if inputs.visual:
+        vdir = eval_dir / "visual"
+        visual.append({"caption": f"original ({inputs.visual['image']})", "src": data_uri(vdir / inputs.visual["original"])})
+        for codec, e in inputs.visual["codecs"].items():
+            visual.append({"caption": f"{labels.get(codec, codec)}, {e['setting_name']} {e['setting']:g}: "
+                                      f"{e['bpp']:.3f} bpp, MS-SSIM {e['ms_ssim']:.4f}, PSNR {e['psnr']:.2f} dB",
+                           "src": data_uri(vdir / e["file"])})
+    scope = (f"all {len(s['images'])} Kodak images at full size" if s.get("all_kodak") else
+             f"a subset of Kodak: {', '.join(s['images'])}" + (f", centre-cropped to {s['crop']} px" if s.get("crop") else "")
+             + f" (profile {s.get('profile')}; the gpu profile evaluates all 24 images at full size)")
+    classifier_rows = []
+    if inputs.classifier:
+        for k, v in _flatten(inputs.classifier).items():
+            if finite(v) and any(t in k for t in ("acc", "loss", "time", "images_per_s", "epochs")):
+                classifier_rows.append({"key": k, "value": f"{v:.4g}"})
+    durations = [{"what": "evaluate (encoding, decoding and metrics)",
+                  "value": f"{s.get('duration_s', float('nan')):.1f} s for {s.get('encodes', '?')} encodes"}]
+    for key in ("train_time_s", "training_time_s", "time_s"):
+        v = _flatten(inputs.classifier or {}).get(key)
+        if finite(v):
+            durations.append({"what": f"train_classifier ({key})", "value": f"{v:.1f} s"})
+    for key, v in _flatten(inputs.compressor or {}).items():
+        if finite(v) and re.search(r"(time|duration|seconds)(_s)?$", key):
+            durations.append({"what": f"train_compressor ({key})", "value": f"{v:.1f} s"})
+    claims = check_claims(inputs, rp)
+    return {
+        "title": rp.title, "prov": prov, "summary": s, "labels": labels, "scope": scope,
+        "accuracy": (f"{acc[1]:.2%}" if acc else "n/a"), "accuracy_key": acc[0] if acc else None,
+        "classifier_rows": classifier_rows, "classifier_figs": classifier_figs, "eval_figs": eval_figs,
+        "visual": visual, "visual_info": inputs.visual, "claims": claims, "missing": inputs.missing,
+        "skipped": s.get("skipped", {}), "durations": durations, **tables(inputs),
+    }
+
+
+def render_html(ctx: dict[str, Any]) -> str:
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(TEMPLATE.read_text()).render(**ctx)
+
+
+def render_md(ctx: dict[str, Any]) -> str:
+    p = ctx["prov"]
+    out = [f"# {ctx['title']}", "",
+           f"Profile `{p['profile']}`, commit `{p['git_commit']}`, generated {p['generated']}. "
+           "Figures and the visual comparison are in report.html (self-contained).", "",
+           "## Claims of the coursework, checked", "", "| claim | metric | our numbers | verdict |", "|---|---|---|---|"]
+    out += [f"| {c.claim} | {c.metric} | {c.evidence} | **{c.verdict}** |" for c in ctx["claims"]]
+    out += ["", "## Classifier", "", f"Test accuracy: **{ctx['accuracy']}**" +
+            (f" (`{ctx['accuracy_key']}`)" if ctx["accuracy_key"] else ""), ""]
+    out += ["## Compression on Kodak", "", f"Evaluated on {ctx['scope']}.", "",
+            "Quality at fixed rates (interpolated in log-bpp on the image-averaged curves; n/a: outside the "
+            "codec's measured range):", ""]
+    head = "| codec | " + " | ".join(f"MS-SSIM @{r:g} | dB @{r:g} | PSNR @{r:g}" for r in ctx["rates"]) + " |"
+    out += [head, "|---|" + "---|" * (3 * len(ctx["rates"]))]
+    for row in ctx["rate_rows"]:
+        out.append(f"| {row['codec']} | " + " | ".join(f"{c['ms_ssim']} | {c['ms_ssim_db']} | {c['psnr']}"
+                                                       for c in row["cells"]) + " |")
+    out += ["", f"Bjontegaard deltas ({ctx['summary'].get('bd_method')}; BD-rate > 0: the test codec needs more bits):",
+            "", "| anchor | test | metric | BD-rate | BD-quality (dB) |", "|---|---|---|---|---|"]
+    out += [f"| {r['anchor']} | {r['test']} | {r['metric']} | {r['bd_rate']} | {r['bd_quality']} |" for r in ctx["bd_rows"]]
+    out += ["", "## Provenance", "", f"- git commit: `{p['git_commit']}` ({p['git_date']})",
+            f"- profile: `{p['profile']}`, seed {p['seed']}",
+            f"- MLflow: {p['mlflow_uri']}, experiment `{p['experiment']}`, report run `{p['report_run_id']}`"]
+    out += [f"- MLflow run `{r['run_id']}`: {r['stage']} ({r['status']}, {r['duration']}, started {r['start']})"
+            for r in p["runs"]]
+    out += [f"- {k}: {v}" for k, v in p["hardware"].items()]
+    out += [f"- {d['what']}: {d['value']}" for d in ctx["durations"]]
+    out += [f"- `{h['path']}`: {h['md5']} ({h['kind']}, {h['files']} file(s))" for h in p["hashes"]]
+    return "\n".join(out) + "\n"
+
+
+def build(params, run_id: str | None = None, out_dir: Path = OUT_DIR, classifier_dir: Path = CLASSIFIER_DIR,
+          eval_dir: Path = EVAL_DIR, compressor_dir: Path = COMPRESSOR_DIR) -> dict[str, Any]:
+    inputs = read_inputs(classifier_dir, eval_dir, compressor_dir)
+    for m in inputs.missing:
+        log(f"[report] {m} is missing: its section says so")
+    prov = provenance(params, run_id, classifier_dir, eval_dir, compressor_dir)
+    ctx = context(params, inputs, prov, classifier_dir, eval_dir)
+    html, md = render_html(ctx), render_md(ctx)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "report.html", html)
+    atomic_write_text(out_dir / "report.md", md)
+    log(f"[report] wrote {out_dir}/report.html ({len(html) / 1024:.0f} KiB) and report.md")
+    return ctx
+
+
+def main() -> None:
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.config import load_params
+
+    params = load_params()
+    with tracking.stage_run("report", params) as run:
+        ctx = build(params, run.info.run_id)
+        mlflow.log_artifact(str(OUT_DIR / "report.html"), artifact_path="report")
+        mlflow.log_artifact(str(OUT_DIR / "report.md"), artifact_path="report")
+        mlflow.log_dict([c.__dict__ for c in ctx["claims"]], "report/claims.json")
+        verdicts = [c.verdict for c in ctx["claims"]]
+        mlflow.log_metrics({"claims_confirmed": verdicts.count("confirmed"), "claims_refuted": verdicts.count("refuted"),
+                            "claims_partly": verdicts.count("partly"), "claims_not_checked": verdicts.count("not checked")})

@@ -1,0 +1,98 @@
+"""The RNN codec network: binarizer statistics, shapes, bit rate, the additive recurrence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor, binarize, count_parameters
+
+CFG = ModelConfig(encoder_widths=(8, 16, 16, 16), decoder_widths=(16, 16, 16, 16), bits=32, iterations=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_binarizer_outputs_are_plus_minus_one():
+    z = torch.linspace(-1, 1, 201)
+    torch.manual_seed(0)
+    for stochastic in (True, False):
+        b = binarize(z, stochastic)
+        assert set(b.unique().tolist()) <= {-1.0, 1.0}
+    det = binarize(z, False)
+    assert torch.equal(det, torch.where(z >= 0, 1.0, -1.0))  # sign, with sign(0) = +1
+
+
+def test_stochastic_binarizer_is_unbiased():
+    """E[b] = z: with 40000 draws per value the mean's std is <= 0.005; allow 0.02 (4 sigma)."""
+    torch.manual_seed(0)
+    z = torch.linspace(-1, 1, 21)
+    draws = binarize(z.expand(40000, -1).contiguous(), True)
+    assert (draws.mean(0) - z).abs().max() < 0.02
+    assert torch.equal(draws[:, 0], torch.full((40000,), -1.0))  # z = -1 and +1 are deterministic
+    assert torch.equal(draws[:, -1], torch.full((40000,), 1.0))
+
+
+def test_binarizer_gradient_is_straight_through():
+    z = torch.linspace(-0.9, 0.9, 50, requires_grad=True)
+    binarize(z, True).mul(torch.arange(50.0)).sum().backward()
+    assert torch.equal(z.grad, torch.arange(50.0))
+
+
+def test_forward_shapes_and_bit_rate():
+    model = RNNCompressor(CFG).eval()
+    x = torch.rand(2, 3, 48, 80) - 0.5
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (3, 2, 3, 48, 80)
+        enc, _ = model.init_states()
+        b, enc = model.encode_step(x, enc)
+    assert b.shape == (2, 32, 48 // BLOCK, 80 // BLOCK)
+    assert b.numel() / (2 * 48 * 80) == 0.125  # bits per pixel per iteration
+
+
+def test_reconstruction_is_the_sum_of_decoder_outputs():
+    """x̂_t = D_t(b_t) + x̂_{t-1}, r_t = x - x̂_t: replay the steps by hand."""
+    torch.manual_seed(1)
+    model = RNNCompressor(CFG).eval()
+    x = torch.rand(1, 3, 32, 32) - 0.5
+    with torch.no_grad():
+        out = model(x)
+        enc, dec = model.init_states()
+        recon = torch.zeros_like(x)
+        for t in range(CFG.iterations):
+            b, enc = model.encode_step(x - recon, enc)
+            delta, dec = model.decode_step(b, dec)
+            recon = recon + delta
+            torch.testing.assert_close(out[t], recon, rtol=0, atol=0)
+
+
+def test_training_mode_is_stochastic_and_eval_is_deterministic():
+    torch.manual_seed(2)
+    model = RNNCompressor(CFG)
+    x = torch.rand(4, 3, 32, 32) - 0.5
+    with torch.no_grad():
+        model.train()
+        a, b = model(x), model(x)
+        assert not torch.equal(a, b)
+        model.eval()
+        assert torch.equal(model(x), model(x))
+
+
+def test_full_size_matches_the_paper():
+    """E 64-256-512-512, D 512-512-256-128 with these kernels: about 35.5 M parameters (STACK.md)."""
+    n = count_parameters(RNNCompressor(ModelConfig()))
+    assert 35.0e6 < n < 36.0e6
+
+
+def test_config_round_trip_and_validation():
+    assert ModelConfig.from_dict(CFG.to_dict()) == CFG
+    with pytest.raises(ValueError):
+        ModelConfig(decoder_widths=(10, 16, 16, 16))
+    with pytest.raises(ValueError):
+        ModelConfig.from_dict({**CFG.to_dict(), "extra": 1})

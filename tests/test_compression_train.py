@@ -1,0 +1,138 @@
+"""Stage train_compressor: schedule, data checks, resume after a kill, the stage on the tiny profile."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from pipeline.compression import train as tc
+from pipeline.compression.params import TrainCompressorParams
+from pipeline.errors import PipelineError
+
+TINY = dict(encoder_widths=(8, 16, 16, 16), decoder_widths=(16, 16, 16, 16), iterations=2, epochs=3,
+            patches_per_epoch=32, batch_size=16, val_patches=16, val_iterations=(1, 2), eval_batch_size=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def synthetic_patches(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32]
+    base = rng.integers(0, 256, (n, 1, 1, 3)) + rng.normal(0, 3, (n, 1, 1, 3)) * (xx + yy)[None, :, :, None]
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    p = TrainCompressorParams(**TINY, lr_schedule="cosine", lr_warmup=0.1)
+    f = tc.lr_factor(p, 100)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(99) < 0.05
+    assert all(f(i) >= f(i + 1) for i in range(10, 99))
+    m = tc.lr_factor(TrainCompressorParams(**TINY, lr_schedule="multistep", lr_warmup=0, lr_gamma=0.5), 100)
+    assert (m(49), m(50), m(75)) == (1.0, 0.5, 0.25)
+
+
+def test_params_are_validated():
+    with pytest.raises(ValidationError, match="val_iterations"):
+        TrainCompressorParams(**{**TINY, "val_iterations": (1, 3)})
+    with pytest.raises(ValidationError, match="multiple of 4"):
+        TrainCompressorParams(**{**TINY, "decoder_widths": (16, 16, 16, 18)})
+
+
+def test_loss_is_mean_residual_over_iterations():
+    x = torch.zeros(1, 3, 2, 2)
+    recon = torch.stack([torch.full_like(x, 0.5), torch.full_like(x, 0.1)])
+    assert tc.residual_loss(x, recon, "l1").item() == pytest.approx(0.3)
+    assert tc.residual_loss(x, recon, "l2").item() == pytest.approx((0.25 + 0.01) / 2)
+
+
+def test_missing_or_bad_patches_give_clear_errors(tmp_path):
+    with pytest.raises(PipelineError, match="augment"):
+        tc.load_patches(tmp_path / "patches.npz")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, train=np.zeros((4, 32, 32, 3), np.uint8))
+    with pytest.raises(PipelineError, match="val"):
+        tc.load_patches(bad)
+    np.savez(bad, train=np.zeros((4, 30, 30, 3), np.uint8), val=np.zeros((4, 30, 30, 3), np.uint8))
+    with pytest.raises(PipelineError, match="multiple of 16"):
+        tc.load_patches(bad)
+
+
+def test_training_reduces_the_loss():
+    p = TrainCompressorParams(**{**TINY, "epochs": 6, "patches_per_epoch": 64, "batch_size": 8, "lr": 0.01})
+    result = tc.train(p, synthetic_patches(64), synthetic_patches(16, 1), seed=0, device=torch.device("cpu"))
+    h = result["history"]
+    assert h[-1]["train_loss"] < 0.9 * h[0]["train_loss"]
+    assert h[-1]["val_loss"] < 0.9 * h[0]["val_loss"]
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
+    p = TrainCompressorParams(**TINY)
+    data, val = synthetic_patches(48), synthetic_patches(16, 1)
+    cpu = torch.device("cpu")
+    straight = tc.train(p, data, val, seed=3, device=cpu)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(row):
+        if row["epoch"] == 1:
+            raise Killed
+
+    ckpt = tmp_path / "last.pt"
+    with pytest.raises(Killed):
+        tc.train(p, data, val, seed=3, device=cpu, ckpt_path=ckpt, key="k", on_epoch=kill_after_first)
+    seen = []
+    resumed = tc.train(p, data, val, seed=3, device=cpu, ckpt_path=ckpt, key="k", on_epoch=seen.append)
+    assert [r["epoch"] for r in seen] == [1, 2, 3]  # the earlier epoch is replayed to MLflow, then 2 more
+    for name, tensor in straight["model"].state_dict().items():
+        assert torch.equal(tensor, resumed["model"].state_dict()[name]), name
+    # a checkpoint made with other params is not resumed
+    fresh = []
+    tc.train(p.model_copy(update={"epochs": 1}), data, val, seed=3, device=cpu, ckpt_path=ckpt, key="other",
+             on_epoch=fresh.append)
+    assert [r["epoch"] for r in fresh] == [1]
+
+
+@pytest.mark.slow
+def test_stage_on_tiny_profile(tiny_workspace, monkeypatch):
+    import mlflow
+
+    from pipeline.compression.codec import load_codec
+    from pipeline.config import load_params
+
+    monkeypatch.chdir(tiny_workspace)
+    tc.main()
+    out = tiny_workspace / "data" / "compressor"
+    for name in ("model.pt", "metrics.json", "history.csv"):
+        assert (out / name).is_file(), name
+    params = load_params()
+    p = params.train_compressor
+    metrics = json.loads((out / "metrics.json").read_text())
+    for k in p.val_iterations:
+        assert metrics[f"val_psnr_k{k}"] > 0 and 0 < metrics[f"val_ssim_k{k}"] <= 1
+        assert metrics[f"code_bpp_k{k}"] == k * p.bits / 256
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, p.epochs + 1))
+    codec = load_codec(out / "model.pt")
+    assert codec.fingerprint.hex() == metrics["fingerprint"] and codec.max_iterations == p.iterations
+    img = synthetic_patches(1)[0]
+    np.testing.assert_array_equal(codec.decompress(codec.compress(img, p.iterations)),
+                                  codec.reconstruct(img, p.iterations))
+    assert (tiny_workspace / "data" / "checkpoints" / "train_compressor" / "last.pt").is_file()
+    if params.tracking.register_models:
+        client = mlflow.MlflowClient()
+        latest = max(int(v.version) for v in client.search_model_versions("name='rnn-compressor'"))
+        via_registry = load_codec(f"models:/rnn-compressor/{latest}")
+        assert via_registry.fingerprint == codec.fingerprint

@@ -1,0 +1,65 @@
+"""Bjontegaard deltas on curves whose answer is known exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.evaluation.bdrate import bd_quality, bd_rate, interpolate
+
+RATES = np.array([0.1, 0.2, 0.35, 0.6, 1.0, 1.7])
+QUALITY = 30 + 6 * np.log2(RATES) - 0.4 * np.log2(RATES) ** 2  # a concave, PSNR-like curve
+
+
+@pytest.mark.parametrize("method", ["pchip", "polyfit"])
+@pytest.mark.parametrize("factor", [0.8, 1.25, 0.5])
+def test_constant_rate_factor_gives_that_bd_rate(method, factor):
+    # the test codec needs `factor` times the anchor's bits for every quality
+    got = bd_rate(RATES, QUALITY, RATES * factor, QUALITY, method)
+    assert got == pytest.approx((factor - 1) * 100, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["pchip", "polyfit"])
+def test_constant_quality_offset_gives_that_bd_quality(method):
+    assert bd_quality(RATES, QUALITY, RATES, QUALITY + 1.5, method) == pytest.approx(1.5, abs=1e-9)
+    assert bd_quality(RATES, QUALITY, RATES, QUALITY - 0.7, method) == pytest.approx(-0.7, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["pchip", "polyfit"])
+def test_identical_curves_and_antisymmetry(method):
+    assert bd_rate(RATES, QUALITY, RATES, QUALITY, method) == pytest.approx(0, abs=1e-12)
+    up = bd_rate(RATES, QUALITY, RATES * 0.7, QUALITY, method)
+    down = bd_rate(RATES * 0.7, QUALITY, RATES, QUALITY, method)
+    assert (1 + up / 100) * (1 + down / 100) == pytest.approx(1.0)
+
+
+def test_linear_curve_known_bd_quality_with_different_sampling():
+    # quality linear in log10(rate): a shift of the rate by x2 is a quality shift of slope*log10(2)
+    slope = 8.0
+    r1 = np.array([0.1, 0.3, 0.9, 2.0])
+    r2 = np.array([0.15, 0.4, 0.7, 1.1, 1.9])
+    q1 = slope * np.log10(r1)
+    q2 = slope * np.log10(r2 / 2)  # the test codec needs twice the bits
+    assert bd_rate(r1, q1, r2, q2, "polyfit") == pytest.approx(100.0, abs=1e-6)
+    assert bd_quality(r1, q1, r2, q2, "pchip") == pytest.approx(-slope * math.log10(2), abs=1e-6)
+
+
+def test_no_overlap_is_nan():
+    assert math.isnan(bd_rate([0.1, 0.2], [10, 11], [1, 2], [20, 21]))
+    assert math.isnan(bd_quality([0.1, 0.2], [10, 11], [1, 2], [20, 21]))
+    assert math.isnan(bd_rate([0.1], [10], [0.1, 0.2], [10, 11]))
+
+
+def test_unsorted_and_nan_points_are_handled():
+    order = np.array([3, 0, 5, 1, 4, 2])
+    r = np.append(RATES[order], np.nan)
+    q = np.append(QUALITY[order], 1.0)
+    assert bd_rate(r, q, RATES * 0.9, QUALITY) == pytest.approx(-10.0, abs=1e-9)
+
+
+def test_interpolate_in_log_rate_and_nan_outside():
+    out = interpolate([0.1, 1.0], [10.0, 20.0], [0.1, math.sqrt(0.1), 1.0, 0.05, 2.0])
+    assert out[:3] == pytest.approx([10.0, 15.0, 20.0])
+    assert np.isnan(out[3]) and np.isnan(out[4])
