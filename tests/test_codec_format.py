@@ -12,7 +12,7 @@ import torch
 
 from pipeline.compression.codec import (
     CRC_SIZE, HEADER_SIZE, BitstreamError, CodecError, Header, ModelError, ModelMismatchError, RNNCodec,
-    bits_per_pixel, file_size, load_codec, parse, save_model, tile_grid,
+    bits_per_pixel, file_size, load_codec, parse, save_model, tile_grid, truncate,
 )
 from pipeline.compression.model import ModelConfig, RNNCompressor
 from pipeline.errors import PipelineError
@@ -100,6 +100,24 @@ def test_prefix_of_whole_iterations_decodes_like_fewer_iterations(codec):
         np.testing.assert_array_equal(codec.decompress(prefix), expected)
         np.testing.assert_array_equal(codec.decompress(full, iterations=j), expected)
         assert codec.read_header(prefix)[1] == j
+
+
+def test_truncate_equals_compressing_fewer_iterations(codec):
+    img = make_image(37, 53, seed=5)
+    full = codec.compress(img, 4)
+    for j in (1, 2, 4):
+        assert truncate(full, j) == codec.compress(img, j)
+    with pytest.raises(CodecError):
+        truncate(full, 5)
+
+
+def test_progressive_decode_gives_every_iteration_in_one_pass(codec):
+    img = make_image(37, 53, seed=6)
+    data = codec.compress(img, 4)
+    images = codec.decompress_progressive(data)
+    assert len(images) == 4
+    for j, decoded in enumerate(images, start=1):
+        np.testing.assert_array_equal(decoded, codec.decompress(data, iterations=j))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (15, 17), (16, 16), (33, 70), (70, 33)])

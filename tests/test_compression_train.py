@@ -15,7 +15,7 @@ from pipeline.compression.params import TrainCompressorParams
 from pipeline.errors import PipelineError
 
 TINY = dict(encoder_widths=(8, 16, 16, 16), decoder_widths=(16, 16, 16, 16), iterations=2, epochs=3,
-            patches_per_epoch=32, batch_size=16, val_patches=16, val_iterations=(1, 2), eval_batch_size=16)
+            patches_per_epoch=16, batch_size=8, val_patches=8, val_iterations=(1, 2), eval_batch_size=8)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,6 +69,7 @@ def test_missing_or_bad_patches_give_clear_errors(tmp_path):
         tc.load_patches(bad)
 
 
+@pytest.mark.slow
 def test_training_reduces_the_loss():
     p = TrainCompressorParams(**{**TINY, "epochs": 6, "patches_per_epoch": 64, "batch_size": 8, "lr": 0.01})
     result = tc.train(p, synthetic_patches(64), synthetic_patches(16, 1), seed=0, device=torch.device("cpu"))

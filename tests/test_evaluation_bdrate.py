@@ -63,3 +63,9 @@ def test_interpolate_in_log_rate_and_nan_outside():
     out = interpolate([0.1, 1.0], [10.0, 20.0], [0.1, math.sqrt(0.1), 1.0, 0.05, 2.0])
     assert out[:3] == pytest.approx([10.0, 15.0, 20.0])
     assert np.isnan(out[3]) and np.isnan(out[4])
+
+
+def test_interpolate_slack_reads_the_end_point_just_past_it():
+    # an RNN curve starts at 0.1255 bpp (0.125 bpp of code plus the header)
+    out = interpolate([0.1255, 0.25], [0.9, 0.95], [0.125, 0.12], slack=0.02)
+    assert out[0] == pytest.approx(0.9) and np.isnan(out[1])

@@ -159,3 +159,31 @@ def test_registry_names_match():
     assert set(C.REGISTRY) == {"jpeg", "jpeg2000", "webp", "avif", "jpegxl", "rnn"}
     for name, cls in C.REGISTRY.items():
         assert cls.name == name and cls.setting
+
+
+def test_rnn_wrapper_with_the_real_codec(tmp_path):
+    """Through pipeline.compression.codec's real file format (untrained tiny model)."""
+    codec_mod = pytest.importorskip("pipeline.compression.codec")
+    model_mod = pytest.importorskip("pipeline.compression.model")
+    import torch
+
+    from pipeline.compression.params import TrainCompressorParams
+
+    torch.manual_seed(0)
+    cfg = TrainCompressorParams(encoder_widths=(8, 16, 16, 16), decoder_widths=(16, 16, 16, 16), iterations=2,
+                                val_iterations=(1, 2))
+    codec_mod.save_model(model_mod.RNNCompressor(model_mod.ModelConfig.from_params(cfg)), tmp_path / "m.pt")
+    codec = C.RNN(C.load_rnn(str(tmp_path / "m.pt"), device="cpu"), None)
+    assert codec.settings == [1, 2]
+    img = make_image(48, 80)  # not a multiple of 16: padded and cropped back by the codec
+    one, two = codec.encode(img, 1), codec.encode(img, 2)
+    for data in (one, two):
+        out = codec.decode(data)
+        assert out.shape == img.shape and out.dtype == np.uint8
+    # each iteration adds at least 32 bits per 16x16 block (0.125 bpp of code); the file also has a header
+    blocks = 3 * 5
+    assert blocks * 32 // 8 <= len(two) - len(one) < blocks * 32 // 8 + 32
+    assert C.bpp(len(one), 48, 80) > 0.125
+    assert C.bpp(len(two), 48, 80) == pytest.approx(8 * len(two) / (48 * 80))
+    with pytest.raises(PipelineError):
+        codec.decode(b"garbage" * 10)

@@ -20,6 +20,8 @@ def _plt():
 def accuracy_curves(history: list[dict], path: str | os.PathLike, title: str = "") -> None:
     """Figure 1.1: training accuracy (left) and test accuracy (right) per epoch."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, name, color in ((axes[0], "train_acc", "training", "tab:blue"),
@@ -28,6 +30,7 @@ def accuracy_curves(history: list[dict], path: str | os.PathLike, title: str = "
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-" if len(pts) < 30 else "-", color=color)
         ax.set_title(f"{name} accuracy")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if pts:
             ax.annotate(f"{100 * pts[-1][1]:.2f}%", (pts[-1][0], 100 * pts[-1][1]),

@@ -238,9 +238,10 @@ class StopTraining(Exception):
     """Raised by an ``on_epoch`` hook to end a run early (tests use it to simulate a kill)."""
 
 
-def fingerprint(cfg: TrainClassifierParams, seed: int, data: CifarData) -> str:
+def fingerprint(cfg: TrainClassifierParams, seed: int, data: CifarData, device: torch.device) -> str:
+    """What a checkpoint must match to be resumed: params section, seed, data and device type."""
     blob = json.dumps({"params": cfg.model_dump(mode="json"), "seed": seed, "data": data.digest,
-                       "n_train": len(data.x_train)}, sort_keys=True)
+                       "n_train": len(data.x_train), "device": device.type}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -282,7 +283,7 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
     ``eval_last=False`` the last epoch's score is left to the caller (``evaluate``).
     """
     device = torch.device(device)
-    fp = fingerprint(cfg, seed, data)
+    fp = fingerprint(cfg, seed, data, device)
     n_train = len(data.x_train)
     batch = min(cfg.batch_size, n_train)
     steps_per_epoch = n_train // batch  # the last partial batch is dropped
@@ -291,6 +292,8 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
     fast = cfg.recipe == "fast"
     autocast, channels_last = device_context(cfg, device), uses_channels_last(cfg, device)
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     torch.manual_seed(seed)
     config = model_config(cfg)
     model = build_classifier(config, data.label_names).to(device)
@@ -312,7 +315,7 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
         decays = (cfg.fast.lookahead_decay ** cfg.fast.lookahead_every * ramp**3).tolist()
 
     history: list[dict[str, float]] = []
-    step, start_epoch, train_time, images_seen = 0, 0, 0.0, 0
+    step, start_epoch, train_time, images_seen, cpu_time = 0, 0, 0.0, 0, 0.0
     state = _load_checkpoint(checkpoint, fp)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -321,8 +324,11 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
             lookahead.ema = {k: v.to(device) for k, v in state["lookahead"].items()}
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         history, step, start_epoch = state["history"], state["step"], state["epoch"]
         train_time, images_seen = state["train_time_s"], state["images_seen"]
+        cpu_time = state.get("train_cpu_s", 0.0)
         log(f"[{STAGE}] resuming from {checkpoint} after epoch {start_epoch}/{n_epochs}")
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.fast.label_smoothing if fast else 0.0,
                                           reduction="sum" if fast else "mean")
@@ -338,7 +344,7 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
                 group["lr"] = lrs[epoch]
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         perm = torch.randperm(n_train, device=device, generator=gen)
         for i in range(epoch_steps):
             idx = perm[i * batch:(i + 1) * batch]
@@ -370,6 +376,7 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
+        cpu_time += time.process_time() - c0
         seen = epoch_steps * batch
         images_seen += seen
         row = {"epoch": epoch + 1, "step": step,
@@ -386,15 +393,17 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
         if checkpoint is not None:
             _save_checkpoint(checkpoint, {
                 "fingerprint": fp, "epoch": epoch + 1, "step": step, "history": history,
-                "train_time_s": train_time, "images_seen": images_seen,
+                "train_time_s": train_time, "images_seen": images_seen, "train_cpu_s": cpu_time,
                 "model": _to_cpu(model.state_dict()), "optimizer": _to_cpu(optimizer.state_dict()),
                 "lookahead": _to_cpu(lookahead.ema) if lookahead is not None else {},
-                "generator": gen.get_state(), "torch_rng": torch.get_rng_state()})
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
     bar.close()
     model.eval()
-    return TrainResult(model, config, history, train_time, images_seen, start_epoch, fp)
+    return TrainResult(model, config, history, train_time, images_seen, start_epoch, fp,
+                       {"train_cpu_s": cpu_time})
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,6 +436,7 @@ def evaluate(result: TrainResult, cfg: TrainClassifierParams, data: CifarData,
         "train_acc": last["train_acc"],
         "per_class_acc": per_class,
         "train_time_s": result.train_time_s,
+        "train_cpu_time_s": result.extra.get("train_cpu_s", float("nan")),  # process CPU s (all threads)
         "images_per_s": result.images_seen / max(result.train_time_s, 1e-9),
         "epochs": cfg.epochs,
         "tta": cfg.tta,
@@ -489,7 +499,8 @@ def log_to_mlflow(out_dir: Path, result: TrainResult, metrics: dict[str, Any], r
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     mlflow.pytorch.log_model(
         model, name="model", serialization_format="pickle", signature=signature, input_example=example,
-        code_paths=[str(Path(pipeline.__file__).parent)], pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        code_paths=[str(Path(pipeline.__file__).parent)],  # the pickled classes live in the pipeline package
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
         registered_model_name="cifar10-classifier" if register else None)
 
 

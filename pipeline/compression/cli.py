@@ -95,7 +95,7 @@ def _compress(args: argparse.Namespace) -> None:
     from pipeline.compression.codec import bits_per_pixel, load_codec
 
     img = read_image(args.input)
-    codec = load_codec(args.model, device=args.device, tile=args.tile)
+    codec = load_codec(args.model, device=args.device, tile=args.tile, show_progress=True)
     h, w = img.shape[:2]
     k = args.iterations if args.iterations is not None else codec.iterations_for_bpp(h, w, args.bpp)
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def _decompress(args: argparse.Namespace) -> None:
     from pipeline.compression.codec import load_codec
 
     data = read_bytes(args.input)
-    codec = load_codec(args.model, device=args.device)
+    codec = load_codec(args.model, device=args.device, show_progress=True)
     header, present = codec.read_header(data)
     if present < header.iterations:
         note(f"{args.input}: holds {present} of {header.iterations} iterations (a progressive prefix); "

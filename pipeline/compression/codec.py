@@ -260,7 +260,8 @@ class RNNCodec:
     image equals the encoder's own reconstruction bit for bit (on the same device and build).
     """
 
-    def __init__(self, model: RNNCompressor, device: str | torch.device = "cpu", tile: int = DEFAULT_TILE):
+    def __init__(self, model: RNNCompressor, device: str | torch.device = "cpu", tile: int = DEFAULT_TILE,
+                 show_progress: bool = False):
         if tile < 0 or tile % BLOCK or tile > 0xFFFF:
             raise CodecError(f"tile: must be 0 or a multiple of {BLOCK} up to 65520 (got {tile})")
         try:
@@ -275,6 +276,15 @@ class RNNCodec:
         self.max_iterations: int = self.config.iterations
         self.bits: int = self.config.bits
         self.tile = tile
+        self.show_progress = show_progress  # a progress bar (stderr) over the tiles of multi-tile images
+
+    def _tiles(self, height: int, width: int, tile: int, desc: str):
+        tiles = tile_grid(height, width, tile)
+        if not self.show_progress or len(tiles) < 2:
+            return tiles
+        from pipeline.utils import progress
+
+        return progress(tiles, desc=desc, unit="tile", leave=False)
 
     # -- helpers
     def _check_image(self, img: np.ndarray) -> np.ndarray:
@@ -304,7 +314,7 @@ class RNNCodec:
         return fits[-1]
 
     def _to_tensor(self, tile: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(tile)).to(self.device)
+        x = torch.from_numpy(np.array(tile, dtype=np.uint8, order="C", copy=True)).to(self.device)
         return (x.permute(2, 0, 1)[None].float() / 255.0 - 0.5).contiguous()
 
     @staticmethod
@@ -323,7 +333,7 @@ class RNNCodec:
         padded = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge") if (hp, wp) != (h, w) else img
         codes = np.zeros((k, hp // BLOCK, wp // BLOCK, self.bits), dtype=bool)
         out = np.empty((hp, wp, 3), dtype=np.uint8) if reconstruct else None
-        for y0, y1, x0, x1 in tile_grid(hp, wp, self.tile):
+        for y0, y1, x0, x1 in self._tiles(hp, wp, self.tile, "encode"):
             x = self._to_tensor(padded[y0:y1, x0:x1])
             enc, dec = self.model.init_states()
             recon = torch.zeros_like(x)
@@ -363,11 +373,7 @@ class RNNCodec:
             raise ModelMismatchError(f"file was made by another model (fingerprint {header.fingerprint.hex()}, "
                                      f"this model is {self.fingerprint.hex()}): decode it with --model of that model")
 
-    def decompress(self, data: bytes, iterations: int | None = None) -> np.ndarray:
-        """Decode a .rnnc file (or a prefix of whole iterations) to uint8 HxWx3.
-
-        ``iterations``: decode only the first K (default: all present).
-        """
+    def _codes(self, data: bytes, iterations: int | None) -> tuple[Header, np.ndarray]:
         header, chunks = parse(data)
         self._check_model(header)
         if iterations is None:
@@ -380,27 +386,59 @@ class RNNCodec:
         n = hb * wb * header.bits
         codes = np.stack([np.unpackbits(np.frombuffer(c, dtype=np.uint8), count=n).reshape(hb, wb, header.bits)
                           for c in chunks[:k]])
-        return self.decode(codes, header.height, header.width, header.tile)
+        return header, codes
+
+    def decompress(self, data: bytes, iterations: int | None = None) -> np.ndarray:
+        """Decode a .rnnc file (or a prefix of whole iterations) to uint8 HxWx3.
+
+        ``iterations``: decode only the first K (default: all present).
+        """
+        header, codes = self._codes(data, iterations)
+        return self.decode(codes, header.height, header.width, header.tile)[-1]
+
+    def decompress_progressive(self, data: bytes, iterations: int | None = None) -> list[np.ndarray]:
+        """Every coarser image in one pass: element k-1 equals ``decompress(data, k)``."""
+        header, codes = self._codes(data, iterations)
+        return self.decode(codes, header.height, header.width, header.tile, every=True)
 
     @torch.inference_mode()
-    def decode(self, codes: np.ndarray, height: int, width: int, tile: int | None = None) -> np.ndarray:
-        """Codes (K, Hb, Wb, bits) -> uint8 image (height, width, 3), with the given tiling."""
+    def decode(self, codes: np.ndarray, height: int, width: int, tile: int | None = None,
+               every: bool = False) -> list[np.ndarray]:
+        """Codes (K, Hb, Wb, bits) -> [uint8 image (height, width, 3)] after K iterations (``every``: after
+        each of them), with the given tiling."""
         tile = self.tile if tile is None else tile
         hp, wp = _padded(height), _padded(width)
-        out = np.empty((hp, wp, 3), dtype=np.uint8)
-        for y0, y1, x0, x1 in tile_grid(hp, wp, tile):
+        k = codes.shape[0]
+        out = np.empty((k if every else 1, hp, wp, 3), dtype=np.uint8)
+        for y0, y1, x0, x1 in self._tiles(hp, wp, tile, "decode"):
             _, dec = self.model.init_states()
             recon = torch.zeros((1, 3, y1 - y0, x1 - x0), device=self.device)
-            for t in range(codes.shape[0]):
+            for t in range(k):
                 c = codes[t, y0 // BLOCK: y1 // BLOCK, x0 // BLOCK: x1 // BLOCK]
                 b = torch.from_numpy(np.ascontiguousarray(c.transpose(2, 0, 1), dtype=np.float32))
                 b = (b * 2 - 1)[None].to(self.device).contiguous()
                 delta, dec = self.model.decode_step(b, dec)
                 recon = recon + delta
-            out[y0:y1, x0:x1] = self._to_uint8(recon)
-        return out[:height, :width]
+                if every:
+                    out[t, y0:y1, x0:x1] = self._to_uint8(recon)
+            if not every:
+                out[0, y0:y1, x0:x1] = self._to_uint8(recon)
+        return [o[:height, :width] for o in out]
 
 
-def load_codec(model: str | os.PathLike | None = None, device: str = "cpu", tile: int = DEFAULT_TILE) -> RNNCodec:
+def truncate(data: bytes, iterations: int) -> bytes:
+    """A standalone file of the first ``iterations`` iterations (header rewritten): equals compressing
+    with that many iterations, byte for byte. The real file of each rate, from one encoding."""
+    header, chunks = parse(data)
+    if not 1 <= iterations <= len(chunks):
+        raise CodecError(f"iterations: the file holds {len(chunks)} iteration(s), cannot keep {iterations}")
+    short = Header(bits=header.bits, tile=header.tile, fingerprint=header.fingerprint, height=header.height,
+                   width=header.width, iterations=iterations)
+    step = header.iteration_bytes + CRC_SIZE
+    return short.pack() + bytes(data[HEADER_SIZE: HEADER_SIZE + iterations * step])
+
+
+def load_codec(model: str | os.PathLike | None = None, device: str = "cpu", tile: int = DEFAULT_TILE,
+               show_progress: bool = False) -> RNNCodec:
     """The codec over a checkpoint path (default data/compressor/model.pt) or an MLflow model URI."""
-    return RNNCodec(load_model(model), device=device, tile=tile)
+    return RNNCodec(load_model(model), device=device, tile=tile, show_progress=show_progress)

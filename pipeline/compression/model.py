@@ -169,3 +169,30 @@ class RNNCompressor(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model: RNNCompressor, side: int = 32, iterations: int | None = None) -> float:
+    """FLOPs (2 x multiply-adds of every convolution) of one forward pass over one side x side patch.
+
+    Counted on the ops actually run (the first iteration skips the hidden convolutions). Training
+    costs about 3x this (forward + backward); patches/s x 3 x this = achieved FLOP/s.
+    """
+    total = 0
+
+    def hook(mod: nn.Conv2d, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = mod.kernel_size
+        total += 2 * out.numel() * (mod.in_channels // mod.groups) * kh * kw
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, 3, side, side, device=device), iterations)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return float(total)

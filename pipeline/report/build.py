@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation import bdrate
-from pipeline.evaluation.evaluate import BD_METRICS, by_codec, read_csv
+from pipeline.evaluation.evaluate import by_codec, read_csv
 from pipeline.utils import atomic_write_text, load_json, log
 
 CLASSIFIER_DIR = Path("data/classifier")

