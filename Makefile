@@ -13,7 +13,7 @@ export AIRFLOW__API__HOST ?= 127.0.0.1
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test setup airflow-init up down clean-runs
+.PHONY: run test setup browser airflow-init up down status clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -35,8 +35,25 @@ run: airflow-init
 	$(BIN)/airflow dags test pipeline -c '{"profile": $(if $(PROFILE),"$(PROFILE)",null)}'
 	@echo "Pipeline done. Metrics: $(BIN)/dvc metrics show | runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
-test: setup
+# Debian's Chromium for the browser test (never a browser download by a test tool).
+browser:
+	@command -v chromium > /dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver > /dev/null; \
+	  else echo "chromium missing and cannot be installed here: the browser test will be skipped"; fi; }
+
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The local stack: Airflow (standalone, SQLite) + MLflow server, both on 127.0.0.1.
+up: setup
+	scripts/stack.sh up
+
+down:
+	scripts/stack.sh down
+
+status:
+	scripts/stack.sh status
 
 clean-runs:
 	rm -rf airflow mlflow.db mlartifacts

@@ -30,7 +30,7 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
 
 #: what a workspace copy leaves out at the top level (environments, run outputs, caches)
 TOP_IGNORE = {".venv", ".git", "data", ".cache", "mlflow.db", "mlartifacts", "airflow", ".pytest_cache",
-              ".dvc-remote", ".notes", ".whl", "out"}
+              ".dvc-remote", ".notes", ".whl", "out", ".stack"}
 
 
 def _ignore(src: str, names: list[str]) -> set[str]:

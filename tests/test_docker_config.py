@@ -15,9 +15,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,9 @@ def test_services_ports_and_secrets(stack_dir: Path) -> None:
     assert {name for name, _ in published} == {"airflow-apiserver", "mlflow", "minio"}
     assert all(p["host_ip"] == "127.0.0.1" for _, p in published), published
 
+    auth = {name for name, s in services.items() for v in s.get("volumes", []) if v.get("source") == "airflow-auth"}
+    assert auth == {"airflow-init", "airflow-apiserver"}, "only they may see the UI password file"
+
     for name, service in services.items():  # every image pinned to a version
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), (name, image)
@@ -263,3 +268,67 @@ def test_entrypoint_points_dvc_at_the_shared_remote(tmp_path: Path) -> None:
     assert "remote = shared" in local and "url = s3://dvc/rnnc" in local
     assert "endpointurl = http://minio:9000" in local
     assert "shared" not in (repo / ".dvc" / "config").read_text(), "the committed config stays untouched"
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+def test_postgres_init_creates_the_mlflow_role_and_database() -> None:
+    """docker/postgres-init/10-mlflow.sh against a real (throw-away) PostgreSQL server."""
+
+    initdb, pg_ctl, psql = _pg_bin("initdb"), _pg_bin("pg_ctl"), shutil.which("psql")
+    if not (initdb and pg_ctl and psql):
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as nobody
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv to drop to an unprivileged user")
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    base = Path(tempfile.mkdtemp(prefix="pg-init-"))
+    try:
+        base.chmod(0o777)
+        data, sock = base / "data", base / "sock"
+        sock.mkdir(mode=0o777)
+        sock.chmod(0o777)
+        su_pw = base / "pw"
+        su_pw.write_text("superuser-secret\n")
+        su_pw.chmod(0o644)
+        with socket.socket() as s:  # a free port, released for the server
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+
+        def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)
+
+        proc = run([*as_user, initdb, "-D", str(data), "-U", "airflow", f"--pwfile={su_pw}",
+                    "--auth-local=trust", "--auth-host=scram-sha-256"])
+        assert proc.returncode == 0, proc.stderr
+        proc = run([*as_user, pg_ctl, "-D", str(data), "-w", "-l", str(base / "log"), "-o",
+                    f"-k {sock} -p {port} -c listen_addresses=127.0.0.1", "start"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        try:
+            env = {**os.environ, "PGHOST": str(sock), "PGPORT": str(port), "POSTGRES_USER": "airflow",
+                   "POSTGRES_DB": "airflow", "MLFLOW_DB_PASSWORD": "Mlflow123secret"}
+            assert run([psql, "-U", "airflow", "-d", "postgres", "-c", "CREATE DATABASE airflow"], env=env).returncode == 0
+            proc = run(["bash", str(DOCKER / "postgres-init" / "10-mlflow.sh")], env=env)
+            assert proc.returncode == 0, proc.stderr
+            # the new role logs in over TCP with its password, and owns its database
+            tcp = {**os.environ, "PGPASSWORD": "Mlflow123secret"}
+            proc = run([psql, "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "-d", "mlflow", "-tAc",
+                        "SELECT current_user, pg_catalog.pg_get_userbyid(datdba) FROM pg_database "
+                        "WHERE datname = 'mlflow'"], env=tcp)
+            assert proc.returncode == 0, proc.stderr
+            assert proc.stdout.strip() == "mlflow|mlflow"
+            bad = run([psql, "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "-d", "mlflow", "-c", "SELECT 1"],
+                      env={**os.environ, "PGPASSWORD": "wrong"})
+            assert bad.returncode != 0, "password authentication must be enforced"
+        finally:
+            run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"])
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
