@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.classifier.train import (CifarData, DATA_FILE, device_context, load_arrays,  # noqa: E402
-                                       predict_logits, train, uses_channels_last)
+from pipeline.classifier.train import (DATA_FILE, CifarData, device_context, keep_freed_memory,  # noqa: E402
+                                       load_arrays, predict_logits, train, uses_channels_last)
 from pipeline.config import deep_merge, parse_override, read_raw, resolve  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.utils import select_device  # noqa: E402
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_cfg(args.params, args.profile, overrides)
         device = select_device(args.device or cfg.device)
         print(f"device: {device_name(device)}", flush=True)
+        if device.type == "cpu":
+            keep_freed_memory()
         data = CifarData.from_arrays(load_arrays(args.data), device)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)

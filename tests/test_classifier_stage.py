@@ -62,7 +62,7 @@ def test_metrics_and_history(trained: Path):
     assert list(metrics["per_class_acc"]) == names
     with open(trained / "data/classifier/history.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == list(range(1, int(cfg.epochs) + 1))
+    assert [float(r["epoch"]) for r in rows] == [float(e) for e in range(1, int(cfg.epochs) + 1)]
     assert all(r["test_acc"] not in ("", "nan") for r in rows)
     assert float(rows[-1]["test_acc"]) == pytest.approx(metrics["test_acc_no_tta"])
 
@@ -109,3 +109,39 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     monkeypatch.chdir(tmp_path)
     assert main(["train_classifier"]) == 1
+
+
+def test_killed_stage_resumes_from_its_checkpoint(tiny_workspace: Path, tmp_path):
+    """SIGKILL a real `python -m pipeline train_classifier` after its first checkpoint; rerun it."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.config import set_params
+
+    ws = tmp_path / "ws"
+    shutil.copytree(tiny_workspace, ws, ignore=shutil.ignore_patterns("classifier", "checkpoints", "mlartifacts",
+                                                                      "mlflow.db"))
+    set_params(ws / "params.yaml", None, ["train_classifier.epochs=12", "train_classifier.tta=0"])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}", "PIPELINE_HOME": str(ws)}
+    cmd = [sys.executable, "-m", "pipeline", "train_classifier"]
+    ckpt = ws / "data/checkpoints/train_classifier/last.pt"
+    proc = subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and proc.returncode == -signal.SIGKILL, "killed before its first checkpoint?"
+    assert not (ws / "data/classifier/metrics.json").exists()  # nothing half-written
+
+    rerun = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming from" in rerun.stderr
+    with open(ws / "data/classifier/history.csv") as f:
+        epochs = [float(r["epoch"]) for r in csv.DictReader(f)]
+    assert epochs == [float(e) for e in range(1, 13)]  # continuous: nothing lost, nothing repeated
+    assert not ckpt.exists()

@@ -17,8 +17,8 @@ class TrainCompressorParams(Section):
     iterations: int = Field(8, ge=1, le=255)  # residual iterations trained (= most a file can hold)
     # --- optimisation ---
     epochs: int = Field(8, ge=1)  # passes (of patches_per_epoch patches each)
-    patches_per_epoch: int | None = Field(1536, ge=1)  # training patches drawn per epoch; null: all of them
-    batch_size: int = Field(32, ge=1)  # patches per step
+    patches_per_epoch: int | None = Field(1024, ge=1)  # training patches drawn per epoch; null: all of them
+    batch_size: int = Field(8, ge=1)  # patches per step
     lr: float = Field(0.002, gt=0)  # Adam learning rate (peak)
     lr_schedule: Literal["constant", "cosine", "multistep"] = "cosine"  # per-step schedule over the whole run
     lr_warmup: float = Field(0.02, ge=0, lt=1)  # fraction of all steps with linear warm-up
@@ -28,7 +28,7 @@ class TrainCompressorParams(Section):
     grad_clip: float | None = Field(1.0, gt=0)  # clip the global gradient norm; null: off
     loss: Literal["l1", "l2"] = "l1"  # mean absolute (l1) or squared (l2) residual, averaged over iterations
     # --- validation (held-out patches, every epoch) ---
-    val_patches: int | None = Field(512, ge=1)  # held-out patches scored per epoch; null: all
+    val_patches: int | None = Field(256, ge=1)  # held-out patches scored per epoch; null: all
     val_iterations: tuple[int, ...] = (1, 2, 4, 8)  # iteration counts reported (PSNR, SSIM, bpp)
     ssim_window: int = Field(11, ge=3)  # odd Gaussian window of pytorch_msssim.ssim (<= patch side)
     # --- hardware ---
