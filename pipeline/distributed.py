@@ -85,12 +85,13 @@ def setup(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def wrap(model: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, d: Dist, device: torch.device, **ddp_kwargs) -> torch.nn.Module:
+    """``model`` itself in one process, else a DDP wrapper (``ddp_kwargs``: e.g. find_unused_parameters)."""
     if not d.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    return DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None, **ddp_kwargs)
 
 
 def teardown(d: Dist) -> None:

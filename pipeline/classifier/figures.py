@@ -24,8 +24,8 @@ def accuracy_curves(history: list[dict], path: str | os.PathLike, title: str = "
 
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, key, name, color in ((axes[0], "train_acc", "training", "tab:blue"),
-                                 (axes[1], "test_acc", "test", "tab:orange")):
+    for ax, key, name, color in ((axes[0], "train_acc", "training (augmented batches)", "tab:blue"),
+                                 (axes[1], "test_acc", "test (no TTA)", "tab:orange")):
         pts = [(e, r[key]) for e, r in zip(epochs, history) if not math.isnan(r[key])]
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-" if len(pts) < 30 else "-", color=color)
         ax.set_title(f"{name} accuracy")

@@ -58,6 +58,7 @@ class TrainClassifierParams(Section):
     tta: Literal[0, 1, 2] = 2  # test-time augmentation: 0 none, 1 + flip, 2 + flip and 1px shifts
     augmentation: AugmentationParams = AugmentationParams()  # on-the-fly, on the training device
     checkpoint: bool = True  # save data/checkpoints/train_classifier/last.pt each epoch (resume)
+    nproc: int = Field(1, ge=1)  # processes (GPUs) for DistributedDataParallel; >1 relaunches under torchrun
     coursework: CourseworkRecipe = CourseworkRecipe()
     fast: FastRecipe = FastRecipe()
 

@@ -9,6 +9,13 @@ most the epoch in flight) when its fingerprint (params section + seed + data dig
 Recipes (``train_classifier.recipe``):
 - ``coursework``: plain CNN, Adam, per-epoch sawtooth learning rate, cross-entropy.
 - ``fast``: airbench-style net and tricks (see ``FastRecipe``), then test-time augmentation.
+
+``nproc > 1``: the stage re-runs itself under torchrun with DistributedDataParallel (pipeline.distributed).
+``batch_size`` stays the global batch: every rank draws the same permutation and augmentation (one
+generator, seeded alike), trains on its shard with its loss scaled so that DDP's gradient average is
+the one-process gradient, and keeps its own batch-norm statistics (no SyncBatchNorm: it needs CUDA),
+so a step equals the one-process step only for nets without batch norm. Rank 0 alone evaluates,
+writes checkpoints and outputs and logs to MLflow; epoch loss and accuracy are summed over ranks.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import distributed
 from pipeline.classifier.model import Classifier, build_classifier
 from pipeline.classifier.params import TrainClassifierParams
 from pipeline.data.transforms import augment_batch
@@ -239,8 +247,11 @@ class StopTraining(Exception):
 
 
 def fingerprint(cfg: TrainClassifierParams, seed: int, data: CifarData, device: torch.device) -> str:
-    """What a checkpoint must match to be resumed: params section, seed, data and device type."""
-    blob = json.dumps({"params": cfg.model_dump(mode="json"), "seed": seed, "data": data.digest,
+    """What a checkpoint must match to be resumed: params section, seed, data and device type.
+
+    ``nproc`` is left out: a run may resume with another number of processes (the state is global).
+    """
+    blob = json.dumps({"params": cfg.model_dump(mode="json", exclude={"nproc"}), "seed": seed, "data": data.digest,
                        "n_train": len(data.x_train), "device": device.type}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -276,16 +287,22 @@ def _to_cpu(tree):
 
 def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.device | str = "cpu",
           checkpoint: Path | None = None, on_epoch: Callable[[int, dict], None] | None = None,
-          eval_last: bool = True) -> TrainResult:
+          eval_last: bool = True, dist: distributed.Dist | None = None) -> TrainResult:
     """Train (or resume) one classifier; returns the final model (lookahead weights for ``fast``).
 
     The test set is scored every ``cfg.eval_every`` epochs (without TTA) for the history; with
     ``eval_last=False`` the last epoch's score is left to the caller (``evaluate``).
+    ``dist``: this process's rank under torchrun (``distributed.setup``); every rank loads the
+    checkpoint, only rank 0 evaluates, saves checkpoints and calls ``on_epoch`` (the others' history
+    holds only what they resumed from).
     """
+    d = dist or distributed.Dist()
     device = torch.device(device)
     fp = fingerprint(cfg, seed, data, device)
     n_train = len(data.x_train)
     batch = min(cfg.batch_size, n_train)
+    if d.world_size > batch:
+        raise PipelineError(f"{STAGE}: batch_size {batch} is smaller than nproc {d.world_size}")
     steps_per_epoch = n_train // batch  # the last partial batch is dropped
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -329,17 +346,31 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
         history, step, start_epoch = state["history"], state["step"], state["epoch"]
         train_time, images_seen = state["train_time_s"], state["images_seen"]
         cpu_time = state.get("train_cpu_s", 0.0)
-        log(f"[{STAGE}] resuming from {checkpoint} after epoch {start_epoch}/{n_epochs}")
+        if d.is_main:
+            log(f"[{STAGE}] resuming from {checkpoint} after epoch {start_epoch}/{n_epochs}")
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.fast.label_smoothing if fast else 0.0,
                                           reduction="sum" if fast else "mean")
 
-    bar = progress(total=total_steps, initial=step, desc=f"{STAGE} ({cfg.recipe}, {device.type})", unit="step")
+    bar = progress(total=total_steps, initial=step, desc=f"{STAGE} ({cfg.recipe}, {device.type})", unit="step",
+                   **({} if d.is_main else {"disable": True}))
+    part = d.shard(batch)  # this rank's slice of every global batch (all of it in one process)
+    # DDP averages gradients over ranks: scale the shard's loss so the average is the whole batch's
+    # (fast: summed loss -> x world; coursework: mean loss -> x world * shard / batch)
+    weight = d.world_size * (1 if fast else (part.stop - part.start) / batch)
+    net, trainable = model, None  # DDP wrapper of ``model`` for the training forward/backward
     model.train()
     for epoch in range(start_epoch, n_epochs):
         epoch_steps = min(steps_per_epoch, total_steps - step)
         if fast:
             model.net.whiten.bias.requires_grad_(epoch < cfg.fast.whiten_bias_epochs)
-        else:
+        if d.enabled:
+            now = tuple(p.requires_grad for p in model.parameters())
+            if now != trainable:  # DDP fixes its parameter set when built: rebuild after a freeze
+                net = model  # drop the old wrapper before building the new one
+                net = distributed.wrap(model, d, device)
+                trainable = now
+            torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + d.rank + 1)  # dropout: own stream per rank
+        if not fast:
             for group in optimizer.param_groups:
                 group["lr"] = lrs[epoch]
         loss_sum = torch.zeros((), device=device)
@@ -353,6 +384,8 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
                 flip = flip_base[idx] ^ bool(epoch % 2)
                 xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
             xb = augment_batch(xb, aug, gen)
+            if d.enabled:  # the whole batch was drawn and augmented as in one process: keep this rank's part
+                xb, yb = xb[part], yb[part]
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             if fast:
@@ -360,10 +393,10 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
             with autocast:
-                logits = model(xb)
+                logits = net(xb)
             loss = criterion(logits.float(), yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if d.enabled else loss).backward()
             optimizer.step()
             step += 1
             if lookahead is not None and (step % cfg.fast.lookahead_every == 0 or step == total_steps):
@@ -373,12 +406,17 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
             bar.update(1)
         if lookahead is not None and step == total_steps:
             lookahead.update(model, 1.0)  # finish on the lookahead (EMA) weights
+        if d.enabled:  # global sums for rank 0's figures
+            loss_sum, correct = d.all_reduce_sum(loss_sum), d.all_reduce_sum(correct)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
         cpu_time += time.process_time() - c0
         seen = epoch_steps * batch
         images_seen += seen
+        if not d.is_main:
+            d.barrier()  # rank 0 evaluates and writes the checkpoint meanwhile
+            continue
         done = step / steps_per_epoch  # fractional for a cut-short last epoch (epochs: 2.3)
         row = {"epoch": int(done) if done == int(done) else round(done, 3), "step": step,
                "lr": optimizer.param_groups[-1]["lr"],
@@ -399,6 +437,7 @@ def train(cfg: TrainClassifierParams, data: CifarData, seed: int, device: torch.
                 "lookahead": _to_cpu(lookahead.ema) if lookahead is not None else {},
                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+        d.barrier()  # the other ranks wait for the evaluation and the checkpoint
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
     bar.close()
@@ -524,26 +563,52 @@ def keep_freed_memory() -> None:
 
 
 def main() -> None:
-    from pipeline import tracking
     from pipeline.config import load_params
-    from pipeline.utils import seed_everything, select_device
+    from pipeline.utils import select_device
 
     params = load_params()
     cfg = params.train_classifier
+    if cfg.nproc > 1 and cfg.device != "cpu" and torch.cuda.is_available() and cfg.nproc > torch.cuda.device_count():
+        raise PipelineError(f"{STAGE}: nproc {cfg.nproc} exceeds the {torch.cuda.device_count()} CUDA devices")
+    if distributed.relaunch(STAGE, cfg.nproc):  # nproc > 1: torchrun ran the ranks; nothing left here
+        return
     arrays = load_arrays(DATA_FILE)
     device = select_device(cfg.device) if cfg.device != "cuda" or torch.cuda.is_available() else None
     if device is None:
         raise PipelineError("train_classifier.device is cuda but no CUDA device is available")
+    d = distributed.setup(device)  # a no-op outside torchrun
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+    try:
+        _main(params, cfg, arrays, device, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _main(params, cfg: TrainClassifierParams, arrays: dict[str, np.ndarray], device: torch.device,
+          d: distributed.Dist) -> None:
+    from pipeline import tracking
+    from pipeline.utils import seed_everything
+
     if device.type == "cpu":
         keep_freed_memory()
     seed_everything(params.seed)
     data = CifarData.from_arrays(arrays, device)
+    checkpoint = CHECKPOINT if cfg.checkpoint else None
+    if not d.is_main:  # trains its shards; rank 0 alone logs, checkpoints and writes outputs
+        train(cfg, data, params.seed, device, checkpoint, eval_last=False, dist=d)
+        return
     threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    ranks = f", {d.world_size} processes (DDP)" if d.enabled else ""
     log(f"[{STAGE}] recipe {cfg.recipe}, {cfg.epochs:g} epochs on {len(data.x_train)} images, "
-        f"device {device}{threads}")
+        f"device {device}{threads}{ranks}")
     with tracking.stage_run(STAGE, params):
-        result = train(cfg, data, params.seed, device, CHECKPOINT if cfg.checkpoint else None,
-                       eval_last=False)  # evaluate() below scores the final weights once, with TTA
+        if d.enabled:
+            import mlflow
+
+            mlflow.set_tag("ddp.world_size", d.world_size)
+        result = train(cfg, data, params.seed, device, checkpoint,
+                       eval_last=False, dist=d)  # evaluate() below scores the final weights once, with TTA
         metrics, probs, labels = evaluate(result, cfg, data, device)
         log(f"[{STAGE}] test accuracy {100 * metrics['test_acc']:.2f}% (TTA {cfg.tta}), "
             f"{100 * metrics['test_acc_no_tta']:.2f}% without; {metrics['train_time_s']:.1f} s training, "

@@ -37,6 +37,7 @@ class TrainCompressorParams(Section):
     channels_last: bool = True  # NHWC memory format on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the model (untested on GPU here; off by default)
     eval_batch_size: int = Field(256, ge=1)  # patches per validation forward pass
+    nproc: int = Field(1, ge=1)  # processes (GPUs) for DistributedDataParallel; >1 relaunches under torchrun
 
     @model_validator(mode="after")
     def _check(self) -> "TrainCompressorParams":

@@ -7,6 +7,13 @@ SSIM at several iteration counts), a row of history.csv, MLflow metrics and a re
 data/checkpoints/train_compressor/ (a killed run resumes from its last epoch when params and data are
 unchanged). Outputs: data/compressor/{model.pt,metrics.json,history.csv}; the model is logged to
 MLflow and registered as ``rnn-compressor``.
+
+``nproc > 1``: the stage re-runs itself under torchrun with DistributedDataParallel (pipeline.distributed).
+``batch_size`` stays the global batch: every rank draws the same permutation and trains on its shard
+of each global batch, its loss weighted by its share so that DDP's gradient average equals the
+one-process gradient of the whole batch. The binarizer's noise is seeded per rank and epoch (a
+resumed run repeats it exactly). Rank 0 alone validates, writes checkpoints and outputs and logs to
+MLflow; the epoch loss is summed over ranks first.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.compression.codec import MODEL_FORMAT, model_fingerprint, save_model
 from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor, count_parameters, forward_flops
 from pipeline.compression.params import TrainCompressorParams
@@ -96,6 +104,18 @@ def residual_loss(x: torch.Tensor, recon: torch.Tensor, kind: str = "l1") -> tor
     return r.abs().mean() if kind == "l1" else r.square().mean()
 
 
+def shard_indices(idx: torch.Tensor, d: distributed.Dist) -> tuple[torch.Tensor, float]:
+    """This rank's part of a global batch of indices and its loss weight ``world * part / batch``.
+
+    A rank whose part is empty (a last batch smaller than the world) trains on the batch's first
+    item with weight 0: it still runs forward/backward, as DDP needs every rank to, and adds nothing.
+    """
+    part = idx[d.shard(len(idx))]
+    if len(part) == 0:
+        return idx[:1], 0.0
+    return part, d.world_size * len(part) / len(idx)
+
+
 # ----------------------------------------------------------------------------------------- validation
 
 
@@ -143,8 +163,12 @@ def autocast(device: torch.device, amp: bool):
 
 
 def run_key(p: TrainCompressorParams, seed: int, data_hash: str) -> str:
-    """What a checkpoint must match to be resumed: the section, the seed and the patches."""
-    blob = json.dumps({"params": p.model_dump(mode="json"), "seed": seed, "data": data_hash}, sort_keys=True)
+    """What a checkpoint must match to be resumed: the section, the seed and the patches.
+
+    ``nproc`` is left out: a run may resume with another number of processes (the state is global).
+    """
+    blob = json.dumps({"params": p.model_dump(mode="json", exclude={"nproc"}), "seed": seed, "data": data_hash},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -172,11 +196,17 @@ def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
 
 def train(p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, *, seed: int = 0,
           device: torch.device | None = None, ckpt_path: Path | None = None, key: str = "",
-          on_epoch=None) -> dict[str, Any]:
+          on_epoch=None, dist: distributed.Dist | None = None) -> dict[str, Any]:
     """Train (resuming from ``ckpt_path`` when it matches ``key``). Returns model, history, timings.
 
     ``on_epoch(row)`` is called after each epoch with that epoch's history row (MLflow logging).
+    ``dist``: this process's rank under torchrun (``distributed.setup``); every rank loads the
+    checkpoint, only rank 0 validates, saves checkpoints and calls ``on_epoch`` (other ranks return
+    an empty history for the epochs they ran).
     """
+    d = dist or distributed.Dist()
+    if d.world_size > p.batch_size:
+        raise PipelineError(f"{STAGE}: batch_size {p.batch_size} is smaller than nproc {d.world_size}")
     device = device or select_device(p.device)
     cuda = device.type == "cuda"
     if cuda:  # fixed shapes: let cuDNN pick the fastest kernels; TF32 where autocast leaves fp32
@@ -205,31 +235,46 @@ def train(p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, *,
         if cuda and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
         history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
-        log(f"[{STAGE}] resuming from {ckpt_path} after epoch {start_epoch}/{p.epochs}")
-        if on_epoch:
+        if d.is_main:
+            log(f"[{STAGE}] resuming from {ckpt_path} after epoch {start_epoch}/{p.epochs}")
+        if on_epoch and d.is_main:
             for row in history:
                 on_epoch(row)
 
-    fwd = torch.compile(model) if p.compile else model
+    # DDP for the training forward/backward; validation and checkpoints use ``model`` itself.
+    # With one iteration the ConvLSTMs' hidden convolutions get no gradient: DDP must be told.
+    net = distributed.wrap(model, d, device, find_unused_parameters=cfg.iterations == 1) if d.enabled else model
+    fwd = torch.compile(net) if p.compile else net
     train_dev = torch.from_numpy(train_u8).to(device)  # the whole set, uint8, on the device
-    val_dev = torch.from_numpy(val_u8[: p.val_patches] if p.val_patches else val_u8).to(device)
-    log(f"[{STAGE}] {count_parameters(model):,} parameters, {cfg.iterations} iterations, {n_epoch} of "
-        f"{len(train_u8)} patches x {p.epochs} epochs on {device}")
+    val_dev = torch.from_numpy(val_u8[: p.val_patches] if p.val_patches else val_u8).to(device) if d.is_main \
+        else None
+    if d.is_main:
+        ranks = f" ({d.world_size} processes, DDP)" if d.enabled else ""
+        log(f"[{STAGE}] {count_parameters(model):,} parameters, {cfg.iterations} iterations, {n_epoch} of "
+            f"{len(train_u8)} patches x {p.epochs} epochs on {device}{ranks}")
 
     model.train()
     for epoch in range(start_epoch, p.epochs):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(len(train_u8), generator=gen)[:n_epoch].to(device)
+        if d.enabled:  # the binarizer's noise: its own stream per rank, reproducible on resume
+            torch.manual_seed((seed * 1_000_003 + epoch) * 1_009 + d.rank + 1)
         loss_sum = torch.zeros((), device=device)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="step", leave=False)
+        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="step", leave=False,
+                       **({} if d.is_main else {"disable": True}))
         for step in bar:
-            x = to_input(train_dev[order[step * p.batch_size: (step + 1) * p.batch_size]], cuda and p.channels_last)
+            idx = order[step * p.batch_size: (step + 1) * p.batch_size]
+            if d.enabled:
+                idx, weight = shard_indices(idx, d)
+            x = to_input(train_dev[idx], cuda and p.channels_last)
             with autocast(device, p.amp):
                 recon = fwd(x)
             loss = residual_loss(x, recon, p.loss)
+            if d.enabled:  # DDP averages gradients over ranks: weight = world * (shard / global batch)
+                loss = loss * weight
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if p.grad_clip:
@@ -240,10 +285,15 @@ def train(p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, *,
             if step % 25 == 24 and not bar.disable:  # the loop's only host sync, for the progress bar
                 bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}")
         bar.close()
+        if d.enabled:  # sum of the ranks' weighted losses = world x the global batch losses
+            loss_sum = d.all_reduce_sum(loss_sum) / d.world_size
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         train_seconds += seconds
+        if not d.is_main:
+            d.barrier()  # rank 0 validates and writes the checkpoint meanwhile
+            continue
         val = evaluate(model, val_dev, p, device, p.amp)
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch,
                "lr": opt.param_groups[0]["lr"], "patches_per_s": n_epoch / seconds, "epoch_seconds": seconds,
@@ -260,6 +310,7 @@ def train(p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, *,
                 "scheduler": sched.state_dict(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if cuda else None, "history": history,
                 "train_seconds": train_seconds})
+        d.barrier()  # the other ranks wait for the validation and the checkpoint
         if on_epoch:  # after the checkpoint: a kill from here on loses nothing
             on_epoch(row)
     model.eval()
@@ -321,25 +372,49 @@ def log_to_mlflow(model: RNNCompressor, out_dir: Path, register: bool) -> None:
 
 
 def main() -> None:
-    from pipeline import tracking
     from pipeline.config import load_params
 
     params = load_params()
     p = params.train_compressor
+    if p.nproc > 1 and select_device(p.device).type == "cuda" and p.nproc > torch.cuda.device_count():
+        raise PipelineError(f"{STAGE}: nproc {p.nproc} exceeds the {torch.cuda.device_count()} CUDA devices")
+    if distributed.relaunch(STAGE, p.nproc):  # nproc > 1: torchrun ran the ranks; nothing left here
+        return
     train_u8, val_u8 = load_patches(PATCHES)
     data_hash = file_sha256(PATCHES)
     key = run_key(p, params.seed, data_hash)
     device = select_device(p.device)
+    d = distributed.setup(device)  # a no-op outside torchrun
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+    try:
+        if not d.is_main:  # trains its shards; rank 0 alone logs, checkpoints and writes outputs
+            train(p, train_u8, val_u8, seed=params.seed, device=device, ckpt_path=CKPT_DIR / "last.pt", key=key,
+                  dist=d)
+            return
+        _train_and_publish(params, p, train_u8, val_u8, data_hash, key, device, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _train_and_publish(params, p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, data_hash: str,
+                       key: str, device: torch.device, d: distributed.Dist) -> None:
+    """Rank 0 (or the only process): the MLflow run, training, outputs."""
+    from pipeline import tracking
+
     with tracking.stage_run(STAGE, params) as run:
         import mlflow
 
         def on_epoch(row: dict[str, float]) -> None:
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
-        mlflow.set_tags({"model.parameters": count_parameters(RNNCompressor(ModelConfig.from_params(p))),
-                         "device": str(device), "data.patches_sha256": data_hash})
+        tags = {"model.parameters": count_parameters(RNNCompressor(ModelConfig.from_params(p))),
+                "device": str(device), "data.patches_sha256": data_hash}
+        if d.enabled:
+            tags["ddp.world_size"] = d.world_size
+        mlflow.set_tags(tags)
         result = train(p, train_u8, val_u8, seed=params.seed, device=device, ckpt_path=CKPT_DIR / "last.pt",
-                       key=key, on_epoch=on_epoch)
+                       key=key, on_epoch=on_epoch, dist=d)
         metrics = summarize(p, result)
         meta = {"profile": params.profile, "seed": params.seed, "run_key": key, "mlflow_run_id": run.info.run_id,
                 "epochs": metrics["epochs"], "val_psnr": {k: metrics[f"val_psnr_k{k}"] for k in p.val_iterations}}
