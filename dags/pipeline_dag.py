@@ -53,7 +53,10 @@ DEFAULT_ARGS = {
 
 
 def _stage_env() -> dict[str, str]:
+    # dvc.yaml's `python -m pipeline ...` must find this interpreter's environment first
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {
+        "PATH": path,
         "PIPELINE_HOME": str(WORKSPACE),
         "MLFLOW_PARENT_RUN_ID": "{{ ti.xcom_pull(task_ids='start') or '' }}",
         "DVC_NO_ANALYTICS": "1",

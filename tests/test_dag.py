@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +58,7 @@ def test_dag_folder_imports_without_errors(airflow_db):
         assert task.upstream_task_ids == expected
         assert task.pool == "dvc_workspace" and task.execution_timeout is not None
         assert f"dvc repro --single-item {name}" in task.bash_command
+        assert task.env["PATH"].startswith(str(Path(sys.executable).parent))  # stages use this environment
     assert dag.params["profile"] is None
 
 
