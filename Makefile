@@ -11,7 +11,8 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__API__HOST ?= 127.0.0.1
 export DVC_NO_ANALYTICS := 1
-export PATH := $(BIN):$(PATH)  # dvc.yaml's `python -m pipeline` runs in the project's environment
+# dvc.yaml's `python -m pipeline` must run in the project's environment
+export PATH := $(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: run test setup browser airflow-init up down status clean-runs
