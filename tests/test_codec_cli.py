@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.compression.cli import main
-from pipeline.compression.codec import HEADER_SIZE, RNNCodec, bits_per_pixel, file_size, load_codec, save_model
+from pipeline.compression.codec import HEADER_SIZE, bits_per_pixel, file_size, load_codec, save_model
 from tests.test_codec_format import make_image, make_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ from pipeline.data.augment import preview_grid, random_patches
 from pipeline.data.params import AugmentationParams, DataParams
 from pipeline.data.transforms import augment_batch, random_cutout, random_flip, random_translate
 from pipeline.errors import PipelineError
+from pipeline.utils import file_digest
 
 
 def _tar_with(member_name: str, path: Path, link: bool = False) -> Path:
@@ -99,7 +100,7 @@ def test_download_outputs_and_rerun_transfers_nothing(tiny_workspace):
     assert len(list((raw / "kodak").glob("kodim*.png"))) == 24
     sums = download.read_sums(str(download_mirror()), DataParams())
     for png in (raw / "kodak").iterdir():
-        assert download.file_digest(png, "sha256") == sums[f"kodak/{png.name}"]
+        assert file_digest(png, "sha256") == sums[f"kodak/{png.name}"]
 
 
 def download_mirror():

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.evaluation import evaluate as E
 from pipeline.report import build as R
+from pipeline.utils import file_digest
 from tests.test_evaluation_codecs import FakeRNNCodec, make_image
 from tests.test_evaluation_stage import tiny_params
 
@@ -75,7 +76,7 @@ def test_report_contains_every_section(workspace):
     assert all(c.verdict in ("confirmed", "refuted", "partly", "not checked") for c in claims)
     hashes = {h["path"]: h for h in ctx["prov"]["hashes"]}
     assert hashes["data/raw/kodak"]["files"] == "1"
-    assert hashes["data/evaluation/curves.csv"]["md5"] == R.md5_file(workspace / "data/evaluation/curves.csv")
+    assert hashes["data/evaluation/curves.csv"]["md5"] == file_digest(workspace / "data/evaluation/curves.csv", "md5")
     # bd table rows match the evaluation's bd.csv
     assert len(ctx["bd_rows"]) == len(E.read_csv(workspace / "data/evaluation/bd.csv"))
 

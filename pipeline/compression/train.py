@@ -36,7 +36,8 @@ from pipeline.compression.codec import MODEL_FORMAT, model_fingerprint, save_mod
 from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor, count_parameters, forward_flops
 from pipeline.compression.params import TrainCompressorParams
 from pipeline.errors import PipelineError
-from pipeline.utils import atomic_path, atomic_write_text, log, progress, save_json, seed_everything, select_device
+from pipeline.utils import (atomic_path, atomic_write_text, file_digest, log, progress, save_json, seed_everything,
+                            select_device)
 
 STAGE = "train_compressor"
 PATCHES = Path("data/prepared/patches.npz")
@@ -65,14 +66,6 @@ def load_patches(path: Path = PATCHES) -> tuple[np.ndarray, np.ndarray]:
             raise PipelineError(f"{path}: '{name}' must be non-empty uint8 (N, S, S, 3) with S a multiple of "
                                 f"{BLOCK}, got {a.dtype} {a.shape}")
     return train, val
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def to_input(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -381,7 +374,7 @@ def main() -> None:
     if distributed.relaunch(STAGE, p.nproc):  # nproc > 1: torchrun ran the ranks; nothing left here
         return
     train_u8, val_u8 = load_patches(PATCHES)
-    data_hash = file_sha256(PATCHES)
+    data_hash = file_digest(PATCHES)
     key = run_key(p, params.seed, data_hash)
     device = select_device(p.device)
     d = distributed.setup(device)  # a no-op outside torchrun

@@ -10,7 +10,6 @@ and transfers nothing.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from pipeline.data.params import DataParams
 from pipeline.errors import PipelineError
-from pipeline.utils import atomic_path, log, progress
+from pipeline.utils import atomic_path, file_digest, log, progress
 
 RAW = Path("data/raw")
 CACHE = Path(".cache/downloads")
@@ -67,14 +66,6 @@ class Remote:
     dest: Path
     algo: str  # "md5" | "sha256"
     digest: str
-
-
-def file_digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_url(source: str) -> bool:

@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.evaluation import bdrate
 from pipeline.evaluation.evaluate import by_codec, read_csv
-from pipeline.utils import atomic_write_text, load_json, log
+from pipeline.utils import atomic_write_text, file_digest, load_json, log
 
 CLASSIFIER_DIR = Path("data/classifier")
 COMPRESSOR_DIR = Path("data/compressor")
@@ -69,21 +69,13 @@ def fmt(v: Any, digits: int = 4, pct: bool = False, signed: bool = False) -> str
     return text + ("%" if pct else "")
 
 
-def md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def md5_path(path: Path) -> tuple[str, int] | None:
     """md5 of a file (= DVC's file hash), or of a directory's sorted 'relpath md5' lines; and the file count."""
     if path.is_file():
-        return md5_file(path), 1
+        return file_digest(path, "md5"), 1
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        lines = "".join(f"{p.relative_to(path).as_posix()} {md5_file(p)}\n" for p in files)
+        lines = "".join(f"{p.relative_to(path).as_posix()} {file_digest(p, 'md5')}\n" for p in files)
         return hashlib.md5(lines.encode()).hexdigest(), len(files)
     return None
 
