@@ -77,6 +77,17 @@ def run_stage(workspace: Path, stage: str) -> None:
         os.chdir(old)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions: one torch thread is fastest, and on a busy machine far faster than several."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def mirror() -> Path:
     return mirror_path()

@@ -18,12 +18,7 @@ TINY = dict(encoder_widths=(8, 16, 16, 16), decoder_widths=(16, 16, 16, 16), ite
             patches_per_epoch=16, batch_size=8, val_patches=8, val_iterations=(1, 2), eval_batch_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def synthetic_patches(n: int, seed: int = 0) -> np.ndarray:
