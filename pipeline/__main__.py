@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from pipeline.errors import PipelineError
+from pipeline.errors import run_cli
 
 #: stage name -> "module:function"; dvc.yaml runs each as ``python -m pipeline <stage>``
 STAGES = {
@@ -55,21 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "configure":
-            _configure(args)
-        elif args.command == "params":
-            _show(args)
-        else:
-            module, func = STAGES[args.command].split(":")
-            getattr(importlib.import_module(module), func)()
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    if args.command == "configure":
+        return run_cli(lambda: _configure(args))
+    if args.command == "params":
+        return run_cli(lambda: _show(args))
+    module, func = STAGES[args.command].split(":")
+    return run_cli(lambda: getattr(importlib.import_module(module), func)())
 
 
 if __name__ == "__main__":

@@ -11,3 +11,25 @@ class ParamsError(PipelineError):
     """params.yaml (or an override of it) is invalid."""
 
     exit_code = 2
+
+
+def run_cli(action, messages: dict[type[BaseException], str] | None = None) -> int:
+    """Call ``action()`` for a command-line entry point; user errors become one ``error:`` line.
+
+    ``messages`` maps other exception types (e.g. MemoryError) to the message printed for them.
+    Returns the process exit code.
+    """
+    import sys
+
+    try:
+        action()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except tuple(messages or ()) as err:
+        print(f"error: {messages[type(err)]}", file=sys.stderr)
+        return 1
+    return 0

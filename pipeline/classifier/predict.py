@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, run_cli
 
 DEFAULT_MODEL = "data/classifier/model.pt"
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -79,18 +79,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"model.pt or MLflow model URI (default {DEFAULT_MODEL})")
     parser.add_argument("-k", "--top", type=int, default=5, help="classes to print per image (default 5)")
     args = parser.parse_args(argv)
-    try:
+    def predict() -> None:
         images = np.stack([load_image(p) for p in args.images])
-        model = load_model(args.model)
-        results = top_k(model, images, args.top)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    for path, top in zip(args.images, results):
-        print(path)
-        for name, p in top:
-            print(f"  {name:<12s} {100 * p:6.2f}%")
-    return 0
+        results = top_k(load_model(args.model), images, args.top)
+        for path, top in zip(args.images, results):
+            print(path)
+            for name, p in top:
+                print(f"  {name:<12s} {100 * p:6.2f}%")
+
+    return run_cli(predict)
 
 
 if __name__ == "__main__":

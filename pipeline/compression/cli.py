@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, run_cli
 
 
 def note(msg: str) -> None:
@@ -194,18 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
-        {"compress": _compress, "decompress": _decompress, "info": _info}[args.command](args)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except MemoryError:
-        print("error: out of memory (try a smaller --tile)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    command = {"compress": _compress, "decompress": _decompress, "info": _info}[args.command]
+    return run_cli(lambda: command(args), {MemoryError: "out of memory (try a smaller --tile)"})
 
 
 if __name__ == "__main__":
