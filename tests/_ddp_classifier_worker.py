@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import torch
 
 from pipeline import distributed
 from pipeline.classifier.params import TrainClassifierParams
-from pipeline.classifier.train import CifarData, train
+from pipeline.classifier.train import train
 from tests._ddp_compressor_worker import ranks_in_sync
+from tests.test_classifier_resume import synthetic
 
 SEED = 3
 PLAIN = {"recipe": "coursework", "epochs": 3, "batch_size": 29, "eval_batch_size": 64, "tta": 0,
@@ -29,24 +29,11 @@ FAST = {"recipe": "fast", "epochs": 3, "batch_size": 32, "eval_batch_size": 64, 
         "fast": {"widths": [8, 16, 16], "lookahead_every": 2, "whiten_bias_epochs": 1}}
 
 
-def synthetic(n_train: int = 96, n_test: int = 64, seed: int = 0) -> CifarData:
-    rng = np.random.default_rng(seed)
-    y_train, y_test = rng.integers(0, 10, n_train), rng.integers(0, 10, n_test)
-
-    def images(y):  # class-dependent colour + noise: learnable
-        base = (np.arange(10)[:, None] * np.array([25, 12, 7]) % 256)[y]
-        x = base[:, None, None, :] + rng.normal(0, 30, (len(y), 32, 32, 3))
-        return np.clip(x, 0, 255).astype(np.uint8)
-
-    return CifarData.from_arrays({"x_train": images(y_train), "y_train": y_train, "x_test": images(y_test),
-                                  "y_test": y_test, "label_names": np.array([f"c{i}" for i in range(10)])})
-
-
 def main(out: str) -> None:
     cpu = torch.device("cpu")
     d = distributed.setup(cpu)
     torch.set_num_threads(1)
-    data = synthetic()
+    data = synthetic(n_train=96)
     saved: dict = {"world_size": d.world_size}
     for name, cfg in (("plain", PLAIN), ("fast", FAST)):
         result = train(TrainClassifierParams.model_validate(cfg), data, SEED, cpu, dist=d)
