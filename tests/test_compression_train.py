@@ -126,7 +126,9 @@ def test_stage_on_tiny_profile(tiny_workspace, monkeypatch):
     img = synthetic_patches(1)[0]
     np.testing.assert_array_equal(codec.decompress(codec.compress(img, p.iterations)),
                                   codec.reconstruct(img, p.iterations))
-    assert (tiny_workspace / "data" / "checkpoints" / "train_compressor" / "last.pt").is_file()
+    # a finished run leaves no resumable checkpoint behind: `dvc repro -f` must train again
+    assert not (tiny_workspace / "data" / "checkpoints" / "train_compressor" / "last.pt").exists()
+    assert "mlflow_run_id" not in torch.load(out / "model.pt", weights_only=True)["meta"]
     if params.tracking.register_models:
         client = mlflow.MlflowClient()
         latest = max(int(v.version) for v in client.search_model_versions("name='rnn-compressor'"))

@@ -7,7 +7,7 @@ One iteration codes the residual left by the previous ones ("additive reconstruc
     r_t = x - x̂_t
 
 E: strided 3x3 conv, then three strided ConvLSTMs (16x down in all). B: 1x1 conv, tanh, sign
-(stochastic while training, with a straight-through gradient; deterministic at inference), so each
+(stochastic or deterministic while training, with a straight-through gradient; sign(z) at inference), so each
 16x16 block yields ``bits`` bits per iteration. D: 1x1 conv, four ConvLSTMs each followed by
 depth-to-space x2, then a 1x1 conv to RGB. E_t and D_t are the same weights; the index t is their
 recurrent state. Pixels are in [-0.5, 0.5].
@@ -82,17 +82,22 @@ class ConvLSTMCell(nn.Module):
         return h, (h, c)
 
 
-def binarize(z: torch.Tensor, stochastic: bool) -> torch.Tensor:
+def binarize(z: torch.Tensor, stochastic: bool, straight_through: bool = True) -> torch.Tensor:
     """Map z in [-1, 1] to {-1, +1}.
 
-    Stochastic (training): +1 with probability (1 + z) / 2, so E[b] = z; the gradient passes straight
-    through (d b / d z = 1). Deterministic (inference): sign(z), with sign(0) = +1.
+    Stochastic: +1 with probability (1 + z) / 2, so E[b] = z (Toderici et al.'s training binarizer).
+    Deterministic: sign(z), with sign(0) = +1 (inference, and training when so configured).
+    With ``straight_through`` (whenever gradients are on) the gradient passes straight through
+    (d b / d z = 1): the value is exactly b, since z - z.detach() is 0.
     """
     if stochastic:
         u = torch.rand(z.shape, device=z.device, dtype=torch.float32)
         b = torch.where(u < (1 + z.float()) / 2, 1.0, -1.0).to(z.dtype)
-        return b + (z - z.detach())  # value exactly b (z - z = 0), gradient 1
-    return torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    else:
+        b = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    if straight_through and torch.is_grad_enabled():
+        return b + (z - z.detach())
+    return b
 
 
 class Encoder(nn.Module):
@@ -141,6 +146,8 @@ class RNNCompressor(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        # training only (not part of the model file): the binarizer in train mode; eval is always sign(z)
+        self.stochastic_binarizer = True
 
     @staticmethod
     def init_states() -> tuple[list[State], list[State]]:
@@ -148,7 +155,7 @@ class RNNCompressor(nn.Module):
 
     def encode_step(self, r: torch.Tensor, enc_states: list[State]) -> tuple[torch.Tensor, list[State]]:
         z, enc_states = self.encoder(r, enc_states)
-        return binarize(z, self.training), enc_states
+        return binarize(z, self.training and self.stochastic_binarizer), enc_states
 
     def decode_step(self, b: torch.Tensor, dec_states: list[State]) -> tuple[torch.Tensor, list[State]]:
         return self.decoder(b, dec_states)

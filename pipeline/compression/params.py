@@ -27,15 +27,20 @@ class TrainCompressorParams(Section):
     weight_decay: float = Field(0.0, ge=0)  # Adam (L2) weight decay
     grad_clip: float | None = Field(1.0, gt=0)  # clip the global gradient norm; null: off
     loss: Literal["l1", "l2"] = "l1"  # mean absolute (l1) or squared (l2) residual, averaged over iterations
+    binarizer: Literal["stochastic", "deterministic"] = "stochastic"  # training binarizer (inference: sign)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the weights, validated and published; null: off
+    init: str | None = None  # warm start: weights of a model file (same architecture); null: random init
+    snapshot_every: int = Field(0, ge=0)  # keep the published weights every N epochs (0: never), for curves
     # --- validation (held-out patches, every epoch) ---
     val_patches: int | None = Field(256, ge=1)  # held-out patches scored per epoch; null: all
     val_iterations: tuple[int, ...] = (1, 2, 4, 8)  # iteration counts reported (PSNR, SSIM, bpp)
     ssim_window: int = Field(11, ge=3)  # odd Gaussian window of pytorch_msssim.ssim (<= patch side)
     # --- hardware ---
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX)
     channels_last: bool = True  # NHWC memory format on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the model (untested on GPU here; off by default)
+    cpu_threads: int = Field(0, ge=0)  # torch CPU threads (0: every core)
     eval_batch_size: int = Field(256, ge=1)  # patches per validation forward pass
     nproc: int = Field(1, ge=1)  # processes (GPUs) for DistributedDataParallel; >1 relaunches under torchrun
 

@@ -26,6 +26,7 @@ class AugmentParams(Section):
     patch_size: int = Field(32, ge=8, le=32)  # side in pixels; a multiple of 16 for the codec
     patch_pad: int = Field(4, ge=0)  # reflect padding before the random crop (translation, px)
     patch_flip: bool = True  # random horizontal flips of patches
+    patch_scale: int = Field(1, ge=1, le=8)  # bicubic upsampling of the source images before cropping
     preview_grid: int = Field(8, ge=1, le=32)  # preview PNG shows grid x grid samples
 
 
