@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Long CPU training of the shipped RNN codec (models/rnnc-cpu.pt), with the project's own stages.
+#
+# Runs `augment` and `train_compressor` in a separate git worktree at the current commit (so the
+# training code is exactly one commit, recorded in the shipped JSON), on the settings below layered
+# over the cpu profile. Warm-starts from models/rnnc-cpu.pt when it exists (training continued across
+# sessions). Resumable: run the same command again after a kill and it resumes from the last epoch
+# (model, optimiser, scheduler, EMA and RNG state; checkpoint every epoch of EPOCH_PATCHES patches).
+# Then `scripts/ship_codec.py` turns the newest checkpoint into models/rnnc-cpu.pt + .json.
+#
+#   scripts/train_codec_long.sh            # start or resume, in the foreground
+#   LONGRUN_DIR=/path THREADS=2 scripts/train_codec_long.sh
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DIR=${LONGRUN_DIR:-$ROOT/../longrun}
+THREADS=${THREADS:-1}          # torch CPU threads (1 leaves a core for other work; 2 threads are ~1.7x, not 2x)
+EPOCH_PATCHES=${EPOCH_PATCHES:-9600}  # patches per epoch = per checkpoint (300 steps of 32, ~2 min on 1 thread)
+PY=$ROOT/.venv/bin/python
+if [ -z "${DATA_MIRROR:-}" ] && [ -f "$ROOT/../shared/datasets/SHA256SUMS" ]; then
+  export DATA_MIRROR=$ROOT/../shared/datasets
+fi
+export DVC_NO_ANALYTICS=1 PIPELINE_NO_PROGRESS=${PIPELINE_NO_PROGRESS:-1}
+
+if [ ! -d "$DIR" ]; then
+  git -C "$ROOT" worktree add --detach "$DIR" HEAD
+  INIT=null
+  if [ -f "$ROOT/models/rnnc-cpu.pt" ]; then cp "$ROOT/models/rnnc-cpu.pt" "$DIR/init.pt"; INIT=init.pt; fi
+  cd "$DIR"
+  # the recipe (README "Training the codec on a CPU" has the evidence for each value)
+  "$PY" -m pipeline configure --profile cpu \
+    --set augment.patches=100000 --set augment.val_patches=1000 --set augment.patch_scale=4 \
+    --set train_compressor.batch_size=32 --set train_compressor.lr=0.001 \
+    --set train_compressor.lr_schedule=constant --set train_compressor.lr_warmup=0.002 \
+    --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
+    --set train_compressor.amp=true --set train_compressor.epochs=1000 \
+    --set train_compressor.patches_per_epoch=$EPOCH_PATCHES --set train_compressor.val_patches=512 \
+    --set train_compressor.snapshot_every=4 --set train_compressor.init=$INIT \
+    --set tracking.register_models=false
+fi
+cd "$DIR"
+"$PY" -m pipeline configure --set train_compressor.cpu_threads="$THREADS" > /dev/null  # not part of the run key
+[ -f data/raw/cifar-10-batches-py/data_batch_1 ] || "$PY" -m pipeline download
+[ -f data/prepared/patches.npz ] || "$PY" -m pipeline augment
+exec "$PY" -m pipeline train_compressor 2>&1
