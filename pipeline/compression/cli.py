@@ -26,13 +26,14 @@ def note(msg: str) -> None:
 
 def read_image(path: str) -> np.ndarray:
     """Any image Pillow reads -> uint8 HxWx3 (other modes converted to RGB, with a note)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from pipeline.compression.codec import InputError
 
     try:
         with Image.open(path) as im:
             im.load()
+            im = ImageOps.exif_transpose(im)  # EXIF orientation applied (as image viewers do)
             mode = im.mode
             if mode == "RGB":
                 return np.asarray(im, dtype=np.uint8).copy()
