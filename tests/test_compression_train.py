@@ -134,3 +134,80 @@ def test_stage_on_tiny_profile(tiny_workspace, monkeypatch):
         latest = max(int(v.version) for v in client.search_model_versions("name='rnn-compressor'"))
         via_registry = load_codec(f"models:/rnn-compressor/{latest}")
         assert via_registry.fingerprint == codec.fingerprint
+
+
+@pytest.mark.parametrize("recipe", [
+    pytest.param({}, id="default"),
+    # the shipped model's recipe: sign binarizer, weight EMA, bf16 autocast (on CPUs with native bf16)
+    pytest.param({"binarizer": "deterministic", "ema_decay": 0.9, "amp": True}, id="long-run"),
+])
+def test_resume_is_exact_for_every_recipe(tmp_path, recipe):
+    p = TrainCompressorParams(**{**TINY, **recipe})
+    data, val = synthetic_patches(48), synthetic_patches(16, 1)
+    cpu = torch.device("cpu")
+    straight = tc.train(p, data, val, seed=5, device=cpu)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_second(row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    ckpt = tmp_path / "last.pt"
+    with pytest.raises(Killed):
+        tc.train(p, data, val, seed=5, device=cpu, ckpt_path=ckpt, key="k", on_epoch=kill_after_second)
+    resumed = tc.train(p, data, val, seed=5, device=cpu, ckpt_path=ckpt, key="k")
+    for name, tensor in straight["model"].state_dict().items():
+        assert torch.equal(tensor, resumed["model"].state_dict()[name]), name
+    assert [r["val_loss"] for r in straight["history"]] == [r["val_loss"] for r in resumed["history"]]
+
+
+def test_ema_is_the_exponential_average_and_is_what_gets_published():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = tc.EMA(model, 0.75)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update()  # 0.75 * 1 + 0.25 * 3
+    assert torch.allclose(ema.shadow[0], torch.full((1, 2), 1.5))
+    with ema.applied():
+        assert torch.allclose(model.weight, torch.full((1, 2), 1.5))
+    assert torch.allclose(model.weight, torch.full((1, 2), 3.0))  # restored
+    # train() publishes the EMA weights: with decay ~1 they stay at the initial weights
+    p = TrainCompressorParams(**{**TINY, "epochs": 1, "ema_decay": 1 - 1e-9, "lr": 0.05})
+    torch.manual_seed(0)
+    init = tc.RNNCompressor(tc.ModelConfig.from_params(p)).state_dict()
+    out = tc.train(p, synthetic_patches(16), synthetic_patches(8, 1), seed=0, device=torch.device("cpu"))
+    for name, tensor in out["model"].state_dict().items():
+        assert torch.allclose(tensor, init[name], atol=1e-6), name
+
+
+def test_deterministic_binarizer_passes_gradients_straight_through():
+    from pipeline.compression.model import binarize
+
+    z = torch.tensor([-0.7, -0.0, 0.2, 0.9], requires_grad=True)
+    b = binarize(z, stochastic=False)
+    assert b.tolist() == [-1.0, 1.0, 1.0, 1.0]
+    b.sum().backward()
+    assert z.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_warm_start_begins_from_the_init_weights(tmp_path):
+    from pipeline.compression.codec import save_model
+
+    p = TrainCompressorParams(**{**TINY, "epochs": 1, "patches_per_epoch": 8, "lr": 1e-12})
+    torch.manual_seed(123)
+    source = tc.RNNCompressor(tc.ModelConfig.from_params(p))
+    save_model(source, tmp_path / "init.pt")
+    out = tc.train(p.model_copy(update={"init": str(tmp_path / "init.pt")}), synthetic_patches(8),
+                   synthetic_patches(8, 1), seed=0, device=torch.device("cpu"))
+    cold = tc.train(p, synthetic_patches(8), synthetic_patches(8, 1), seed=0, device=torch.device("cpu"))
+    name = "encoder.conv.weight"
+    assert torch.allclose(out["model"].state_dict()[name], source.state_dict()[name], atol=1e-6)
+    assert not torch.allclose(cold["model"].state_dict()[name], source.state_dict()[name], atol=1e-3)
+    # another architecture is refused with a clear error
+    other = TrainCompressorParams(**{**TINY, "epochs": 1, "bits": 8, "init": str(tmp_path / "init.pt")})
+    with pytest.raises(PipelineError, match="another architecture"):
+        tc.train(other, synthetic_patches(8), synthetic_patches(8, 1), seed=0, device=torch.device("cpu"))

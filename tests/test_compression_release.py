@@ -1,0 +1,63 @@
+"""Shipping a trained codec: checkpoint -> compact fp16 model file + JSON record."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.compression import release
+from pipeline.compression import train as tc
+from pipeline.compression.codec import load_codec, load_model
+from pipeline.compression.params import TrainCompressorParams
+from pipeline.config import set_params
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_release_writes_a_small_fp16_model_that_loads_and_codes(tmp_path):
+    # a project folder whose params say what the run used
+    work = tmp_path / "run"
+    work.mkdir()
+    from tests.conftest import REPO
+
+    (work / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    set_params(work / "params.yaml", "tiny", ["train_compressor.ema_decay=0.5", "train_compressor.snapshot_every=1"])
+    from pipeline.config import load_params
+
+    p: TrainCompressorParams = load_params(work / "params.yaml").train_compressor
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    ckpt = work / "ckpt" / "last.pt"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_end(row):
+        if row["epoch"] == p.epochs:
+            raise Stop
+
+    with pytest.raises(Stop):  # keep the checkpoint, as an interrupted long run does
+        tc.train(p, data, data[:8], seed=0, device=torch.device("cpu"), ckpt_path=ckpt, key="k", on_epoch=stop_at_end)
+    state = torch.load(ckpt, weights_only=True)
+    out = tmp_path / "models" / "rnnc-test.pt"
+    record = release.release(ckpt, work, out, kodak=None, curve_iterations=1)
+
+    saved = torch.load(out, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in saved["state_dict"].values())
+    model = load_model(out)  # checks the fingerprint against the rounded weights
+    ema = release.published_weights(state)
+    for prm, e in zip(model.parameters(), ema.parameters()):
+        assert torch.equal(prm, e.half().float())  # the EMA weights, rounded to fp16
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta == json.loads(json.dumps(record))
+    assert meta["epochs"] == p.epochs and meta["patches_seen"] == p.epochs * p.patches_per_epoch
+    assert meta["fingerprint"] == saved["fingerprint"]
+    assert meta["config"]["train_compressor"]["ema_decay"] == 0.5
+    assert len(meta["validation_curve"]) == p.epochs
+    assert len(list((ckpt.parent / "snapshots").glob("epoch_*.pt"))) == p.epochs
+    codec = load_codec(out)
+    img = data[0]
+    np.testing.assert_array_equal(codec.decompress(codec.compress(img, 1)), codec.reconstruct(img, 1))
