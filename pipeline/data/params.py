@@ -27,6 +27,8 @@ class AugmentParams(Section):
     patch_pad: int = Field(4, ge=0)  # reflect padding before the random crop (translation, px)
     patch_flip: bool = True  # random horizontal flips of patches
     patch_scale: int = Field(1, ge=1, le=8)  # bicubic upsampling of the source images before cropping
+    patch_source: str = "cifar10"  # cifar10, or a folder of your own photos (random crops; never Kodak)
+    patch_min_std: float = Field(0.0, ge=0, le=128)  # photos: re-draw crops whose pixel std is below this
     preview_grid: int = Field(8, ge=1, le=32)  # preview PNG shows grid x grid samples
 
 
