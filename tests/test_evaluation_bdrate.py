@@ -61,7 +61,7 @@ def test_unsorted_and_nan_points_are_handled():
 
 def test_interpolate_in_log_rate_and_nan_outside():
     out = interpolate([0.1, 1.0], [10.0, 20.0], [0.1, math.sqrt(0.1), 1.0, 0.05, 2.0])
-    assert out[:3] == pytest.approx([10.0, 15.0, 20.0])
+    assert out[:3] == pytest.approx([10.0, 15.0, 20.0])  # two points: PCHIP is a straight line
     assert np.isnan(out[3]) and np.isnan(out[4])
 
 
@@ -69,3 +69,47 @@ def test_interpolate_slack_reads_the_end_point_just_past_it():
     # an RNN curve starts at 0.1255 bpp (0.125 bpp of code plus the header)
     out = interpolate([0.1255, 0.25], [0.9, 0.95], [0.125, 0.12], slack=0.02)
     assert out[0] == pytest.approx(0.9) and np.isnan(out[1])
+
+
+# ----------------------------------------------------------------------------- against a maintained implementation
+
+# The example of the bjontegaard package's README (HHI / FAU's implementation of VCEG-M33 and of the
+# JCT-VC CTC's PCHIP variant): x265 at four presets, rate in kbps and PSNR in dB.
+RATE_ANCHOR = [9487.76, 4593.60, 2486.44, 1358.24]
+PSNR_ANCHOR = [40.037, 38.615, 36.845, 34.851]
+RATE_TEST = [9787.80, 4469.00, 2451.52, 1356.24]
+PSNR_TEST = [40.121, 38.651, 36.970, 34.987]
+
+
+@pytest.mark.parametrize("ours,theirs", [("pchip", "pchip"), ("polyfit", "cubic")])
+def test_matches_the_bjontegaard_package_on_its_example(ours, theirs):
+    import bjontegaard
+
+    ref_rate = bjontegaard.bd_rate(RATE_ANCHOR, PSNR_ANCHOR, RATE_TEST, PSNR_TEST, method=theirs)
+    ref_psnr = bjontegaard.bd_psnr(RATE_ANCHOR, PSNR_ANCHOR, RATE_TEST, PSNR_TEST, method=theirs)
+    assert bd_rate(RATE_ANCHOR, PSNR_ANCHOR, RATE_TEST, PSNR_TEST, ours) == pytest.approx(ref_rate, abs=1e-9)
+    assert bd_quality(RATE_ANCHOR, PSNR_ANCHOR, RATE_TEST, PSNR_TEST, ours) == pytest.approx(ref_psnr, abs=1e-9)
+    # the test encoder is slightly better: a few percent fewer bits, a tenth of a dB more
+    assert -5 < ref_rate < 0 and 0 < ref_psnr < 0.2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matches_the_bjontegaard_package_on_random_curves(seed):
+    import warnings
+
+    import bjontegaard
+
+    rng = np.random.default_rng(seed)
+    r1 = np.sort(rng.uniform(0.05, 2.0, 6))
+    r2 = np.sort(rng.uniform(0.05, 2.0, 5))
+    q1 = np.sort(rng.uniform(25, 40, 6))
+    q2 = np.sort(rng.uniform(25, 40, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the package warns when the overlap is small
+        ref = bjontegaard.bd_rate(r1, q1, r2, q2, method="pchip", require_matching_points=False, min_overlap=0)
+        ref_q = bjontegaard.bd_psnr(r1, q1, r2, q2, method="pchip", require_matching_points=False, min_overlap=0)
+    if math.isnan(ref):
+        assert math.isnan(bd_rate(r1, q1, r2, q2, "pchip"))
+    else:
+        assert bd_rate(r1, q1, r2, q2, "pchip") == pytest.approx(ref, rel=1e-9, abs=1e-9)
+        assert bd_quality(r1, q1, r2, q2, "pchip") == pytest.approx(ref_q, rel=1e-9, abs=1e-9)

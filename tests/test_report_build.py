@@ -19,7 +19,8 @@ from pipeline.utils import file_digest
 from tests.test_evaluation_codecs import FakeRNNCodec, make_image
 from tests.test_evaluation_stage import tiny_params
 
-SECTIONS = ("summary", "classifier", "compression", "rates", "bdrate", "visual", "claims", "provenance")
+SECTIONS = ("summary", "classifier", "compression", "settings", "rates", "pairwise", "bdrate", "visual", "claims",
+            "provenance")
 
 
 def standin_classifier(root: Path, acc: float = 0.9123) -> None:
@@ -35,8 +36,8 @@ def check_html(html: str, n_codecs: int) -> None:
     for sid in SECTIONS:
         assert f'<section id="{sid}">' in html, sid
     srcs = re.findall(r'<img src="([^"]*)"', html)
-    # 3 classifier figures + 4 evaluation figures + original + one crop per codec
-    assert len(srcs) == 3 + 4 + 1 + n_codecs
+    # 3 classifier figures + 6 evaluation figures + original + one crop per codec
+    assert len(srcs) == 3 + len(R.EVAL_FIGURES) + 1 + n_codecs
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -44,6 +45,8 @@ def check_html(html: str, n_codecs: int) -> None:
     assert "missing:" not in html
     assert "Figure 1.1" in html and "Figure 1.2" in html and "Confusion matrix" in html
     assert "Figure 1.7 analogue" in html and "PSNR" in html and "MS-SSIM in dB" in html
+    assert "per-image" in html and "Secondary convention" in html  # both conventions, labelled
+    assert "9/7 irreversible" in html and "MCT on" in html  # the codec settings are documented
 
 
 @pytest.fixture
@@ -73,7 +76,9 @@ def test_report_contains_every_section(workspace):
     assert [c.claim for c in claims][0].startswith("The CNN reaches 90%")
     assert claims[0].verdict == "confirmed"  # 91.23% >= 90%
     assert len(claims) == 1 + 2 + len(params.report.claim_behind)
-    assert all(c.verdict in ("confirmed", "refuted", "partly", "not checked") for c in claims)
+    assert all(c.verdict in ("confirmed", "refuted", "not shown", "not checked") for c in claims)
+    assert "primary: per-image interpolation" in md and "Secondary: averaged per setting" in md
+    assert "### Codec settings" in md and "| JPEG XL |" in md
     hashes = {h["path"]: h for h in ctx["prov"]["hashes"]}
     assert hashes["data/raw/kodak"]["files"] == "1"
     assert hashes["data/evaluation/curves.csv"]["md5"] == file_digest(workspace / "data/evaluation/curves.csv", "md5")
@@ -88,42 +93,72 @@ def test_missing_evaluation_is_a_clear_error(workspace):
         R.build(tiny_params())
 
 
-def curves(**codecs):
+def per_image(n_images: int = 6, **codecs):
+    """Per-image rows: codec -> (rates, quality, per-image offsets)."""
     out = []
-    for name, (rates, quality) in codecs.items():
-        for i, (r, q) in enumerate(zip(rates, quality)):
-            out.append({"codec": name, "setting_name": "s", "setting": float(i), "bpp": r, "ms_ssim": q,
-                        "ssim": q, "ms_ssim_db": q, "psnr": q, "encode_s": 0.0, "decode_s": 0.0})
+    for name, (rates, quality, offsets) in codecs.items():
+        for i in range(n_images):
+            for j, (r, q) in enumerate(zip(rates, quality)):
+                v = q + offsets[i]
+                out.append({"codec": name, "image": f"kodim{i + 1:02d}", "setting_name": "s", "setting": float(j),
+                            "bpp": r, "ms_ssim": v, "ssim": v, "ms_ssim_db": v, "psnr": v})
     return out
 
 
 RATES = [0.1, 0.2, 0.3, 0.5, 0.8, 1.2]
+BOOT = {"n_boot": 500, "seed": 0, "min_images": 3}
 
 
-def test_claim_verdicts_follow_the_numbers():
+def test_claim_verdicts_follow_the_intervals():
     base = np.array([0.80, 0.86, 0.90, 0.94, 0.96, 0.98])
-    above = curves(rnn=(RATES, base + 0.01), jpeg=(RATES, base))
-    below = curves(rnn=(RATES, base - 0.01), jpeg=(RATES, base))
-    cross = curves(rnn=(RATES, base + np.array([0.02, 0.01, -0.01, -0.02, -0.02, -0.02])), jpeg=(RATES, base))
-    assert R.compare_below(above, "rnn", "jpeg", "ms_ssim", 0.4, 32)[1] == "confirmed"
-    assert R.compare_below(below, "rnn", "jpeg", "ms_ssim", 0.4, 32)[1] == "refuted"
-    text, verdict = R.compare_below(cross, "rnn", "jpeg", "ms_ssim", 0.4, 32)
-    assert verdict == "partly" and "0.100-" in text
-    apart = curves(rnn=([1.0, 2.0], [0.9, 0.95]), jpeg=(RATES, base))
-    assert R.compare_below(apart, "rnn", "jpeg", "ms_ssim", 0.4, 32)[1] == "not checked"
+    spread = np.linspace(-0.003, 0.003, 6)
+    noisy = np.array([0.02, -0.02, 0.015, -0.015, 0.01, -0.012])
+    above = per_image(rnn=(RATES, base + 0.01, spread), jpeg=(RATES, base, spread[::-1]))
+    below = per_image(rnn=(RATES, base - 0.01, spread), jpeg=(RATES, base, spread[::-1]))
+    mixed = per_image(rnn=(RATES, base, noisy), jpeg=(RATES, base, np.zeros(6)))
+    text, verdict = R.compare_below(above, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)
+    assert verdict == "confirmed" and "6 image(s), rnn ahead on 6" in text
+    assert R.compare_below(below, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)[1] == "refuted"
+    text, verdict = R.compare_below(mixed, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)
+    assert verdict == "not shown" and "rnn ahead on 3" in text  # three images each way: interval spans zero
+    two = per_image(2, rnn=(RATES, base + 0.01, spread), jpeg=(RATES, base, spread))
+    assert R.compare_below(two, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)[1] == "not shown"  # too few images
+    apart = per_image(rnn=([1.0, 2.0], [0.9, 0.95], spread), jpeg=(RATES, base, spread))
+    assert R.compare_below(apart, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)[1] == "not checked"
 
 
-def test_behind_claim_uses_bd_rate_sign():
+def bd_row(anchor, median, lo, hi, n=10):
+    return {"anchor": anchor, "test": "rnn", "metric": "ms_ssim_db", "bd_rate_pct": median, "bd_rate_lo": lo,
+            "bd_rate_hi": hi, "images": n, "of_images": n, "test_saves": 0, "bd_quality_db": -1.0,
+            "bd_rate_avg_curve_pct": median}
+
+
+def test_behind_claim_uses_the_per_image_bd_rate_interval():
     params = tiny_params()
-    summary = {"labels": {"webp": "WebP", "jpeg2000": "JPEG 2000", "rnn": "RNN", "jpeg": "JPEG"}, "profile": "tiny"}
-    bd = [{"anchor": "webp", "test": "rnn", "metric": "ms_ssim_db", "bd_rate_pct": 35.0, "bd_quality_db": -1.0},
-          {"anchor": "jpeg2000", "test": "rnn", "metric": "ms_ssim_db", "bd_rate_pct": -12.0, "bd_quality_db": 0.5}]
+    summary = {"labels": {"webp": "WebP", "jpeg2000": "JPEG 2000", "rnn": "RNN", "jpeg": "JPEG"}, "profile": "tiny",
+               "bootstrap": 500, "seed": 0, "min_images": 3}
+    bd = [bd_row("webp", 35.0, 20.0, 50.0), bd_row("jpeg2000", -12.0, -20.0, -3.0)]
     inputs = R.Inputs(classifier={"nested": {"test_accuracy": 85.0}}, compressor=None, summary=summary,
-                      curves=curves(rnn=(RATES, RATES), jpeg=(RATES, RATES)), at_rates=[], bd=bd, visual=None)
+                      curves=[], at_rates=[], bd=bd, visual=None, per_image=[])
     claims = R.check_claims(inputs, params.report)
     assert claims[0].verdict == "refuted" and "85.00%" in claims[0].evidence  # percent normalised
     behind = {c.claim: c.verdict for c in claims[3:]}
     assert behind == {"The RNN codec is behind WebP": "confirmed", "The RNN codec is behind JPEG 2000": "refuted"}
+    inputs.bd = [bd_row("webp", 5.0, -10.0, 20.0), bd_row("jpeg2000", -12.0, -20.0, -3.0)]
+    assert R.check_claims(inputs, params.report)[3].verdict == "not shown"  # the interval contains zero
+
+
+def test_accuracy_claim_uses_a_wilson_interval():
+    # 90.5% on 10,000 images, by hand: centre (p + z^2/2n)/(1 + z^2/n) = 0.90485, half-width
+    # z sqrt(p(1-p)/n + z^2/4n^2)/(1 + z^2/n) = 0.00575: [0.8991, 0.9106], which still contains 90%
+    lo, hi = R.wilson(0.905, 10000)
+    assert lo == pytest.approx(0.8991, abs=1e-4) and hi == pytest.approx(0.9106, abs=1e-4)
+    params = tiny_params()
+    summary = {"labels": {}, "profile": "tiny"}
+    for acc, verdict in ((0.91, "confirmed"), (0.905, "not shown"), (0.8995, "not shown"), (0.89, "refuted")):
+        inputs = R.Inputs(classifier={"test_acc": acc}, compressor=None, summary=summary, curves=[], at_rates=[],
+                          bd=[], visual=None)
+        assert R.check_claims(inputs, params.report)[0].verdict == verdict
 
 
 def test_find_accuracy_prefers_tta():

@@ -70,18 +70,31 @@ def bd_quality(rate_anchor, quality_anchor, rate_test, quality_test, method: str
     return float(_delta(r1, quality_anchor, r2, quality_test, method))
 
 
-def interpolate(rate, quality, at, slack: float = 0.0) -> np.ndarray:
-    """Quality at the rates ``at`` by linear interpolation in log-rate; NaN outside the curve.
+def interpolate(rate, quality, at, slack: float = 0.0, method: str = "pchip") -> np.ndarray:
+    """Quality at the rates ``at``, interpolated in log10(rate); NaN outside the curve (no extrapolation).
 
-    A rate at most ``slack`` (relative, e.g. 0.02 = 2%) beyond an end of the curve takes the end's
-    value: one RNN iteration is 0.125 bpp of code plus a few header bytes, so its curve starts just
-    above 0.125 bpp.
+    ``method="pchip"``: the monotone piecewise cubic (Fritsch-Carlson, scipy's PchipInterpolator): it
+    passes through every point, never overshoots them, and keeps a monotone curve monotone;
+    ``"linear"``: straight lines in log-rate. Duplicate rates are averaged, non-finite points dropped.
+    A rate at most ``slack`` (relative, e.g. 0.02 = 2 %) beyond an end of the curve takes the end's
+    value (0 = strictly no extrapolation).
     """
     x, y = _prepare(np.log10(np.asarray(rate, dtype=np.float64)), quality)
     at = np.log10(np.atleast_1d(np.asarray(at, dtype=np.float64)))
     if len(x) == 0:
         return np.full(at.shape, np.nan)
-    out = np.interp(at, x, y)
     tol = np.log10(1.0 + slack) + 1e-12
+    if len(x) == 1:
+        return np.where(np.abs(at - x[0]) <= tol, y[0], np.nan)
+    inside = np.clip(at, x[0], x[-1])
+    if method == "pchip":
+        from scipy.interpolate import PchipInterpolator
+
+        out = PchipInterpolator(x, y, extrapolate=False)(inside)
+    elif method == "linear":
+        out = np.interp(inside, x, y)
+    else:
+        raise ValueError(f"unknown interpolation {method!r} (pchip or linear)")
+    out = np.asarray(out, dtype=np.float64)
     out[(at < x[0] - tol) | (at > x[-1] + tol)] = np.nan
     return out

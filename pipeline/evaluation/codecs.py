@@ -1,6 +1,9 @@
 """Every codec the evaluation compares, as a small class over one interface (after CompressAI's
 ``utils/bench``): ``name``, ``label``, ``setting`` (what the sweep varies), ``settings`` (the sweep),
-``encode(img, setting) -> bytes`` (the real file) and ``decode(bytes) -> uint8 HxWx3``.
+``encode(img, setting) -> bytes`` (the real file) and ``decode(bytes) -> uint8 HxWx3``;
+``sweep(img)`` codes one image at every setting (the RNN codec overrides it: one encode at the
+largest iteration count, the lower counts by truncating its progressive file). ``config()`` lists the
+fixed encoder settings, which the report prints: a baseline is only as good as its settings.
 
 Adding a codec is one class here plus its name in ``REGISTRY``.
 """
@@ -9,8 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import time
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, features
@@ -23,10 +28,23 @@ def bpp(n_bytes: int, height: int, width: int) -> float:
     return 8.0 * n_bytes / (height * width)
 
 
+@dataclass
+class Coded:
+    """One image coded at one setting: the real file, what decoding it gives, and the time spent."""
+
+    setting: float
+    data: bytes
+    decoded: np.ndarray
+    encode_s: float
+    decode_s: float
+
+
 class Codec(ABC):
     name: str = ""  # short id used in files and metric names
     label: str = ""  # display name
     setting: str = ""  # what the sweep varies
+    #: True when encode_s/decode_s are one per image, shared by all its settings (the RNN's one encode)
+    shared_timing: bool = False
 
     def __init__(self, settings: Sequence[Any]):
         self.settings = list(settings)
@@ -38,11 +56,25 @@ class Codec(ABC):
     def describe(self) -> str:
         return self.label
 
+    def config(self) -> dict[str, str]:
+        """The fixed encoder settings (what the sweep does not vary), for the report."""
+        return {}
+
     @abstractmethod
     def encode(self, img: np.ndarray, setting: Any) -> bytes: ...
 
     @abstractmethod
     def decode(self, data: bytes) -> np.ndarray: ...
+
+    def sweep(self, img: np.ndarray) -> Iterator[Coded]:
+        """``img`` coded at every setting, each through its own file."""
+        for s in self.settings:
+            t0 = time.perf_counter()
+            data = self.encode(img, s)
+            t1 = time.perf_counter()
+            decoded = self.decode(data)
+            t2 = time.perf_counter()
+            yield Coded(float(s), data, decoded, t1 - t0, t2 - t1)
 
 
 class PillowCodec(Codec):
@@ -76,15 +108,28 @@ class PillowCodec(Codec):
 class JPEG(PillowCodec):
     name, label, setting, format, feature = "jpeg", "JPEG", "quality", "JPEG", "jpg"
 
+    def describe(self) -> str:
+        turbo = features.version("libjpeg_turbo") if features.check("libjpeg_turbo") else None
+        return f"JPEG (Pillow, libjpeg-turbo {turbo})" if turbo else super().describe()
+
+    def config(self):
+        return {"process": "baseline sequential (SOF0)", "chroma": "YCbCr 4:2:0",
+                "Huffman tables": "optimised per image (cjpeg -optimize)", "quantisation": "IJG tables scaled by quality"}
+
     def options(self, q):  # baseline, 4:2:0, optimised Huffman tables (cjpeg -optimize)
-        return {"quality": int(q), "optimize": True}
+        return {"quality": int(q), "optimize": True, "subsampling": "4:2:0", "progressive": False}
 
 
 class JPEG2000(PillowCodec):
     name, label, setting, format, feature = "jpeg2000", "JPEG 2000", "ratio", "JPEG2000", "jpg_2000"
 
-    def options(self, ratio):  # raw codestream (no JP2 box), 9/7 irreversible wavelet, one layer
-        return {"quality_mode": "rates", "quality_layers": [float(ratio)], "irreversible": True, "no_jp2": True}
+    def config(self):
+        return {"wavelet": "9/7 irreversible", "colour transform": "MCT on (irreversible YCbCr, ICT)",
+                "rate control": "one quality layer at 24/ratio bpp", "container": "raw codestream (.j2k, no JP2 box)"}
+
+    def options(self, ratio):  # raw codestream (no JP2 box), 9/7 irreversible wavelet, colour transform, one layer
+        return {"quality_mode": "rates", "quality_layers": [float(ratio)], "irreversible": True, "mct": 1,
+                "no_jp2": True}
 
 
 class WebP(PillowCodec):
@@ -93,6 +138,9 @@ class WebP(PillowCodec):
     def __init__(self, settings, method: int = 4):
         super().__init__(settings)
         self.method = method
+
+    def config(self):
+        return {"mode": "lossy (VP8, YUV 4:2:0)", "method": f"{self.method} (0 fast .. 6 best)"}
 
     def options(self, q):
         return {"quality": int(q), "method": self.method, "lossless": False}
@@ -105,14 +153,30 @@ class AVIF(PillowCodec):
         super().__init__(settings)
         self.speed = speed
 
+    def describe(self) -> str:
+        try:
+            from PIL import _avif
+
+            return f"AVIF (Pillow, libavif {features.version('avif')}; {_avif.codec_versions()})"
+        except (ImportError, AttributeError):
+            return super().describe()
+
+    def config(self):
+        return {"chroma": "YUV 4:2:0, 8 bit", "speed": f"{self.speed} (0 best .. 10 fastest)",
+                "encoder": "libavif's default (aom)"}
+
     def options(self, q):  # 4:2:0, libavif's default encoder
         return {"quality": int(q), "speed": self.speed, "subsampling": "4:2:0"}
 
 
 class JPEGXL(Codec):
-    """JPEG XL through imagecodecs (optional: skipped when imagecodecs or its libjxl is absent)."""
+    """JPEG XL through imagecodecs (libjxl); skipped with a note only if imagecodecs lacks libjxl."""
 
     name, label, setting = "jpegxl", "JPEG XL", "distance"
+
+    def __init__(self, settings, effort: int = 7):
+        super().__init__(settings)
+        self.effort = effort
 
     def available(self) -> str | None:
         if importlib.util.find_spec("imagecodecs") is None:
@@ -126,12 +190,16 @@ class JPEGXL(Codec):
     def describe(self) -> str:
         import imagecodecs
 
-        return f"JPEG XL (imagecodecs {imagecodecs.__version__})"
+        return f"JPEG XL (imagecodecs {imagecodecs.__version__}, {imagecodecs.jpegxl_version()})"
+
+    def config(self):
+        return {"mode": "lossy (VarDCT, XYB)", "effort": f"{self.effort} (1 fast .. 9 best; libjxl default 7)",
+                "container": "raw codestream"}
 
     def encode(self, img, distance):
         import imagecodecs
 
-        return bytes(imagecodecs.jpegxl_encode(img, distance=float(distance), lossless=False))
+        return bytes(imagecodecs.jpegxl_encode(img, distance=float(distance), effort=self.effort, lossless=False))
 
     def decode(self, data):
         import imagecodecs
@@ -149,13 +217,28 @@ def load_rnn(model: str, device: str = "cpu"):
     return load_codec(model, device=device)
 
 
+def _module_truncate(data: bytes, iterations: int) -> bytes:
+    from pipeline.compression.codec import truncate
+
+    return truncate(data, iterations)
+
+
 class RNN(Codec):
-    """The recurrent codec through its real file format: k iterations -> one .rnnc file."""
+    """The recurrent codec through its real file format: k iterations -> one .rnnc file.
+
+    ``sweep`` encodes each image once, at the largest iteration count, and makes the file of every
+    lower count by truncating that progressive file (``truncate(data, k)``: a standalone file equal to
+    encoding with k iterations); one progressive decode gives every count's image. bpp always comes
+    from the truncated file's real size.
+    """
 
     name, label, setting = "rnn", "RNN (ours)", "iterations"
+    shared_timing = True
 
     def __init__(self, codec, settings: Sequence[int] | None = None):
         self.codec = codec
+        # the codec object's own truncate (test stand-ins) or pipeline.compression.codec.truncate
+        self._truncate = getattr(codec, "truncate", None) or _module_truncate
         top = int(codec.max_iterations)
         settings = list(range(1, top + 1)) if settings is None else [int(k) for k in settings]
         dropped = [k for k in settings if not 1 <= k <= top]
@@ -177,6 +260,28 @@ class RNN(Codec):
     def decode(self, data):
         return np.asarray(self.codec.decompress(data), dtype=np.uint8)
 
+    def config(self):
+        return {"iterations": f"up to {self.codec.max_iterations}",
+                "sweep": "one encode at the largest count; lower counts are truncations of that file"}
+
+    def sweep(self, img: np.ndarray) -> Iterator[Coded]:
+        top = max(self.settings)
+        t0 = time.perf_counter()
+        full = self.encode(img, top)
+        t1 = time.perf_counter()
+        every = self.codec.decompress_progressive(full)
+        t2 = time.perf_counter()
+        lowest = min(self.settings)
+        for k in self.settings:
+            data = bytes(self._truncate(full, int(k))) if k != top else full
+            decoded = np.asarray(every[int(k) - 1], dtype=np.uint8)
+            if k == lowest and k != top:  # cheap guard: the shortest file, decoded on its own, gives the same image
+                alone = self.decode(data)
+                if not np.array_equal(alone, decoded):
+                    raise PipelineError(f"rnn: the {k}-iteration file decodes differently from the progressive "
+                                        "decode of the full file; truncation is broken")
+            yield Coded(float(k), data, decoded, t1 - t0, t2 - t1)
+
 
 def build(params, device: str = "cpu", rnn_loader=load_rnn) -> tuple[list[Codec], dict[str, str]]:
     """The codecs ``params`` (an EvaluateParams) asks for, and {name: why skipped} for those not usable."""
@@ -185,7 +290,7 @@ def build(params, device: str = "cpu", rnn_loader=load_rnn) -> tuple[list[Codec]
         "jpeg2000": lambda: JPEG2000(params.jpeg2000_ratio),
         "webp": lambda: WebP(params.webp_quality, method=params.webp_method),
         "avif": lambda: AVIF(params.avif_quality, speed=params.avif_speed),
-        "jpegxl": lambda: JPEGXL(params.jpegxl_distance),
+        "jpegxl": lambda: JPEGXL(params.jpegxl_distance, effort=params.jpegxl_effort),
         "rnn": lambda: RNN(rnn_loader(params.rnn_model, device=device), params.rnn_iterations),
     }
     codecs, skipped = [], {}

@@ -1,11 +1,19 @@
 """Stage ``evaluate``: every codec on Kodak, at every setting of its sweep, through real files.
 
 Per image and setting: file size -> bpp = 8 N / (H W); MS-SSIM (5 scales), MS-SSIM dB, SSIM
-(single scale), PSNR; encode and decode time. Then curves averaged over images per setting,
-values interpolated at fixed rates, Bjontegaard deltas, figures, and a visual comparison crop.
+(single scale), PSNR; encode and decode time. The RNN codec is encoded once per image at its largest
+iteration count; the lower counts are truncations of that progressive file (bpp from their sizes).
 
-Outputs (``data/evaluation/``, written atomically): per_image.csv, curves.csv, at_rates.csv,
-bd.csv, summary.json, metrics.json, curves/<codec>.csv, figures/*.png, visual/*.png + visual.json.
+Quality at a rate, primary convention (``stats``): each image's own curve interpolated (PCHIP in
+log-bpp, no extrapolation) at the report's rates, then averaged over the images that reach the rate,
+with a bootstrap 95 % interval and the count of images; every pair of codecs compared per image
+(wins, mean difference, interval); BD-rates per image (median, interval). Secondary convention:
+curves averaged over images per setting (``curves.csv``), interpolated the same way, and BD-rates
+on those averaged curves.
+
+Outputs (``data/evaluation/``, written atomically): per_image.csv, per_image_at.csv, curves.csv,
+at_rates.csv (primary), at_rates_avg.csv (secondary), pairwise.csv, bd.csv, bd_per_image.csv,
+summary.json, metrics.json, curves/<codec>.csv, figures/*.png, visual/*.png + visual.json.
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation import bdrate
+from pipeline.evaluation import bdrate, stats
 from pipeline.evaluation.codecs import Codec, bpp, build, load_rnn
 from pipeline.evaluation.metrics import Reference
 
 KODAK_DIR = Path("data/raw/kodak")
 OUT_DIR = Path("data/evaluation")
 QUALITIES = ("ms_ssim", "ms_ssim_db", "psnr", "ssim")  # averaged per setting
+COMPARED = ("ms_ssim", "psnr")  # pairwise comparisons at a rate are made on these
 BD_METRICS = ("ms_ssim_db", "psnr")  # Bjontegaard deltas are taken on these (dB scales)
 LABELS = {"ms_ssim": "MS-SSIM", "ms_ssim_db": "MS-SSIM (dB)", "psnr": "PSNR (dB)", "ssim": "SSIM (single-scale)"}
 
@@ -83,32 +92,34 @@ def load_image(path: Path, crop: int | None = None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- measuring
 
-def measure(codec: Codec, setting: Any, image: str, img: np.ndarray, ref: Reference) -> tuple[Row, np.ndarray]:
-    t0 = time.perf_counter()
-    data = codec.encode(img, setting)
-    t1 = time.perf_counter()
-    decoded = codec.decode(data)
-    t2 = time.perf_counter()
+def row_of(codec: Codec, coded, image: str, img: np.ndarray, ref: Reference) -> Row:
+    """One measured point: the real file's size and the decoded image's quality."""
+    decoded = coded.decoded
     if decoded.shape != img.shape or decoded.dtype != np.uint8:
-        raise PipelineError(f"{codec.name} at {codec.setting}={setting}: decoded {decoded.dtype} {decoded.shape}, "
-                            f"expected uint8 {img.shape}")
+        raise PipelineError(f"{codec.name} at {codec.setting}={coded.setting:g}: decoded {decoded.dtype} "
+                            f"{decoded.shape}, expected uint8 {img.shape}")
     h, w = img.shape[:2]
     q = ref.compare(decoded)
-    row = Row(image=image, codec=codec.name, setting_name=codec.setting, setting=float(setting),
-              bytes=len(data), height=h, width=w, bpp=bpp(len(data), h, w), ms_ssim=q.ms_ssim,
-              ms_ssim_db=q.ms_ssim_db, psnr=q.psnr, ssim=q.ssim, encode_s=t1 - t0, decode_s=t2 - t1)
-    return row, decoded
+    return Row(image=image, codec=codec.name, setting_name=codec.setting, setting=float(coded.setting),
+               bytes=len(coded.data), height=h, width=w, bpp=bpp(len(coded.data), h, w), ms_ssim=q.ms_ssim,
+               ms_ssim_db=q.ms_ssim_db, psnr=q.psnr, ssim=q.ssim, encode_s=coded.encode_s, decode_s=coded.decode_s)
 
 
 def run_sweeps(paths: list[Path], codecs: list[Codec], *, crop: int | None, device, visual_image: str | None,
-               visual_bpp: float):
-    """Run every codec over every image; return the rows and the visual picks {codec: (row, decoded)}."""
+               visual_bpp: float, only: dict[str, set[str]] | None = None):
+    """Run every codec over every image (``only``: {codec: image stems} restricts a codec to a subset).
+
+    Returns the rows, the visual picks {codec: (row, decoded)}, the visual original and the wall time
+    spent per codec (coding and metrics).
+    """
     from pipeline.utils import progress
 
+    only = only or {}
     rows: list[Row] = []
     picks: dict[str, tuple[Row, np.ndarray]] = {}
+    seconds = {c.name: 0.0 for c in codecs}
     original = None
-    total = len(paths) * sum(len(c.settings) for c in codecs)
+    total = sum(len(c.settings) for p in paths for c in codecs if c.name not in only or p.stem in only[c.name])
     bar = progress(total=total, desc="evaluate", unit="enc")
     try:
         for path in paths:
@@ -121,19 +132,23 @@ def run_sweeps(paths: list[Path], codecs: list[Codec], *, crop: int | None, devi
             if name == visual_image:
                 original = img
             for codec in codecs:
-                for setting in codec.settings:
-                    bar.set_postfix_str(f"{name} {codec.name} {codec.setting}={setting}")
-                    row, decoded = measure(codec, setting, name, img, ref)
+                if codec.name in only and name not in only[codec.name]:
+                    continue
+                bar.set_postfix_str(f"{name} {codec.name}")
+                t0 = time.perf_counter()
+                for coded in codec.sweep(img):
+                    row = row_of(codec, coded, name, img, ref)
                     rows.append(row)
                     if name == visual_image:
                         best = picks.get(codec.name)
                         dist = abs(math.log(max(row.bpp, 1e-9) / visual_bpp))
                         if best is None or dist < abs(math.log(max(best[0].bpp, 1e-9) / visual_bpp)):
-                            picks[codec.name] = (row, decoded)
+                            picks[codec.name] = (row, coded.decoded)
                     bar.update(1)
+                seconds[codec.name] += time.perf_counter() - t0
     finally:
         bar.close()
-    return rows, picks, original
+    return rows, picks, original, seconds
 
 
 # ----------------------------------------------------------------------------- summarising
@@ -167,7 +182,8 @@ def by_codec(curves: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def at_rates(curves: list[dict[str, Any]], rates: list[float], slack: float = 0.0) -> list[dict[str, Any]]:
-    """Each codec's averaged curve interpolated (linearly in log bpp) at ``rates``; NaN outside its range."""
+    """Secondary convention: each codec's image-averaged curve interpolated at ``rates`` (PCHIP in
+    log-bpp, as the primary table); NaN outside its range."""
     out = []
     for codec, pts in by_codec(curves).items():
         x = [p["bpp"] for p in pts]
@@ -186,6 +202,7 @@ def bd_pairs(names: list[str], anchor: str, ours: str = "rnn") -> list[tuple[str
 
 
 def bd_table(curves: list[dict[str, Any]], anchor: str, method: str) -> list[dict[str, Any]]:
+    """Secondary: BD deltas between the image-averaged curves."""
     per = by_codec(curves)
     rows = []
     for a, t in bd_pairs(list(per), anchor):
@@ -198,6 +215,33 @@ def bd_table(curves: list[dict[str, Any]], anchor: str, method: str) -> list[dic
     return rows
 
 
+def bd_per_image_table(img_curves, names: list[str], anchor: str, method: str, averaged: list[dict[str, Any]], *,
+                       n_boot: int, seed: int, min_images: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Primary BD table: per pair and metric, the per-image BD-rates' median with a bootstrap 95 %
+    interval of the median, how many images have one (curves overlap), on how many the test codec
+    saves bits; beside it the BD-rate of the image-averaged curves. Also every per-image value."""
+    avg = {(r["anchor"], r["test"], r["metric"]): r for r in averaged}
+    rows, each = [], []
+    for a, t in bd_pairs(names, anchor):
+        for metric in BD_METRICS:
+            per = stats.bd_per_image(img_curves, a, t, metric, method)
+            for im, (rate, qual) in per.items():
+                each.append({"anchor": a, "test": t, "metric": metric, "image": im, "bd_rate_pct": rate,
+                             "bd_quality_db": qual})
+            r = stats.summarise([v[0] for v in per.values()], n_boot=n_boot, seed=seed, min_images=min_images,
+                                stat=np.median)
+            qual = [v[1] for v in per.values()]
+            qual = [v for v in qual if math.isfinite(v)]
+            old = avg.get((a, t, metric), {})
+            rows.append({"anchor": a, "test": t, "metric": metric, "method": method, "images": r["n"],
+                         "of_images": len(per), "bd_rate_pct": r["value"], "bd_rate_lo": r["lo"],
+                         "bd_rate_hi": r["hi"], "test_saves": r["losses"],
+                         "bd_quality_db": float(np.median(qual)) if qual else float("nan"),
+                         "bd_rate_avg_curve_pct": old.get("bd_rate_pct", float("nan")),
+                         "bd_quality_avg_curve_db": old.get("bd_quality_db", float("nan"))})
+    return rows, each
+
+
 def _num(v: float) -> float | None:
     return None if v is None or not math.isfinite(v) else round(float(v), 6)
 
@@ -207,13 +251,23 @@ def rate_key(rate: float) -> str:
 
 
 def metrics_json(points: list[dict[str, Any]], bd: list[dict[str, Any]], anchor: str, n_images: int,
-                 duration_s: float) -> dict[str, Any]:
-    """What ``dvc metrics show`` lists: qualities at the fixed rates per codec, and the BD-rates."""
+                 duration_s: float, averaged: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What ``dvc metrics show`` lists: qualities at the fixed rates per codec (per-image convention,
+    with the number of images per cell), the median per-image BD-rates, and the secondary
+    (average-per-setting) MS-SSIM at the rates."""
     out: dict[str, Any] = {"images": n_images, "duration_s": round(duration_s, 2)}
     for q in ("ms_ssim", "ms_ssim_db", "psnr"):
         out[q] = {}
         for p in points:
             out[q].setdefault(p["codec"], {})[rate_key(p["bpp"])] = _num(p[q])
+    out["images_at_rate"] = {}
+    for p in points:
+        if "images" in p:
+            out["images_at_rate"].setdefault(p["codec"], {})[rate_key(p["bpp"])] = int(p["images"])
+    if averaged is not None:
+        out["ms_ssim_avg_setting"] = {}
+        for p in averaged:
+            out["ms_ssim_avg_setting"].setdefault(p["codec"], {})[rate_key(p["bpp"])] = _num(p["ms_ssim"])
     out[f"bd_rate_vs_{anchor}"] = {r["test"]: {} for r in bd if r["anchor"] == anchor}
     out["bd_rate_rnn_vs"] = {r["anchor"]: {} for r in bd if r["test"] == "rnn"}
     for r in bd:
@@ -256,22 +310,22 @@ COLORS = {"jpeg": "tab:blue", "jpeg2000": "tab:orange", "webp": "tab:green", "av
           "jpegxl": "tab:brown", "rnn": "tab:red"}
 
 
-def plot_curves(curves: list[dict[str, Any]], quality: str, path: Path, labels: dict[str, str],
-                max_bpp: float, title: str | None = None) -> None:
+def _axes(title: str, quality: str, max_bpp: float):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    for codec, pts in by_codec(curves).items():
-        ax.plot([p["bpp"] for p in pts], [p[quality] for p in pts], marker="o", ms=3.5,
-                lw=2.2 if codec == "rnn" else 1.4, color=COLORS.get(codec), label=labels.get(codec, codec))
     ax.set_xlim(0, max_bpp)
     ax.set_xlabel("bits per pixel (bpp, from file size)")
     ax.set_ylabel(LABELS[quality])
-    ax.set_title(title or f"{LABELS[quality]} vs bpp (Kodak, mean over images)")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    return fig, ax, plt
+
+
+def _save(fig, plt, ax, path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,8 +333,46 @@ def plot_curves(curves: list[dict[str, Any]], quality: str, path: Path, labels: 
     plt.close(fig)
 
 
+def plot_curves(curves: list[dict[str, Any]], quality: str, path: Path, labels: dict[str, str],
+                max_bpp: float, title: str | None = None) -> None:
+    """Secondary convention: one point per setting, bpp and quality averaged over images."""
+    fig, ax, plt = _axes(title or f"{LABELS[quality]} vs bpp: mean over images per setting (secondary)",
+                         quality, max_bpp)
+    for codec, pts in by_codec(curves).items():
+        ax.plot([p["bpp"] for p in pts], [p[quality] for p in pts], marker="o", ms=3.5,
+                lw=2.2 if codec == "rnn" else 1.4, color=COLORS.get(codec), label=labels.get(codec, codec))
+    _save(fig, plt, ax, path)
+
+
+def plot_at_rate(img_curves, points: list[dict[str, Any]], quality: str, path: Path, labels: dict[str, str],
+                 images_of: dict[str, int], max_bpp: float, slack: float = 0.0) -> None:
+    """Primary convention: at each bpp, the mean over images of each image's interpolated quality, drawn
+    where every image of the codec reaches that bpp; the report's rates with their 95 % intervals."""
+    fig, ax, plt = _axes(f"{LABELS[quality]} at equal rate: mean of per-image interpolation "
+                         "(primary; bars: 95% bootstrap CI)", quality, max_bpp)
+    grid = np.exp(np.linspace(math.log(0.03), math.log(max_bpp), 96))
+    codecs = list(labels)
+    for codec in codecs:
+        mine = [c for (name, _), c in img_curves.items() if name == codec]
+        if not mine:
+            continue
+        vals = np.stack([bdrate.interpolate(c["bpp"], c[quality], grid, slack) for c in mine])
+        mean = vals.mean(0)  # NaN wherever one of the images does not reach the rate
+        color = COLORS.get(codec)
+        ax.plot(grid, mean, lw=2.2 if codec == "rnn" else 1.4, color=color,
+                label=f"{labels.get(codec, codec)} ({len(mine)} images)")
+        at = [p for p in points if p["codec"] == codec and math.isfinite(p[quality])]
+        if at:
+            y = np.array([p[quality] for p in at])
+            err = np.array([[p[quality] - p[f"{quality}_lo"] for p in at], [p[f"{quality}_hi"] - p[quality] for p in at]])
+            err = np.where(np.isfinite(err), err, 0)
+            ax.errorbar([p["bpp"] for p in at], y, yerr=err, fmt="o", ms=3.5, color=color, capsize=3)
+    _save(fig, plt, ax, path)
+
+
 FIGURES = {"ms_ssim": "ms_ssim_vs_bpp.png", "ms_ssim_db": "ms_ssim_db_vs_bpp.png",
-           "psnr": "psnr_vs_bpp.png", "ssim": "ssim_vs_bpp.png"}
+           "psnr": "psnr_vs_bpp.png", "ssim": "ssim_vs_bpp.png"}  # secondary: averaged per setting
+AT_RATE_FIGURES = {"ms_ssim": "ms_ssim_at_rate.png", "psnr": "psnr_at_rate.png"}  # primary
 
 
 def write_visual(out: Path, original: np.ndarray, picks: dict[str, tuple[Row, np.ndarray]],
@@ -302,7 +394,7 @@ def write_visual(out: Path, original: np.ndarray, picks: dict[str, tuple[Row, np
 
 
 def write_outputs(out: Path, rows: list[Row], curves, points, bd, metrics, summary, picks, original,
-                  params) -> None:
+                  params, *, extra: dict[str, list[dict[str, Any]]], img_curves, images_of) -> None:
     from pipeline.utils import save_json
 
     labels = summary["labels"]
@@ -310,11 +402,16 @@ def write_outputs(out: Path, rows: list[Row], curves, points, bd, metrics, summa
     write_csv(out / "curves.csv", curves)
     write_csv(out / "at_rates.csv", points)
     write_csv(out / "bd.csv", bd)
+    for name, table in extra.items():
+        write_csv(out / name, table)
     for codec, pts in by_codec(curves).items():
         write_csv(out / "curves" / f"{codec}.csv",
                   [{k: p[k] for k in ("setting", "bpp", *QUALITIES)} for p in pts])
     for quality, name in FIGURES.items():
         plot_curves(curves, quality, out / "figures" / name, labels, params.plot_max_bpp)
+    for quality, name in AT_RATE_FIGURES.items():
+        plot_at_rate(img_curves, points, quality, out / "figures" / name, labels, images_of, params.plot_max_bpp,
+                     params.rate_slack)
     if original is not None and picks:
         visual = write_visual(out / "visual", original, picks, params.visual_crop, summary["visual_image"],
                               params.visual_bpp)
@@ -339,6 +436,14 @@ def evaluate(params, out_dir: Path = OUT_DIR, kodak_dir: Path = KODAK_DIR, rnn_l
     p = params.evaluate
     start = time.perf_counter()
     paths = kodak_paths(Path(kodak_dir), p.images)
+    only: dict[str, set[str]] = {}
+    if p.rnn_images is not None and "rnn" in p.codecs:
+        wanted = {f"kodim{i:02d}" for i in p.rnn_images}
+        missing = sorted(wanted - {q.stem for q in paths})
+        if missing:
+            raise PipelineError(f"evaluate.rnn_images: {', '.join(missing)} not among the evaluated images "
+                                f"(in {kodak_dir})")
+        only["rnn"] = wanted
     device = select_device(p.device)
     if device.type == "cpu" and p.cpu_threads:
         torch.set_num_threads(p.cpu_threads)
@@ -356,29 +461,48 @@ def evaluate(params, out_dir: Path = OUT_DIR, kodak_dir: Path = KODAK_DIR, rnn_l
     if visual_image not in [q.stem for q in paths]:
         log(f"[evaluate] visual_image {visual_image} is not evaluated: using {paths[0].stem}")
         visual_image = paths[0].stem
-    log(f"[evaluate] {len(paths)} image(s), codecs {', '.join(names)} on {device}")
+    log(f"[evaluate] {len(paths)} image(s), codecs {', '.join(names)} on {device}"
+        + (f"; rnn on {len(only['rnn'])} of them" if "rnn" in only else ""))
 
-    rows, picks, original = run_sweeps(paths, codecs, crop=p.crop, device=device, visual_image=visual_image,
-                                       visual_bpp=p.visual_bpp)
+    rows, picks, original, seconds = run_sweeps(paths, codecs, crop=p.crop, device=device,
+                                                visual_image=visual_image, visual_bpp=p.visual_bpp, only=only)
+    images_of = {c: len({r.image for r in rows if r.codec == c}) for c in names}
+    boot = {"n_boot": p.bootstrap, "seed": params.seed, "min_images": p.min_images}
+    # secondary convention: average per setting, then interpolate
     curves = average_curves(rows)
-    points = at_rates(curves, p.rates, p.rate_slack)
-    bd = bd_table(curves, anchor, p.bd_method)
+    averaged = at_rates(curves, p.rates, p.rate_slack)
+    bd_avg = bd_table(curves, anchor, p.bd_method)
+    # primary convention: each image's own curve at the rates, then average
+    img_curves = stats.image_curves(rows)
+    each_at = stats.per_image_at(img_curves, p.rates, QUALITIES, p.rate_slack)
+    points = stats.at_rates_per_image(each_at, names, p.rates, QUALITIES, images_of, **boot)
+    pairs = stats.pairwise(each_at, names, p.rates, COMPARED, **boot)
+    bd, bd_each = bd_per_image_table(img_curves, names, anchor, p.bd_method, bd_avg, **boot)
     duration = time.perf_counter() - start
-    metrics = metrics_json(points, bd, anchor, len(paths), duration)
+    metrics = metrics_json(points, bd, anchor, len(paths), duration, averaged)
     summary = {
         "profile": params.profile, "images": [q.stem for q in paths], "crop": p.crop,
         "all_kodak": p.images is None and p.crop is None and len(paths) == 24,
         "codecs": {c.name: {"label": c.label, "description": c.describe(), "setting": c.setting,
-                            "settings": [float(s) for s in c.settings]} for c in codecs},
-        "labels": {c.name: c.label for c in codecs}, "skipped": skipped, "anchor": anchor,
-        "bd_method": p.bd_method, "rates": p.rates, "visual_image": visual_image, "device": str(device),
+                            "settings": [float(s) for s in c.settings], "config": c.config(),
+                            "images": images_of[c.name], "seconds": round(seconds[c.name], 2),
+                            "shared_timing": c.shared_timing,
+                            "subset": sorted(only[c.name] & {q.stem for q in paths}) if c.name in only else None}
+                   for c in codecs},
+        "labels": {c.name: c.label for c in codecs}, "order": names, "skipped": skipped, "anchor": anchor,
+        "bd_method": p.bd_method, "rates": p.rates, "rate_slack": p.rate_slack, "bootstrap": p.bootstrap,
+        "min_images": p.min_images, "seed": params.seed, "convention": "per-image",
+        "visual_image": visual_image, "device": str(device),
         "torch": torch.__version__, "platform": platform.platform(), "duration_s": duration,
         "encodes": len(rows),
     }
+    extra = {"per_image_at.csv": each_at, "at_rates_avg.csv": averaged, "pairwise.csv": pairs,
+             "bd_per_image.csv": bd_each, "bd_avg.csv": bd_avg}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        write_outputs(tmp, rows, curves, points, bd, metrics, summary, picks, original, p)
-    log(f"[evaluate] {len(rows)} encodes in {duration:.1f} s -> {out_dir}")
+        write_outputs(tmp, rows, curves, points, bd, metrics, summary, picks, original, p, extra=extra,
+                      img_curves=img_curves, images_of=images_of)
+    log(f"[evaluate] {len(rows)} coded files in {duration:.1f} s -> {out_dir}")
     return metrics
 
 

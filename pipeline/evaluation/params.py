@@ -22,12 +22,16 @@ class EvaluateParams(Section):
     avif_quality: list[int] = Field([0, 10, 20, 30, 45, 60, 80], min_length=1)  # libavif quality 0..100
     avif_speed: int = Field(6, ge=0, le=10)  # libavif encoder speed: 0 slow/best .. 10 fast
     jpegxl_distance: list[float] = Field([12, 8, 5, 3, 2, 1], min_length=1)  # butteraugli distance (lower: better)
+    jpegxl_effort: int = Field(7, ge=1, le=9)  # libjxl effort: 1 fast .. 9 slow/best (7: libjxl's default)
     rnn_model: str = "data/compressor/model.pt"  # checkpoint path or MLflow model URI of the RNN codec
-    rnn_iterations: list[int] | None = None  # iteration counts (0.125 bpp each); None: 1..max_iterations
+    rnn_iterations: list[int] | None = None  # iteration counts; None: 1..max_iterations (one encode, truncated)
+    rnn_images: list[int] | None = None  # Kodak indices the RNN codec is run on; None: the same as images
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where the RNN codec and the metrics run
     cpu_threads: int = Field(0, ge=0)  # torch threads on CPU (0: all cores; 1 avoids contention on busy hosts)
     rates: list[float] = Field([0.125, 0.25, 0.5, 1.0], min_length=1)  # bpp at which curves are interpolated
-    rate_slack: float = Field(0.02, ge=0, le=0.1)  # a rate this much (relative) past a curve's end reads its end point
+    rate_slack: float = Field(0.0, ge=0, le=0.1)  # a rate this much (relative) past a curve's end reads its end point
+    bootstrap: int = Field(2000, ge=100)  # bootstrap resamples (over images) of every 95% interval
+    min_images: int = Field(3, ge=2)  # fewer images than this: no interval, no verdict ("not shown")
     anchor: CodecName = "jpeg"  # BD-rates of every codec are taken against this one
     bd_method: Literal["pchip", "polyfit"] = "pchip"  # Bjontegaard fit: piecewise cubic or cubic polyfit
     visual_image: int = Field(23, ge=1, le=24)  # Kodak image of the visual comparison (must be evaluated)
@@ -42,6 +46,13 @@ class EvaluateParams(Section):
                 raise ValueError("images: Kodak indices are 1..24")
             if self.visual_image not in self.images:
                 raise ValueError(f"visual_image {self.visual_image} is not in images {self.images}")
+        if self.rnn_images is not None:
+            if not self.rnn_images or any(not 1 <= i <= 24 for i in self.rnn_images):
+                raise ValueError("rnn_images: Kodak indices are 1..24")
+            if self.images is not None and not set(self.rnn_images) <= set(self.images):
+                raise ValueError(f"rnn_images {self.rnn_images} are not all in images {self.images}")
+            if "rnn" in self.codecs and self.visual_image not in self.rnn_images:
+                raise ValueError(f"visual_image {self.visual_image} is not in rnn_images {self.rnn_images}")
         if self.rnn_iterations is not None and any(k < 1 for k in self.rnn_iterations):
             raise ValueError("rnn_iterations: counts are >= 1")
         if any(not 1 <= q <= 100 for q in self.jpeg_quality):
