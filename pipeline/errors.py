@@ -16,7 +16,8 @@ class ParamsError(PipelineError):
 def run_cli(action, messages: dict[type[BaseException], str] | None = None) -> int:
     """Call ``action()`` for a command-line entry point; user errors become one ``error:`` line.
 
-    ``messages`` maps other exception types (e.g. MemoryError) to the message printed for them.
+    ``messages`` maps other exception types (e.g. MemoryError) to the message printed for them; an
+    exception matches its type's entry or the first entry of a base class.
     Returns the process exit code.
     """
     import sys
@@ -29,7 +30,8 @@ def run_cli(action, messages: dict[type[BaseException], str] | None = None) -> i
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except tuple(messages or ()) as err:
-        print(f"error: {messages[type(err)]}", file=sys.stderr)
+    except tuple(messages or ()) as err:  # subclasses too (numpy's _ArrayMemoryError is a MemoryError)
+        text = messages.get(type(err)) or next(m for t, m in messages.items() if isinstance(err, t))
+        print(f"error: {text}", file=sys.stderr)
         return 1
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -17,7 +18,11 @@ from typing import Any, Iterator
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
 
-    Works for files and directories: nothing half-written is ever left at ``path``.
+    Works for files and directories: nothing half-written is ever left at ``path``, and nothing is
+    deleted that the caller did not ask to write. A file is never put in place of an existing
+    directory (``IsADirectoryError``; the directory is left as it was). A directory written by the
+    block replaces a directory at ``path`` (the caller's own output folder, written again): the old
+    one is first renamed aside, so ``path`` always holds a whole folder, and only then removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,15 +30,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     os.unlink(tmp)
     tmp = Path(tmp)
+    old = tmp.with_name(tmp.name + ".old")
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            if not tmp.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
+        elif tmp.exists() or tmp.is_symlink():
             tmp.unlink()
 
 

@@ -1,16 +1,18 @@
 """``rnnc``: compress images to .rnnc files with the trained RNN codec, and back.
 
     rnnc compress IN.png OUT.rnnc (--iterations K | --bpp B) [--model M] [--tile T]
-    rnnc decompress IN.rnnc OUT.png [--iterations K] [--model M]
+    rnnc decompress IN.rnnc OUT.png [--iterations K] [--model M] [--max-pixels N]
     rnnc info IN.rnnc
 
 --model is a checkpoint (default data/compressor/model.pt) or an MLflow model URI such as
-models:/rnn-compressor/1. Errors end with one line on stderr and a non-zero exit.
+models:/rnn-compressor/1. Errors end with one line on stderr and a non-zero exit. Outputs are
+written whole or not at all; an output that is an existing folder, or the input itself, is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,15 +94,33 @@ def write_bytes(path: str, data: bytes) -> None:
         raise PipelineError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
+def check_output(output: str, input_: str) -> None:
+    """Refuse an output path that is a folder or the input file, before any work is done."""
+    out = Path(output)
+    if out.is_dir():
+        raise PipelineError(f"{output}: is a folder; give the output file's name (e.g. {out / Path(input_).stem}"
+                            f"{'.rnnc' if not input_.endswith('.rnnc') else '.png'})")
+    try:
+        same = out.exists() and Path(input_).exists() and os.path.samefile(out, input_)
+    except OSError:
+        same = False
+    if same or out.resolve() == Path(input_).resolve():
+        raise PipelineError(f"{output}: is the input file; give another output name")
+
+
 def _compress(args: argparse.Namespace) -> None:
     from pipeline.compression.codec import bits_per_pixel, load_codec
 
+    check_output(args.output, args.input)
     img = read_image(args.input)
     codec = load_codec(args.model, device=args.device, tile=args.tile, show_progress=True)
     h, w = img.shape[:2]
-    k = args.iterations if args.iterations is not None else codec.iterations_for_bpp(h, w, args.bpp)
     t0 = time.perf_counter()
-    data = codec.compress(img, k)
+    if args.iterations is not None:
+        k = args.iterations
+        data = codec.compress(img, k)
+    else:
+        data, k = codec.compress_to_bpp(img, args.bpp)
     seconds = time.perf_counter() - t0
     write_bytes(args.output, data)
     print(f"{args.output}: {w}x{h}, {k} iteration(s), {len(data)} bytes, "
@@ -110,8 +130,9 @@ def _compress(args: argparse.Namespace) -> None:
 def _decompress(args: argparse.Namespace) -> None:
     from pipeline.compression.codec import load_codec
 
+    check_output(args.output, args.input)
     data = read_bytes(args.input)
-    codec = load_codec(args.model, device=args.device, show_progress=True)
+    codec = load_codec(args.model, device=args.device, show_progress=True, max_pixels=args.max_pixels)
     header, present = codec.read_header(data)
     if present < header.iterations:
         note(f"{args.input}: holds {present} of {header.iterations} iterations (a progressive prefix); "
@@ -129,10 +150,14 @@ def _info(args: argparse.Namespace) -> None:
 
     data = read_bytes(args.input)
     header, chunks = parse(data)
-    print(f"{args.input}: .rnnc v{header.version}, {header.width}x{header.height}, "
+    raw = header.iteration_bytes
+    coding = "raw bits" if header.version == 1 else \
+        f"entropy-coded, {sum(len(c) < raw for c in chunks)}/{len(chunks)} coded"
+    print(f"{args.input}: .rnnc v{header.version} ({coding}), {header.width}x{header.height}, "
           f"{len(chunks)}/{header.iterations} iterations, {header.bits} bits per {header.block}x{header.block} "
           f"block, tile {header.tile or 'whole image'}, model {header.fingerprint.hex()}, {len(data)} bytes, "
           f"{bits_per_pixel(len(data), header.height, header.width):.4f} bpp")
+    print("iteration bytes (raw " + str(raw) + "): " + " ".join(str(len(c)) for c in chunks))
 
 
 def _positive(text: str) -> int:
@@ -142,6 +167,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
     return value
 
 
@@ -156,7 +191,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.compression.codec import DEFAULT_MODEL, DEFAULT_TILE
+    from pipeline.compression.codec import DEFAULT_MODEL, DEFAULT_TILE, MAX_TILE
 
     parser = argparse.ArgumentParser(prog="rnnc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,16 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input", help="image file (PNG, JPEG, ...; any size and mode)")
     c.add_argument("output", help=".rnnc file to write")
     rate = c.add_mutually_exclusive_group(required=True)
-    rate.add_argument("--iterations", "-k", type=_positive, help="iterations to code (0.125 bpp each at 32 bits)")
-    rate.add_argument("--bpp", type=_positive_float, help="most bits per pixel, header included")
+    rate.add_argument("--iterations", "-k", type=_positive,
+                      help="iterations to code (at most 0.125 bpp each at 32 bits; less once entropy-coded)")
+    rate.add_argument("--bpp", type=_positive_float,
+                      help="most bits per pixel, header included (the most iterations that fit)")
     c.add_argument("--tile", type=int, default=DEFAULT_TILE,
-                   help=f"coding tile side in px, a multiple of 16; 0 = whole image (default {DEFAULT_TILE})")
+                   help=f"coding tile side in px, a multiple of 16 up to {MAX_TILE}; 0 = whole image (up to "
+                        f"{MAX_TILE} px a side) (default {DEFAULT_TILE})")
     common(c)
 
     d = sub.add_parser("decompress", help=".rnnc -> image")
     d.add_argument("input", help=".rnnc file (or a prefix of whole iterations)")
     d.add_argument("output", help="image file to write (.png)")
     d.add_argument("--iterations", "-k", type=_positive, help="decode only the first K iterations")
+    d.add_argument("--max-pixels", type=_count, default=None,
+                   help="refuse files of larger images (default: Pillow's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS; "
+                        "0: no limit)")
     common(d)
 
     i = sub.add_parser("info", help="print a .rnnc file's header")

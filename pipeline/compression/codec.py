@@ -1,36 +1,57 @@
 """The ``.rnnc`` file format and the codec API over a trained :class:`RNNCompressor`.
 
-File layout (version 1, little-endian)::
+File layout (little-endian). The header is the same in both versions::
 
     header (30 bytes)
       magic        4s   b"RNNC"
-      version      u8   1
+      version      u8   2 (1: raw bits, still read)
       bits         u8   code bits per 16x16 block per iteration (the model's)
       block        u8   16: pixels per code cell side
-      tile         u16  side of the coding tiles in pixels (a multiple of 16; 0: one tile)
+      tile         u16  side of the coding tiles in pixels (a multiple of 16, 16..2048; 0: one tile,
+                        for images up to 2048 px a side)
       fingerprint  8s   first 8 bytes of the model's SHA-256 (config + weights)
       height       u32  image height in pixels
       width        u32  image width in pixels
       iterations   u8   iterations stored, K
       header_crc   u32  CRC-32 of the 26 bytes above
-    K times, iteration by iteration:
-      bits         ceil(bits * Hb * Wb / 8) bytes: for each 16x16 block in raster order, its bits
-                   (1 = +1, 0 = -1), MSB first; Hb, Wb = ceil(height/16), ceil(width/16)
+
+Version 2, then K times, iteration by iteration::
+
+      length       u32  n, the payload's bytes: at most R, the raw size of an iteration (below)
+      payload      n    n == R: the raw bits as in version 1; n < R: the bits entropy-coded by
+                        :class:`pipeline.compression.entropy.PlaneCoder` (an adaptive context model
+                        carried over from the iterations before, and a range coder), n a multiple of 4
+      crc          u32  CRC-32 of length and payload
+
+Version 1, then K times::
+
+      bits         R bytes: for each 16x16 block in raster order, its bits (1 = +1, 0 = -1), MSB first
       crc          u32  CRC-32 of those bytes
 
-So the size is ``HEADER_SIZE + K * (iteration bytes + 4)`` and any prefix of whole iterations is a
-valid, coarser image (progressive): the decoder reads the iterations present and says so when the
-header promised more. A partial iteration, a bad checksum, a foreign magic or version, or another
-model's fingerprint are errors (:class:`BitstreamError`, :class:`ModelMismatchError`).
+where R = ceil(bits * Hb * Wb / 8) and Hb, Wb = ceil(height/16), ceil(width/16). Any prefix of whole
+iterations is a valid, coarser image (progressive): iteration t decodes from the header and
+iterations 1..t alone, and :func:`truncate` makes the file of the first k iterations, equal byte for
+byte to compressing with k iterations. The decoder reads the iterations present and says so when the
+header promised more. BPP is ``8 * file size / (H * W)``, header included.
+
+The decoder trusts no field: the CRCs, every header field's range (tile within what the encoder
+writes, iterations within the model's), each payload length against the size the header implies,
+and the image area against a pixel limit (Pillow's: ``2 * PIL.Image.MAX_IMAGE_PIXELS``, the size at
+which Pillow refuses to open an image; ``max_pixels`` lifts it) are checked before anything is
+allocated. Errors are :class:`BitstreamError`, :class:`ModelMismatchError` or :class:`OutOfMemory`.
 
 The image is padded to a multiple of 16 (edge replication) and split into ``tile`` x ``tile`` tiles
-(row-major; the last row/column smaller); each tile is coded independently, so memory is bounded by
-the tile, not the image. The tiling is stored in the header, so the decoder repeats it exactly.
+(row-major; the last row/column smaller); each tile runs through the network independently, so the
+network's memory is bounded by the tile (at most 2048 x 2048 px), not the image. The tiling is stored
+in the header, so the decoder repeats it exactly. Besides that, a decode holds the output image
+(3 bytes per pixel, per iteration for :meth:`RNNCodec.decompress_progressive`) and the bits of every
+iteration (K/8 bytes per pixel), both bounded by the pixel limit.
 """
 
 from __future__ import annotations
 
 import binascii
+import contextlib
 import hashlib
 import json
 import math
@@ -46,12 +67,16 @@ from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor
 from pipeline.errors import PipelineError
 
 MAGIC = b"RNNC"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # versions this build reads
 _FIELDS = struct.Struct("<4sBBBH8sIIB")
 _CRC = struct.Struct("<I")
+_LENGTH = struct.Struct("<I")
 HEADER_SIZE = _FIELDS.size + _CRC.size  # 30 bytes
 CRC_SIZE = _CRC.size
+LENGTH_SIZE = _LENGTH.size
 DEFAULT_TILE = 768  # px: a Kodak image (768x512) is one tile; a 4000x3000 photo is 6x4 tiles
+MAX_TILE = 2048  # px: the largest tile the encoder writes and the decoder accepts (bounds its memory)
 DEFAULT_MODEL = Path("data/compressor/model.pt")
 MODEL_FORMAT = "rnnc-model"
 MAX_SIDE = 1 << 20  # px; refuses absurd headers before anything is allocated
@@ -62,7 +87,7 @@ class CodecError(PipelineError):
 
 
 class BitstreamError(CodecError):
-    """The bytes are not a (complete, intact) .rnnc file."""
+    """The bytes are not a (complete, intact, acceptable) .rnnc file."""
 
 
 class ModelMismatchError(CodecError):
@@ -75,6 +100,38 @@ class ModelError(CodecError):
 
 class InputError(CodecError):
     """The input image is unusable."""
+
+
+class OutOfMemory(CodecError):
+    """Coding ran out of memory (numpy's or torch's)."""
+
+
+def default_max_pixels() -> int | None:
+    """The decoder's default pixel limit: where Pillow refuses an image (2 x Image.MAX_IMAGE_PIXELS,
+    read when called, so setting Pillow's limit sets this one); None when Pillow's is off."""
+    from PIL import Image
+
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        m in text for m in ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory"))
+
+
+@contextlib.contextmanager
+def _memory_guard(what: str, tile: int):
+    """numpy's MemoryError and torch's out-of-memory RuntimeError -> one clear :class:`OutOfMemory`."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        raise OutOfMemory(f"out of memory while {what} (tile {tile or 'whole image'} px; "
+                          "compress with a smaller --tile, or use a machine with more memory)") from None
 
 
 # ----------------------------------------------------------------------------------------- header
@@ -97,19 +154,33 @@ class Header:
 
     @property
     def iteration_bytes(self) -> int:
+        """R: the raw size of one iteration's bits."""
         hb, wb = self.blocks
         return (self.bits * hb * wb + 7) // 8
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
 
     def pack(self) -> bytes:
         head = _FIELDS.pack(MAGIC, self.version, self.bits, self.block, self.tile, self.fingerprint,
                             self.height, self.width, self.iterations)
         return head + _CRC.pack(binascii.crc32(head))
 
+    def replace(self, **changes) -> "Header":
+        return Header(**{**self.__dict__, **changes})
+
 
 def file_size(height: int, width: int, iterations: int, bits: int = 32) -> int:
-    """Exact size in bytes of a file holding ``iterations`` iterations of a height x width image."""
+    """Exact size in bytes of a version-1 (raw bits) file of ``iterations`` iterations of a height x
+    width image. A version-2 file is at most :func:`max_file_size`, usually much less."""
     h = Header(bits=bits, tile=0, fingerprint=b"\0" * 8, height=height, width=width, iterations=iterations)
     return HEADER_SIZE + iterations * (h.iteration_bytes + CRC_SIZE)
+
+
+def max_file_size(height: int, width: int, iterations: int, bits: int = 32) -> int:
+    """Upper bound of the size of a version-2 file: every iteration stored raw, plus its length."""
+    return file_size(height, width, iterations, bits) + iterations * LENGTH_SIZE
 
 
 def bits_per_pixel(n_bytes: int, height: int, width: int) -> float:
@@ -117,51 +188,155 @@ def bits_per_pixel(n_bytes: int, height: int, width: int) -> float:
     return 8 * n_bytes / (height * width)
 
 
-def parse(data: bytes) -> tuple[Header, list[bytes]]:
-    """Check a file and split it into its header and the iterations present (whole ones only).
+def _check_tile(tile: int, height: int | None = None, width: int | None = None) -> str | None:
+    """Why ``tile`` is outside what the encoder writes (None when it is fine)."""
+    if tile == 0:
+        if height is not None and max(_padded(height), _padded(width)) > MAX_TILE:
+            return f"tile 0 (one tile) is for images up to {MAX_TILE} px a side"
+        return None
+    if tile % BLOCK or not BLOCK <= tile <= MAX_TILE:
+        return f"tile must be 0 or a multiple of {BLOCK} from {BLOCK} to {MAX_TILE} (got {tile})"
+    return None
 
-    Fewer whole iterations than the header says is a valid progressive prefix; anything else that
-    does not add up is a :class:`BitstreamError`.
-    """
+
+def parse_header(data: bytes) -> Header:
+    """Check and read the 30-byte header: magic, version, checksum, and every field's range."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BitstreamError(f"expected bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+    if len(data) < len(MAGIC) or bytes(data[: len(MAGIC)]) != MAGIC:
         raise BitstreamError("not an .rnnc file (bad magic bytes)")
     if len(data) < HEADER_SIZE:
         raise BitstreamError(f"truncated .rnnc file: {len(data)} bytes, the header alone needs {HEADER_SIZE}")
     version = data[len(MAGIC)]
-    if version != VERSION:
-        raise BitstreamError(f"unsupported .rnnc version {version} (this build reads version {VERSION})")
-    head = data[: _FIELDS.size]
+    if version not in VERSIONS:
+        raise BitstreamError(f"unsupported .rnnc version {version} (this build reads versions "
+                             f"{', '.join(map(str, VERSIONS))})")
+    head = bytes(data[: _FIELDS.size])
     (crc,) = _CRC.unpack_from(data, _FIELDS.size)
     if binascii.crc32(head) != crc:
         raise BitstreamError("corrupt .rnnc header (checksum mismatch)")
     _, version, bits, block, tile, fp, height, width, iterations = _FIELDS.unpack(head)
-    if block != BLOCK or bits == 0 or tile % BLOCK:
-        raise BitstreamError(f"invalid .rnnc header (bits={bits}, block={block}, tile={tile})")
+    if block != BLOCK or bits == 0:
+        raise BitstreamError(f"invalid .rnnc header (bits={bits}, block={block})")
     if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE) or iterations == 0:
         raise BitstreamError(f"invalid .rnnc header (size {width}x{height}, {iterations} iterations)")
-    header = Header(bits=bits, tile=tile, fingerprint=fp, height=height, width=width, iterations=iterations,
-                    version=version, block=block)
-    step = header.iteration_bytes + CRC_SIZE
-    payload = memoryview(data)[HEADER_SIZE:]
-    whole, rest = divmod(len(payload), step)
-    if whole > iterations or (whole == iterations and rest):
-        raise BitstreamError(f"corrupt .rnnc file: {len(payload) - iterations * step} bytes after the last iteration")
-    if rest:
-        raise BitstreamError(f"truncated .rnnc file: iteration {whole + 1} of {iterations} is incomplete "
-                             f"({rest} of {step} bytes)")
-    if whole == 0:
-        raise BitstreamError(f"truncated .rnnc file: no complete iteration (header says {iterations})")
-    chunks = []
-    for t in range(whole):
-        chunk = payload[t * step: t * step + header.iteration_bytes]
-        (crc,) = _CRC.unpack_from(payload, t * step + header.iteration_bytes)
-        if binascii.crc32(chunk) != crc:
-            raise BitstreamError(f"corrupt .rnnc file: iteration {t + 1} fails its checksum")
-        chunks.append(bytes(chunk))
-    return header, chunks
+    why = _check_tile(tile, height, width)
+    if why:
+        raise BitstreamError(f"invalid .rnnc header ({why})")
+    return Header(bits=bits, tile=tile, fingerprint=fp, height=height, width=width, iterations=iterations,
+                  version=version, block=block)
+
+
+def _records(data: bytes, header: Header) -> list[tuple[int, int]]:
+    """(start, end) of each whole iteration record present, CRCs checked; payload bytes for v2 exclude
+    the length field. Fewer whole iterations than the header says is a valid progressive prefix."""
+    raw = header.iteration_bytes
+    k = header.iterations
+    size = len(data)
+    spans = []
+    pos = HEADER_SIZE
+    if header.version == 1:
+        step = raw + CRC_SIZE
+        whole, rest = divmod(size - HEADER_SIZE, step)
+        if whole > k or (whole == k and rest):
+            raise BitstreamError(f"corrupt .rnnc file: {size - HEADER_SIZE - k * step} bytes after the last iteration")
+        if rest:
+            raise BitstreamError(f"truncated .rnnc file: iteration {whole + 1} of {k} is incomplete "
+                                 f"({rest} of {step} bytes)")
+        for t in range(whole):
+            start = HEADER_SIZE + t * step
+            (crc,) = _CRC.unpack_from(data, start + raw)
+            if binascii.crc32(data[start: start + raw]) != crc:
+                raise BitstreamError(f"corrupt .rnnc file: iteration {t + 1} fails its checksum")
+            spans.append((start, start + raw))
+    else:
+        for t in range(k):
+            if pos == size:
+                break
+            if size - pos < LENGTH_SIZE:
+                raise BitstreamError(f"truncated .rnnc file: iteration {t + 1} of {k} is incomplete "
+                                     f"({size - pos} bytes)")
+            (n,) = _LENGTH.unpack_from(data, pos)
+            if n > raw or (n < raw and n % 4):
+                raise BitstreamError(f"corrupt .rnnc file: iteration {t + 1} claims {n} bytes (an iteration of this "
+                                     f"image takes {raw} raw, or fewer in 4-byte words coded)")
+            end = pos + LENGTH_SIZE + n
+            if end + CRC_SIZE > size:
+                raise BitstreamError(f"truncated .rnnc file: iteration {t + 1} of {k} is incomplete "
+                                     f"({size - pos} of {LENGTH_SIZE + n + CRC_SIZE} bytes)")
+            (crc,) = _CRC.unpack_from(data, end)
+            if binascii.crc32(data[pos:end]) != crc:
+                raise BitstreamError(f"corrupt .rnnc file: iteration {t + 1} fails its checksum")
+            spans.append((pos + LENGTH_SIZE, end))
+            pos = end + CRC_SIZE
+        if pos != size:
+            raise BitstreamError(f"corrupt .rnnc file: {size - pos} bytes after the last iteration")
+    if not spans:
+        raise BitstreamError(f"truncated .rnnc file: no complete iteration (header says {k})")
+    return spans
+
+
+def parse(data: bytes) -> tuple[Header, list[bytes]]:
+    """Check a file and split it into its header and the payloads of the iterations present (whole
+    ones only; version 2: raw when a payload is ``iteration_bytes`` long, else entropy-coded).
+
+    Fewer whole iterations than the header says is a valid progressive prefix; anything else that
+    does not add up is a :class:`BitstreamError`.
+    """
+    header = parse_header(data)
+    view = memoryview(bytes(data) if not isinstance(data, bytes) else data)
+    return header, [bytes(view[a:b]) for a, b in _records(view, header)]
+
+
+def _pack_v1(header: Header, codes: np.ndarray) -> bytes:
+    """The version-1 file (raw bits) of codes (K, Hb, Wb, bits)."""
+    parts = [header.replace(version=1).pack()]
+    for t in range(codes.shape[0]):
+        chunk = np.packbits(codes[t].reshape(-1)).tobytes()
+        parts += [chunk, _CRC.pack(binascii.crc32(chunk))]
+    return b"".join(parts)
+
+
+def _pack_v2(header: Header, codes: np.ndarray) -> tuple[bytes, list[int]]:
+    """The version-2 file of codes (K, Hb, Wb, bits), and each iteration's payload size."""
+    from pipeline.compression.entropy import PlaneCoder
+
+    coder = PlaneCoder(*codes.shape[1:])
+    parts = [header.replace(version=2).pack()]
+    sizes = []
+    for t in range(codes.shape[0]):
+        payload = coder.encode(codes[t])
+        if len(payload) >= header.iteration_bytes:  # incompressible: store it raw (the model learned it all the same)
+            payload = np.packbits(codes[t].reshape(-1)).tobytes()
+        record = _LENGTH.pack(len(payload)) + payload
+        parts += [record, _CRC.pack(binascii.crc32(record))]
+        sizes.append(len(payload))
+    return b"".join(parts), sizes
+
+
+def _unpack(header: Header, chunks: list[bytes], k: int) -> np.ndarray:
+    """Codes (k, Hb, Wb, bits) bool of the first k payloads."""
+    hb, wb = header.blocks
+    n = hb * wb * header.bits
+    codes = np.empty((k, hb, wb, header.bits), dtype=bool)
+    if header.version == 1:
+        for t in range(k):
+            codes[t] = np.unpackbits(np.frombuffer(chunks[t], dtype=np.uint8), count=n).reshape(hb, wb, header.bits)
+        return codes
+    from pipeline.compression.entropy import EntropyError, PlaneCoder
+
+    coder = PlaneCoder(hb, wb, header.bits)
+    for t in range(k):
+        if len(chunks[t]) == header.iteration_bytes:
+            codes[t] = np.unpackbits(np.frombuffer(chunks[t], dtype=np.uint8), count=n).reshape(hb, wb, header.bits)
+            if t < k - 1:
+                coder.observe(codes[t])
+        else:
+            try:
+                codes[t] = coder.decode(chunks[t])
+            except EntropyError as err:
+                raise BitstreamError(f"corrupt .rnnc file: iteration {t + 1}: {err}") from None
+    return codes
 
 
 # ----------------------------------------------------------------------------------------- tiling
@@ -205,6 +380,8 @@ def save_model(model: RNNCompressor, path: str | os.PathLike, meta: dict | None 
 
 
 def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> RNNCompressor:
+    if isinstance(ckpt, dict) and "state_dict" not in ckpt and isinstance(ckpt.get("model"), dict):
+        ckpt = {**ckpt, "state_dict": ckpt["model"]}  # a training checkpoint (train_compressor's last.pt)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
         raise ModelError(f"{source}: not an RNN codec checkpoint (no config/state_dict)")
     try:
@@ -258,12 +435,14 @@ class RNNCodec:
 
     Encoding and decoding run the same ops on the same tiles in the same order, so the decoder's
     image equals the encoder's own reconstruction bit for bit (on the same device and build).
+    ``max_pixels``: the decoder's pixel limit (None: :func:`default_max_pixels`; 0: no limit).
     """
 
     def __init__(self, model: RNNCompressor, device: str | torch.device = "cpu", tile: int = DEFAULT_TILE,
-                 show_progress: bool = False):
-        if tile < 0 or tile % BLOCK or tile > 0xFFFF:
-            raise CodecError(f"tile: must be 0 or a multiple of {BLOCK} up to 65520 (got {tile})")
+                 show_progress: bool = False, max_pixels: int | None = None):
+        why = _check_tile(tile) if isinstance(tile, (int, np.integer)) and not isinstance(tile, bool) else "not an int"
+        if why:
+            raise CodecError(f"tile: {why}")
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError):
@@ -275,7 +454,8 @@ class RNNCodec:
         self.fingerprint = model_fingerprint(model)
         self.max_iterations: int = self.config.iterations
         self.bits: int = self.config.bits
-        self.tile = tile
+        self.tile = int(tile)
+        self.max_pixels = max_pixels
         self.show_progress = show_progress  # a progress bar (stderr) over the tiles of multi-tile images
 
     def _tiles(self, height: int, width: int, tile: int, desc: str):
@@ -292,6 +472,9 @@ class RNNCodec:
             raise InputError("expected a uint8 array of shape (H, W, 3)")
         if img.shape[0] < 1 or img.shape[1] < 1 or max(img.shape[:2]) > MAX_SIDE:
             raise InputError(f"image size {img.shape[1]}x{img.shape[0]} out of range")
+        why = _check_tile(self.tile, *img.shape[:2])
+        if why:
+            raise CodecError(f"tile: {why} (this image is {img.shape[1]}x{img.shape[0]}; use --tile {DEFAULT_TILE})")
         return img
 
     def _check_iterations(self, iterations: int) -> int:
@@ -305,12 +488,13 @@ class RNNCodec:
                       height=img.shape[0], width=img.shape[1], iterations=iterations)
 
     def iterations_for_bpp(self, height: int, width: int, bpp: float) -> int:
-        """Most iterations whose file (header included) stays within ``bpp`` bits per pixel."""
+        """Most iterations whose file surely stays within ``bpp`` (by :func:`max_file_size`, every
+        iteration raw); :meth:`compress_to_bpp` finds the real most, from the coded sizes."""
         fits = [k for k in range(1, self.max_iterations + 1)
-                if bits_per_pixel(file_size(height, width, k, self.bits), height, width) <= bpp]
+                if bits_per_pixel(max_file_size(height, width, k, self.bits), height, width) <= bpp]
         if not fits:
-            least = bits_per_pixel(file_size(height, width, 1, self.bits), height, width)
-            raise CodecError(f"--bpp {bpp:g}: too low for a {width}x{height} image; one iteration needs {least:.4f} bpp")
+            least = bits_per_pixel(max_file_size(height, width, 1, self.bits), height, width)
+            raise CodecError(f"--bpp {bpp:g}: too low for a {width}x{height} image; one iteration may need {least:.4f} bpp")
         return fits[-1]
 
     def _to_tensor(self, tile: np.ndarray) -> torch.Tensor:
@@ -328,6 +512,10 @@ class RNNCodec:
         """Codes (K, Hb, Wb, bits) bool, and the encoder's reconstruction (uint8) when asked."""
         img = self._check_image(img)
         k = self._check_iterations(iterations)
+        with _memory_guard("encoding", self.tile):
+            return self._encode(img, k, reconstruct)
+
+    def _encode(self, img: np.ndarray, k: int, reconstruct: bool):
         h, w = img.shape[:2]
         hp, wp = _padded(h), _padded(w)
         padded = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge") if (hp, wp) != (h, w) else img
@@ -347,15 +535,30 @@ class RNNCodec:
                 out[y0:y1, x0:x1] = self._to_uint8(recon)
         return (codes, out[:h, :w]) if reconstruct else codes
 
-    def compress(self, img: np.ndarray, iterations: int) -> bytes:
-        """The .rnnc file bytes of ``img`` (uint8 HxWx3) coded with ``iterations`` iterations."""
+    def compress(self, img: np.ndarray, iterations: int, version: int = VERSION) -> bytes:
+        """The .rnnc file bytes of ``img`` (uint8 HxWx3) coded with ``iterations`` iterations.
+
+        ``version=1`` writes the raw bits (the old format, and the raw-bit baseline of the entropy
+        coder); the default is version 2 (entropy-coded)."""
+        if version not in VERSIONS:
+            raise CodecError(f"version: this build writes versions {VERSIONS} (got {version})")
         codes = self.encode(img, iterations)
         header = self.header_for(img, codes.shape[0])
-        parts = [header.pack()]
-        for t in range(codes.shape[0]):
-            chunk = np.packbits(codes[t].reshape(-1)).tobytes()
-            parts += [chunk, _CRC.pack(binascii.crc32(chunk))]
-        return b"".join(parts)
+        if (header.iteration_bytes + CRC_SIZE + LENGTH_SIZE) * codes.shape[0] + HEADER_SIZE > 0xFFFFFFFF:
+            raise InputError(f"image {img.shape[1]}x{img.shape[0]} too large for one .rnnc file")
+        return _pack_v1(header, codes) if version == 1 else _pack_v2(header, codes)[0]
+
+    def compress_to_bpp(self, img: np.ndarray, bpp: float) -> tuple[bytes, int]:
+        """The file with the most iterations whose size stays within ``bpp`` bits per pixel, header
+        included, and that number: one encoding of every iteration, then :func:`truncate`."""
+        data = self.compress(img, self.max_iterations)
+        h, w = img.shape[:2]
+        for k in range(self.max_iterations, 0, -1):
+            cut = truncate(data, k) if k < self.max_iterations else data
+            if bits_per_pixel(len(cut), h, w) <= bpp:
+                return cut, k
+        least = bits_per_pixel(len(truncate(data, 1)), h, w)
+        raise CodecError(f"--bpp {bpp:g}: too low for this {w}x{h} image; one iteration takes {least:.4f} bpp")
 
     def reconstruct(self, img: np.ndarray, iterations: int) -> np.ndarray:
         """The in-memory path: what decoding the compressed file yields, without the file."""
@@ -363,30 +566,39 @@ class RNNCodec:
 
     # -- decoding
     def read_header(self, data: bytes) -> tuple[Header, int]:
-        """(header, whole iterations present); checks the model fingerprint."""
-        header, chunks = parse(data)
-        self._check_model(header)
-        return header, len(chunks)
+        """(header, whole iterations present); checks the model and the pixel limit."""
+        header = self._checked_header(data)
+        return header, len(_records(data, header))
 
     def _check_model(self, header: Header) -> None:
         if header.fingerprint != self.fingerprint or header.bits != self.bits:
             raise ModelMismatchError(f"file was made by another model (fingerprint {header.fingerprint.hex()}, "
                                      f"this model is {self.fingerprint.hex()}): decode it with --model of that model")
+        if header.iterations > self.max_iterations:
+            raise BitstreamError(f"invalid .rnnc header ({header.iterations} iterations; this model makes at most "
+                                 f"{self.max_iterations})")
+
+    def _checked_header(self, data: bytes) -> Header:
+        header = parse_header(data)
+        self._check_model(header)
+        limit = default_max_pixels() if self.max_pixels is None else self.max_pixels
+        if limit and header.pixels > limit:
+            raise BitstreamError(f"image of {header.width}x{header.height} = {header.pixels} pixels is over the "
+                                 f"limit of {limit} (a decompression bomb?); --max-pixels 0 lifts it")
+        return header
 
     def _codes(self, data: bytes, iterations: int | None) -> tuple[Header, np.ndarray]:
-        header, chunks = parse(data)
-        self._check_model(header)
+        header = self._checked_header(data)
+        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        chunks = [bytes(view[a:b]) for a, b in _records(view, header)]
         if iterations is None:
             k = len(chunks)
         else:
             k = self._check_iterations(iterations)
             if k > len(chunks):
                 raise CodecError(f"iterations: the file holds {len(chunks)} iteration(s), cannot decode {k}")
-        hb, wb = header.blocks
-        n = hb * wb * header.bits
-        codes = np.stack([np.unpackbits(np.frombuffer(c, dtype=np.uint8), count=n).reshape(hb, wb, header.bits)
-                          for c in chunks[:k]])
-        return header, codes
+        with _memory_guard("decoding", header.tile):
+            return header, _unpack(header, chunks, k)
 
     def decompress(self, data: bytes, iterations: int | None = None) -> np.ndarray:
         """Decode a .rnnc file (or a prefix of whole iterations) to uint8 HxWx3.
@@ -407,6 +619,10 @@ class RNNCodec:
         """Codes (K, Hb, Wb, bits) -> [uint8 image (height, width, 3)] after K iterations (``every``: after
         each of them), with the given tiling."""
         tile = self.tile if tile is None else tile
+        with _memory_guard("decoding", tile):
+            return self._decode(codes, height, width, tile, every)
+
+    def _decode(self, codes: np.ndarray, height: int, width: int, tile: int, every: bool) -> list[np.ndarray]:
         hp, wp = _padded(height), _padded(width)
         k = codes.shape[0]
         out = np.empty((k if every else 1, hp, wp, 3), dtype=np.uint8)
@@ -429,16 +645,17 @@ class RNNCodec:
 def truncate(data: bytes, iterations: int) -> bytes:
     """A standalone file of the first ``iterations`` iterations (header rewritten): equals compressing
     with that many iterations, byte for byte. The real file of each rate, from one encoding."""
-    header, chunks = parse(data)
-    if not 1 <= iterations <= len(chunks):
-        raise CodecError(f"iterations: the file holds {len(chunks)} iteration(s), cannot keep {iterations}")
-    short = Header(bits=header.bits, tile=header.tile, fingerprint=header.fingerprint, height=header.height,
-                   width=header.width, iterations=iterations)
-    step = header.iteration_bytes + CRC_SIZE
-    return short.pack() + bytes(data[HEADER_SIZE: HEADER_SIZE + iterations * step])
+    header = parse_header(data)
+    view = memoryview(data if isinstance(data, bytes) else bytes(data))
+    spans = _records(view, header)
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) \
+            or not 1 <= iterations <= len(spans):
+        raise CodecError(f"iterations: the file holds {len(spans)} iteration(s), cannot keep {iterations}")
+    end = spans[iterations - 1][1] + CRC_SIZE
+    return header.replace(iterations=int(iterations)).pack() + bytes(view[HEADER_SIZE:end])
 
 
 def load_codec(model: str | os.PathLike | None = None, device: str = "cpu", tile: int = DEFAULT_TILE,
-               show_progress: bool = False) -> RNNCodec:
+               show_progress: bool = False, max_pixels: int | None = None) -> RNNCodec:
     """The codec over a checkpoint path (default data/compressor/model.pt) or an MLflow model URI."""
-    return RNNCodec(load_model(model), device=device, tile=tile, show_progress=show_progress)
+    return RNNCodec(load_model(model), device=device, tile=tile, show_progress=show_progress, max_pixels=max_pixels)
