@@ -28,16 +28,45 @@ os.environ.setdefault("GIT_AUTHOR_EMAIL", "tests@example.invalid")
 os.environ.setdefault("GIT_COMMITTER_NAME", "tests")
 os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
 
-#: what a workspace copy leaves out at the top level (environments, run outputs, caches)
-TOP_IGNORE = {".venv", ".git", "data", ".cache", "mlflow.db", "mlartifacts", "airflow", ".pytest_cache",
-              ".dvc-remote", ".notes", ".whl", "out", ".stack"}
+#: run state a workspace copy never takes from the checkout, even when git tracks it (a user may
+#: commit dvc.lock): lock, DVC cache, run outputs, MLflow/Airflow stores, test artifacts, environments
+RUN_STATE = ("dvc.lock", ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "data", "mlruns", "mlartifacts",
+             "mlflow.db", "airflow", ".cache", ".stack", ".dvc-remote", "tests/artifacts", ".venv", ".git",
+             ".pytest_cache", "out")
+#: outside a git checkout only these are copied (the project's sources and configuration)
+ALLOWLIST = (".ci", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "Makefile", "README.md",
+             "bench", "constraints.txt", "dags", "docker", "docs", "dvc.yaml", "params.yaml", "pipeline",
+             "pyproject.toml", "scripts", "tests")
 
 
-def _ignore(src: str, names: list[str]) -> set[str]:
-    skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
-    if Path(src) == REPO:
-        skip |= TOP_IGNORE & set(names)
-    return skip
+def _is_run_state(rel: str) -> bool:
+    parts = rel.split("/")
+    if "__pycache__" in parts or any(p.endswith(".egg-info") for p in parts) or rel.endswith(".pyc"):
+        return True
+    return any(rel == s or rel.startswith(s + "/") for s in RUN_STATE)
+
+
+def project_files(src: Path = REPO) -> list[str]:
+    """The files a workspace copy takes from ``src``: what git tracks or would track (not ignored),
+    else the allowlist; never run state (``RUN_STATE``)."""
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=src, capture_output=True, text=True)
+        in_git = top.returncode == 0 and Path(top.stdout.strip()).resolve() == src.resolve()
+    except OSError:
+        in_git = False
+    if in_git:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=src,
+                             capture_output=True, check=True).stdout
+        names = sorted({n for n in out.decode().split("\0") if n})
+    else:
+        names = []
+        for entry in ALLOWLIST:
+            path = src / entry
+            if path.is_file():
+                names.append(entry)
+            elif path.is_dir():
+                names.extend(sorted(p.relative_to(src).as_posix() for p in path.rglob("*") if p.is_file()))
+    return [n for n in names if not _is_run_state(n) and (src / n).is_file() and not (src / n).is_symlink()]
 
 
 def mirror_path() -> Path:
@@ -51,11 +80,17 @@ def mirror_path() -> Path:
     return path.resolve()
 
 
-def make_workspace(dest: Path, profile: str = "tiny", git: bool = False) -> Path:
-    """Copy the project (code, dvc.yaml, params.yaml) to ``dest`` and select ``profile``."""
+def make_workspace(dest: Path, profile: str = "tiny", git: bool = False, src: Path = REPO) -> Path:
+    """Copy the project's files (code, dvc.yaml, params.yaml; no run state) to ``dest``, select ``profile``."""
     from pipeline.config import set_params
 
-    shutil.copytree(REPO, dest, ignore=_ignore)
+    for rel in project_files(src):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, target)
+    staged = subprocess.run(["git", "show", ":params.yaml"], cwd=src, capture_output=True)
+    if staged.returncode == 0 and (src / ".git").exists():  # not a run's rewrite of the checkout's params.yaml
+        (dest / "params.yaml").write_bytes(staged.stdout)
     (dest / "data").mkdir(exist_ok=True)
     set_params(dest / "params.yaml", profile, [])
     if git:
