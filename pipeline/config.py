@@ -7,10 +7,11 @@ params.yaml itself. ``load_params()`` returns the resolved, validated, frozen pa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -140,8 +141,11 @@ def read_raw(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
     try:
         with open(path) as f:
             return yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    except yaml.YAMLError as err:  # one line: where, and what the parser expected
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ParamsError(f"{path}: not valid YAML{where}: {what}") from None
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
@@ -169,43 +173,212 @@ def _effective_keys(doc: dict, keys: list[str], profile: str) -> list[str]:
     return [keys[0], "profiles", profile, *keys[1:]]
 
 
+#: What a DAG run's conf (``overrides``) may change: training and evaluation knobs. Where data, code
+#: and models come from (``data.*``: mirror, URLs and checksums; ``evaluate.rnn_model``; ``tracking.*``)
+#: stays as params.yaml says: a run conf that could name them could make a stage unpickle anything.
+RUN_CONF_SECTIONS = ("profile", "seed", "augment", "train_classifier", "train_compressor", "evaluate", "report")
+RUN_CONF_REFUSED = ("evaluate.rnn_model",)
+
+
+def check_run_overrides(overrides: list[str]) -> None:
+    """Refuse (ParamsError) a DAG-run override outside the run-conf allowlist, naming the key."""
+    for item in overrides:
+        keys, _ = parse_override(item)
+        plain = list(keys)
+        if len(plain) > 3 and plain[1] == "profiles":  # train_classifier.profiles.tiny.epochs -> .epochs
+            plain = [plain[0], *plain[3:]]
+        dotted = ".".join(plain)
+        if plain[0] not in RUN_CONF_SECTIONS or any(dotted == r or dotted.startswith(r + ".")
+                                                    for r in RUN_CONF_REFUSED):
+            raise ParamsError(
+                f"run conf may not set {'.'.join(keys)}: a DAG run changes training and evaluation knobs "
+                f"({', '.join(RUN_CONF_SECTIONS)}), not where data, code or models come from "
+                f"(data.*, {', '.join(RUN_CONF_REFUSED)}, tracking.*): edit params.yaml instead")
+
+
+@contextlib.contextmanager
+def params_lock(path: str | os.PathLike, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a params file) so read-modify-write cycles never overlap.
+
+    The lock file lives in ``.dvc/tmp`` beside it (git-ignored), else in the system temp folder.
+    A second writer waits; with ``timeout_s`` it gives up with a ParamsError.
+    """
+    import fcntl
+    import hashlib
+    import tempfile
+    import time
+
+    path = Path(path).resolve()
+    dvc_tmp = path.parent / ".dvc" / "tmp"
+    if (path.parent / ".dvc").is_dir():
+        dvc_tmp.mkdir(exist_ok=True)
+        lock = dvc_tmp / f"{path.name}.lock"
+    else:
+        lock = Path(tempfile.gettempdir()) / f"pipeline-{hashlib.sha1(str(path).encode()).hexdigest()[:16]}.lock"
+    with open(lock, "a") as f:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if deadline is not None else 0))
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ParamsError(f"{path}: locked by another writer for {timeout_s:g} s") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _flow_text(value: Any, flow: bool) -> str:
+    """``value`` as one line of YAML (flow style); strings JSON-quoted inside flow collections."""
+    import json
+
+    if flow and isinstance(value, str):
+        return json.dumps(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False, allow_unicode=True)
+    text = text.removesuffix("\n").removesuffix("\n...")
+    if "\n" in text:
+        raise ValueError("multi-line value")
+    return text
+
+
+def _value_end(line: str, col: int, flow: bool) -> int:
+    """End column of the YAML value written at ``line[col:]`` (one line only; ValueError otherwise)."""
+    if col >= len(line):
+        raise ValueError("value not on the key's line")
+    c = line[col]
+    if c in "|>&*!":
+        raise ValueError("block scalar, anchor, alias or tag")
+    if c in "[{":
+        depth, quote, i = 0, None, col
+        while i < len(line):
+            ch = line[i]
+            if quote:
+                if ch == "\\" and quote == '"':
+                    i += 1
+                elif ch == quote:
+                    quote = None
+            elif ch in "\"'":
+                quote = ch
+            elif ch in "[{":
+                depth += 1
+            elif ch in "]}":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        raise ValueError("collection spans lines")
+    if c in "\"'":
+        i = col + 1
+        while i < len(line):
+            if c == '"' and line[i] == "\\":
+                i += 2
+                continue
+            if line[i] == c:
+                if c == "'" and line[i + 1:i + 2] == "'":
+                    i += 2
+                    continue
+                return i + 1
+            i += 1
+        raise ValueError("quoted scalar spans lines")
+    end = len(line)
+    hash_at = line.find(" #", col)
+    if hash_at >= 0:
+        end = hash_at
+    if flow:
+        for stop in ",]}":
+            at = line.find(stop, col, end)
+            if at >= 0:
+                end = at
+    return len(line[:end].rstrip())
+
+
+def _edit_lines(text: str, doc, edits: list[tuple[list[str], Any]]) -> str:
+    """Replace only the values of ``edits`` in ``text`` (ruamel ``doc`` gives their positions).
+
+    Each value keeps its line, its comment and (when it fits) the comment's column. ValueError when
+    a value cannot be edited in place (multi-line, block scalar...).
+    """
+    lines = text.split("\n")
+    spots = []
+    for keys, value in edits:
+        node, flow = doc, False
+        for k in keys[:-1]:
+            node = node[k]
+            flow = flow or bool(getattr(node, "fa", None) and node.fa.flow_style())
+        _, _, vline, vcol = node.lc.data[keys[-1]]
+        spots.append((vline, vcol, flow, value))
+    for vline, vcol, flow, value in sorted(spots, key=lambda s: (s[0], s[1]), reverse=True):
+        line = lines[vline]
+        end = _value_end(line, vcol, flow)
+        new = _flow_text(value, flow)
+        rest = line[end:]
+        if not flow and rest.lstrip().startswith("#"):  # keep the comment's column when the value fits
+            gap = len(rest) - len(rest.lstrip())
+            rest = " " * max(1, gap + (end - vcol) - len(new)) + rest.lstrip()
+        lines[vline] = line[:vcol] + new + rest
+    return "\n".join(lines)
+
+
 def set_params(path: str | os.PathLike, profile: str | None, overrides: list[str]) -> bool:
-    """Write a profile and KEY=VALUE overrides into params.yaml, keeping its comments.
+    """Write a profile and KEY=VALUE overrides into params.yaml, changing only the lines they set.
 
     Like ``dvc exp run -S``: the file is the record of what a run used, so DVC sees the change.
     A key that the active profile overrides is written in that profile's block, so it takes effect.
-    The result is validated before anything is written. Returns True when the file changed.
+    Each value is replaced in place (comments, layout and every other line untouched); the result is
+    validated before anything is written, and concurrent writers are serialised (``params_lock``).
+    Returns True when the file changed.
     """
-    from ruamel.yaml import YAML  # ships with DVC; round-trips comments
+    path = Path(path)
+    with params_lock(path):
+        return _set_params(path, profile, overrides)
+
+
+def _set_params(path: Path, profile: str | None, overrides: list[str]) -> bool:
+    from ruamel.yaml import YAML  # ships with DVC; round-trips comments and knows every value's position
 
     ryaml = YAML()
     ryaml.preserve_quotes = True
-    path = Path(path)
     read_raw(path)  # clear error if missing or unparsable
-    with open(path) as f:
-        doc = ryaml.load(f)
-    changed = False
-    edits = ([(["profile"], profile)] if profile else []) + [parse_override(o) for o in overrides]
-    for keys, value in edits:
+    text = path.read_text()
+    doc = ryaml.load(text)
+    expected = yaml.safe_load(text)
+    edits = []
+    for keys, value in ([(["profile"], profile)] if profile else []) + [parse_override(o) for o in overrides]:
         keys = _effective_keys(doc, keys, profile or doc.get("profile", "cpu"))
-        node = doc
+        node, plain = doc, expected
         for k in keys[:-1]:
             if not isinstance(node, dict) or k not in node:
                 raise ParamsError(f"override {'.'.join(keys)}: {k}: unknown key")
-            node = node[k]
+            node, plain = node[k], plain[k]
         if not isinstance(node, dict) or keys[-1] not in node:
             raise ParamsError(f"override {'.'.join(keys)}: unknown key")
-        if node[keys[-1]] != value:
-            node[keys[-1]] = value
-            changed = True
-    if not changed:
+        if plain[keys[-1]] != value or type(plain[keys[-1]]) is not type(value):
+            plain[keys[-1]] = value
+            edits = [e for e in edits if e[0] != keys] + [(keys, value)]
+    if not edits:
         return False
-    import io
+    try:
+        new_text = _edit_lines(text, doc, edits)
+        if yaml.safe_load(new_text) != expected:
+            raise ValueError("in-place edit did not give the intended values")
+    except (ValueError, KeyError, IndexError, yaml.YAMLError):  # rare layouts: a full round-trip dump
+        import io
 
-    buf = io.StringIO()
-    ryaml.dump(doc, buf)
-    resolve(yaml.safe_load(buf.getvalue()), f"{path} (after overrides)")
+        for keys, value in edits:
+            node = doc
+            for k in keys[:-1]:
+                node = node[k]
+            node[keys[-1]] = value
+        buf = io.StringIO()
+        ryaml.dump(doc, buf)
+        new_text = buf.getvalue()
+    resolve(yaml.safe_load(new_text), f"{path} (after overrides)")
+    if new_text == text:
+        return False
     from pipeline.utils import atomic_write_text
 
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, new_text)
     return True

@@ -6,6 +6,7 @@ PROFILES = ("cpu", "gpu", "coursework", "tiny")
 
 
 class Section(BaseModel):
-    """A typed, frozen params.yaml section: unknown keys are errors, types are checked."""
+    """A typed, frozen params.yaml section: unknown keys are errors, types are checked, and no number
+    may be infinite or NaN (``.inf`` epochs would only fail later, deep inside a stage)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

@@ -44,10 +44,11 @@ def lock_entry(stage: str, lock: Path = LOCK) -> dict:
 def apply_run_conf() -> None:
     """Apply the DAG run's profile/overrides (``PIPELINE_PROFILE``, ``PIPELINE_OVERRIDES`` as JSON) to
     this copy's params.yaml: every worker must see the same params."""
-    from pipeline.config import set_params
+    from pipeline.config import check_run_overrides, set_params
 
     profile = os.environ.get("PIPELINE_PROFILE") or None
     overrides = json.loads(os.environ.get("PIPELINE_OVERRIDES") or "[]")
+    check_run_overrides(overrides)  # run conf: knobs only, never data/model sources
     if profile or overrides:
         set_params("params.yaml", profile, overrides)
 
