@@ -162,3 +162,96 @@ def test_cutout_zeroes_at_most_a_square():
     assert (zeros <= 16).all() and (zeros > 0).any()
     assert (zeros[:, 0] == zeros[:, 1]).all()  # same square in every channel
     assert torch.equal(augment_batch(x, AugmentationParams(flip=False, translate=0, cutout=0)), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 9: CIFAR-10 batches are read with a restricted unpickler; stale temporaries are removed
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_cifar_batch_that_runs_code_is_refused(tmp_path, protocol):
+    """A tampered batch (valid pickle, calls os.system when loaded) is refused; the command never runs."""
+    import pickle
+
+    from pipeline.data.augment import _unpickle
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "data_batch_1"
+    evil.write_bytes(pickle.dumps({"data": _RunsCode(marker), "labels": [1]}, protocol=protocol))
+    with pytest.raises(PipelineError, match="cannot read CIFAR-10 batch: refusing"):
+        _unpickle(evil)
+    assert not marker.exists()
+    # sanity: the unrestricted pickle module would have run it (so the test does test something)
+    pickle.loads(evil.read_bytes())
+    assert marker.exists()
+
+
+def test_cifar_batch_with_object_array_is_refused(tmp_path):
+    import pickle
+
+    from pipeline.data.augment import _unpickle
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": np.array([1, "x"], dtype=object)}, protocol=2))
+    with pytest.raises(PipelineError, match="refusing"):
+        _unpickle(path)
+
+
+def test_restricted_unpickler_reads_a_numpy_batch_like_the_original(tmp_path):
+    """What the format has (dict of bytes keys, list of int, bytes, str, uint8 array) round-trips."""
+    import pickle
+
+    from pipeline.data.augment import _unpickle
+
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": [3, 1, 4],
+             b"data": np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072), b"filenames": [b"a.png", "b.png"]}
+    for protocol in (2, 4):
+        path = tmp_path / f"p{protocol}"
+        path.write_bytes(pickle.dumps(batch, protocol=protocol))
+        got = _unpickle(path)
+        assert got[b"labels"] == [3, 1, 4] and got[b"filenames"] == [b"a.png", "b.png"]
+        assert got[b"data"].dtype == np.uint8 and np.array_equal(got[b"data"], batch[b"data"])
+
+
+def test_real_cifar_batches_load_through_the_restricted_unpickler(tmp_path, mirror):
+    """The official batches (numpy 1.x pickles, protocol 2) still load, and equal the plain pickle's."""
+    import pickle
+
+    from pipeline.data.augment import _unpickle
+
+    with tarfile.open(mirror / "cifar-10-python.tar.gz") as tar:
+        tar.extract("cifar-10-batches-py/test_batch", tmp_path, filter="data")
+        tar.extract("cifar-10-batches-py/batches.meta", tmp_path, filter="data")
+    got = _unpickle(tmp_path / "cifar-10-batches-py" / "test_batch")
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        plain = pickle.load(f, encoding="bytes")
+    assert got[b"data"].shape == (10000, 3072) and np.array_equal(got[b"data"], plain[b"data"])
+    assert got[b"labels"] == plain[b"labels"]
+    meta = _unpickle(tmp_path / "cifar-10-batches-py" / "batches.meta")
+    assert meta[b"label_names"][0] == b"airplane"
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
+    from pipeline.cleanup import remove_stale_temps
+
+    raw = tmp_path / "raw"
+    (raw / ".cifar-10-batches-py.ab12.tmp").mkdir(parents=True)
+    (raw / ".cifar-10-batches-py.ab12.tmp" / "data_batch_1").write_bytes(b"x" * 100)
+    (raw / ".kodak.zz.tmp").write_bytes(b"x")
+    (raw / "..kodak.zz.tmp.yy.tmp").write_bytes(b"x")  # a temporary of a temporary (nested atomic writes)
+    keep = [raw / "cifar-10-batches-py", raw / ".other.x.tmp", raw / "kodak.tmp", raw / ".kodak.notes"]
+    keep[0].mkdir()
+    for path in keep[1:]:
+        path.write_text("mine")
+    assert remove_stale_temps(raw / "cifar-10-batches-py", raw / "kodak") == 3
+    assert sorted(p.name for p in raw.iterdir()) == sorted(p.name for p in keep)

@@ -25,14 +25,51 @@ RAW = Path("data/raw/cifar-10-batches-py")
 OUT = Path("data/prepared")
 
 
+def _plain_dtype(*args):
+    """``numpy.dtype`` for the unpickler: plain numeric dtypes only (an object dtype could hold anything)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"refusing dtype {dtype}")
+    return dtype
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what the CIFAR-10 python batches hold: dicts, lists, bytes, str, int and numpy arrays.
+
+    Any other global (``os.system``, ``builtins.eval``, ...) is refused, so a tampered mirror or
+    tarball cannot run code when its batches are read.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): None,  # how numpy 1.x pickled arrays (the CIFAR files)
+        ("numpy._core.multiarray", "_reconstruct"): None,
+        ("numpy", "ndarray"): None,
+        ("numpy", "dtype"): _plain_dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of the CIFAR-10 format)")
+        if self.ALLOWED[(module, name)] is not None:
+            return self.ALLOWED[(module, name)]
+        if name == "_reconstruct":
+            from numpy._core.multiarray import _reconstruct
+
+            return _reconstruct
+        return np.ndarray
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise PipelineError(f"{path}: missing; run the download stage first (dvc repro download)")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except Exception as err:  # corrupt pickle
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as err:  # corrupt or tampered pickle
         raise PipelineError(f"{path}: cannot read CIFAR-10 batch: {err}") from None
+    if not isinstance(batch, dict):
+        raise PipelineError(f"{path}: not a CIFAR-10 batch (a {type(batch).__name__}, not a dict)")
+    return batch
 
 
 def load_cifar(raw: Path = RAW) -> dict[str, np.ndarray]:
