@@ -33,8 +33,9 @@ airflow-init: setup
 
 # The main job: the whole pipeline DAG, in-process (no scheduler needed), on params.yaml's profile
 # (or PROFILE=tiny|cpu|gpu|coursework). Outputs: data/, MLflow in mlflow.db + mlartifacts/.
+# local_run: `airflow dags test`, one at a time, after failing runs a killed earlier `make run` left running.
 run: airflow-init
-	$(BIN)/airflow dags test pipeline -c '{"profile": $(if $(PROFILE),"$(PROFILE)",null)}'
+	$(BIN)/python -m pipeline.orchestration.local_run pipeline -c '{"profile": $(if $(PROFILE),"$(PROFILE)",null)}'
 	@echo "Pipeline done. Metrics: $(BIN)/dvc metrics show | runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 # Debian's Chromium for the browser test (never a browser download by a test tool).

@@ -78,11 +78,13 @@ def record_failure(context) -> None:
 def stage_task(name: str) -> BashOperator:
     stage, env, extra = STAGES[name], _stage_env(), {}
     cd = f"cd {shlex.quote(str(WORKSPACE))} && "
+    # the guard replaces bash and takes DVC and the stage down with the task (pipeline/orchestration/guard.py)
+    guard = f"exec {shlex.quote(sys.executable)} -m pipeline.orchestration.guard -- "
     if EXECUTION == "shared":
-        cmd = cd + f"{shlex.quote(sys.executable)} -m dvc repro --single-item {name}"
+        cmd = cd + guard + f"{shlex.quote(sys.executable)} -m dvc repro --single-item {name}"
         extra["pool"] = DVC_POOL
     else:
-        cmd = cd + f"{shlex.quote(sys.executable)} -m pipeline.orchestration.remote_exec {name}"
+        cmd = cd + guard + f"{shlex.quote(sys.executable)} -m pipeline.orchestration.remote_exec {name}"
         ups = ", ".join(f"{{{{ ti.xcom_pull(task_ids='{u}') or '{{}}' }}}}" for u in sorted(stage.upstream))
         env.update(PIPELINE_UPSTREAM_LOCKS=f"[{ups}]", PIPELINE_PROFILE="{{ params.profile or '' }}",
                    PIPELINE_OVERRIDES="{{ params.overrides | tojson }}")
@@ -102,18 +104,46 @@ def stage_task(name: str) -> BashOperator:
     )
 
 
-@task
+def _dag_run_over(ti, dag_id: str, run_id: str) -> bool:
+    """True when Airflow says that DAG run no longer runs (its MLflow parent run is an orphan)."""
+    try:
+        state = ti.get_dagrun_state(dag_id, run_id)
+    except Exception:  # noqa: BLE001 - unknown (deleted run, API error): leave the parent run alone
+        return False
+    return str(getattr(state, "value", state)) not in ("running", "queued")
+
+
+#: shared mode: ``start`` rewrites params.yaml, so it takes the workspace's one DVC slot: it never
+#: runs while a stage of any DAG run reads params.yaml, nor beside another run's ``start``
+START_POOL = {"pool": DVC_POOL} if EXECUTION == "shared" else {}
+
+
+@task(**START_POOL)
 def start(**context) -> str:
-    """Apply the run's profile and overrides to params.yaml, then open the MLflow parent run."""
+    """Apply the run's profile and overrides to params.yaml, then open the MLflow parent run.
+
+    A user error (params.yaml invalid, an override refused or invalid) fails the run at once, with
+    one line and no retry: retrying cannot fix it.
+    """
     os.environ.setdefault("PIPELINE_HOME", str(WORKSPACE))
+    from airflow.sdk.exceptions import AirflowFailException
+
     from pipeline import tracking
-    from pipeline.config import load_params, set_params
+    from pipeline.config import check_run_overrides, load_params, set_params
+    from pipeline.errors import PipelineError
 
     conf = context["params"]
-    changed = set_params(WORKSPACE / "params.yaml", conf.get("profile"), list(conf.get("overrides") or []))
-    params = load_params(WORKSPACE / "params.yaml")
+    try:
+        overrides = list(conf.get("overrides") or [])
+        check_run_overrides(overrides)
+        changed = set_params(WORKSPACE / "params.yaml", conf.get("profile"), overrides)
+        params = load_params(WORKSPACE / "params.yaml")
+    except PipelineError as err:
+        raise AirflowFailException(f"error: {err}") from None
     print(f"params.yaml {'updated' if changed else 'unchanged'}; profile {params.profile}")
     dag_run = context["dag_run"]
+    tracking.close_orphaned_parents(params.tracking.experiment,
+                                    lambda dag_id, run_id: _dag_run_over(context["ti"], dag_id, run_id))
     return tracking.start_parent_run(
         params.tracking.experiment, f"{dag_run.dag_id} {dag_run.run_id}", params=params.flat(),
         tags={"airflow.dag_id": dag_run.dag_id, "airflow.run_id": dag_run.run_id, "profile": params.profile})

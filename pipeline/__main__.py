@@ -60,7 +60,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "params":
         return run_cli(lambda: _show(args))
     module, func = STAGES[args.command].split(":")
-    return run_cli(lambda: getattr(importlib.import_module(module), func)())
+    restore = _interrupt_on_sigterm()
+
+    def stage() -> None:
+        import os
+
+        if "LOCAL_RANK" not in os.environ:  # not a torchrun rank: the launching (or only) process
+            from pipeline.cleanup import clean_stage
+
+            clean_stage(args.command)  # temporaries a killed run of this stage left
+        getattr(importlib.import_module(module), func)()
+
+    try:
+        return run_cli(stage)
+    finally:
+        restore()
+
+
+def _interrupt_on_sigterm():
+    """A stage stopped by SIGTERM (its Airflow task killed, timed out or orphaned) unwinds like Ctrl-C:
+    temporary files are removed and its MLflow run is closed as KILLED instead of left RUNNING."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

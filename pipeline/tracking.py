@@ -85,7 +85,113 @@ def run_tags(stage: str | None = None, profile: str | None = None) -> dict[str, 
             tags[tag] = os.environ[env]
     if os.environ.get(PIPELINE_RUN_ENV):
         tags["pipeline_run_id"] = os.environ[PIPELINE_RUN_ENV]
+    tags.update(process_tags())
     return tags
+
+
+def _start_ticks(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot, /proc): with the pid, names it uniquely."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    """Which process (host, pid, start time) in which workspace owns a run: lets a later run tell an
+    orphan (its process is gone: killed) from a run still in progress."""
+    tags = {"pipeline.host": platform.node(), "pipeline.pid": str(os.getpid()),
+            "pipeline.workspace": str(project_root())}
+    ticks = _start_ticks(os.getpid())
+    if ticks:
+        tags["pipeline.pid_start"] = ticks
+    return tags
+
+
+def _owner_gone(tags: dict[str, str]) -> bool:
+    """True when the run's owning process, on this host and in this workspace, no longer exists."""
+    if tags.get("pipeline.host") != platform.node() or tags.get("pipeline.workspace") != str(project_root()):
+        return False  # another machine or workspace: not ours to judge
+    pid = tags.get("pipeline.pid")
+    if not pid or not pid.isdigit():
+        return False
+    ticks = _start_ticks(int(pid))
+    return ticks is None or ticks != tags.get("pipeline.pid_start", ticks)
+
+
+def _close_orphan(client, run, note: str) -> None:
+    client.set_tag(run.info.run_id, "orphaned", note[:5000])
+    client.set_terminated(run.info.run_id, status="KILLED")
+    log(f"[mlflow] run {run.info.run_id} ({run.info.run_name}) marked KILLED: {note}")
+
+
+def close_orphaned_stage_runs(exp_id: str, stage: str) -> list[str]:
+    """Mark KILLED, with a note, the RUNNING runs of ``stage`` whose process is gone (a killed stage).
+
+    Only runs of this host and workspace are judged. Returns their ids.
+    """
+    import datetime
+
+    client = _mlflow().MlflowClient()
+    runs = client.search_runs([exp_id], filter_string=f"tags.dvc_stage = '{stage}' and attributes.status = 'RUNNING'",
+                              max_results=200)
+    closed = []
+    for run in runs:
+        if run.data.tags.get("pipeline_parent") != "true" and _owner_gone(run.data.tags):
+            when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            _close_orphan(client, run, f"process {run.data.tags['pipeline.pid']} ended without closing this run "
+                                       f"(killed); found by the next {stage} run at {when}")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def close_orphaned_parents(experiment: str, dag_run_over) -> list[str]:
+    """Mark KILLED the RUNNING pipeline parent runs of this workspace whose Airflow DAG run is over.
+
+    ``dag_run_over(dag_id, run_id)`` says whether Airflow considers that DAG run finished (a run whose
+    orchestrator was killed, or whose failure was never recorded). Returns their ids.
+    """
+    client = _mlflow().MlflowClient()
+    runs = client.search_runs([experiment_id(experiment)], filter_string="tags.pipeline_parent = 'true' and "
+                              "attributes.status = 'RUNNING'", max_results=200)
+    closed = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("pipeline.workspace") != str(project_root()) or "airflow.run_id" not in tags:
+            continue
+        if dag_run_over(tags.get("airflow.dag_id", ""), tags["airflow.run_id"]):
+            _close_orphan(client, run, f"Airflow run {tags['airflow.run_id']} is over but never closed this "
+                                       "parent run (orchestrator killed?)")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def check_reachable(uri: str | None = None, timeout_s: float | None = None) -> None:
+    """Fail fast (PipelineError, one line) when an HTTP tracking server does not answer.
+
+    MLflow's own client would retry for minutes before the first log call fails, which is after
+    the stage has already loaded its data. Checked before any training starts.
+    """
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from pipeline.errors import PipelineError
+
+    uri = uri or tracking_uri()
+    if urllib.parse.urlparse(uri).scheme not in ("http", "https"):
+        return
+    timeout_s = timeout_s or float(os.environ.get("PIPELINE_MLFLOW_CHECK_TIMEOUT_S", "10"))
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy or an older server without /health): reachable
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise PipelineError(f"MLflow tracking server {uri} unreachable ({reason}); start it, or unset "
+                            "MLFLOW_TRACKING_URI to log to the local mlflow.db. Nothing was trained.") from None
 
 
 def start_parent_run(experiment: str, run_name: str, params: dict[str, Any] | None = None,
@@ -131,10 +237,14 @@ def stage_run(stage: str, params, sections: tuple[str, ...] | None = None) -> It
 
     Logs the profile, seed and the resolved values of the stage's params sections (default: the
     section named like the stage) and tags the run with the git commit, DVC stage and Airflow ids.
+    First fails fast when the tracking server is unreachable, and closes (KILLED, with a note) the
+    RUNNING runs of this stage left by a killed process.
     """
+    check_reachable()
     mlflow = _mlflow()
     experiment = params.tracking.experiment
     exp_id = experiment_id(experiment)
+    close_orphaned_stage_runs(exp_id, stage)
     tags = run_tags(stage, params.profile)
     parent = _find_parent(experiment)
     if parent:
@@ -146,7 +256,12 @@ def stage_run(stage: str, params, sections: tuple[str, ...] | None = None) -> It
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
         mlflow.log_params({k: _param_value(v) for k, v in logged.items()})
         log(f"[mlflow] {stage}: run {run.info.run_id} in {tracking_uri()}")
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from the task's guard: say so rather than FAILED
+            mlflow.set_tag("orphaned", "stage interrupted (SIGINT/SIGTERM)")
+            mlflow.end_run("KILLED")
+            raise
 
 
 def record_failure(parent_run_id: str, stage: str, message: str = "") -> None:

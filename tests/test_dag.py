@@ -144,3 +144,55 @@ def test_failure_callback_marks_parent_run(airflow_db, tmp_path, monkeypatch):
     record_failure({"ti": TI(), "exception": RuntimeError("boom")})
     run = mlflow.MlflowClient(tracking.tracking_uri()).get_run(parent)
     assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "train_classifier"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 9: user errors fail `start` at once, params.yaml writers are serialised, stages die with their task
+
+
+def test_start_shares_the_workspace_slot_and_stages_run_under_the_guard(airflow_db):
+    bag = _dagbag()
+    for dag_id in ("pipeline", "evaluate_report"):
+        dag = bag.get_dag(dag_id)
+        start = dag.get_task("start")
+        assert start.pool == "dvc_workspace"  # one slot: never beside a stage or another run's start
+        for task in dag.tasks:
+            if task.task_id not in ("start", "finish"):
+                assert task.bash_command.split("&& ", 1)[1].startswith("exec ")
+                assert "-m pipeline.orchestration.guard -- " in task.bash_command
+
+
+@pytest.fixture
+def bad_workspace(tmp_path):
+    from tests.conftest import make_workspace
+
+    return make_workspace(tmp_path / "ws", profile="tiny")
+
+
+@pytest.mark.parametrize("case", ["yaml", "refused", "non_finite"])
+def test_start_fails_at_once_without_retry_on_a_user_error(airflow_db, bad_workspace, monkeypatch, case):
+    """A YAML error, a refused run-conf key or an invalid value: AirflowFailException (never retried)
+    with one line naming the problem, and params.yaml untouched."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    params_file = bad_workspace / "params.yaml"
+    overrides = []
+    if case == "yaml":
+        params_file.write_text(params_file.read_text().replace("seed: 0", "seed: [0"))
+    elif case == "refused":
+        overrides = ["data.mirror=/tmp/elsewhere"]
+    else:
+        overrides = ["train_classifier.epochs=.inf"]
+    before = params_file.read_bytes()
+    monkeypatch.setenv("PIPELINE_WORKSPACE", str(bad_workspace))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{bad_workspace / 'mlflow.db'}")
+    module = _load_dag_module()
+    start = module.pipeline_dag.get_task("start")
+    with pytest.raises(AirflowFailException) as info:
+        start.python_callable(params={"profile": None, "overrides": overrides}, dag_run=None, ti=None)
+    message = str(info.value)
+    assert message.startswith("error: ") and "\n" not in message.strip()
+    assert {"yaml": "not valid YAML", "refused": "run conf may not set data.mirror",
+            "non_finite": "finite"}[case] in message
+    assert params_file.read_bytes() == before
+    assert not (bad_workspace / "mlflow.db").exists()  # failed before any MLflow run was opened

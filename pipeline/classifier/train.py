@@ -614,6 +614,15 @@ def _main(params, cfg: TrainClassifierParams, arrays: dict[str, np.ndarray], dev
             f"{100 * metrics['test_acc_no_tta']:.2f}% without; {metrics['train_time_s']:.1f} s training, "
             f"{metrics['images_per_s']:.0f} images/s")
         write_outputs(OUT_DIR, result, metrics, probs, labels, arrays["x_test"], f"{cfg.recipe}, {params.profile}")
-        log_to_mlflow(OUT_DIR, result, metrics, params.tracking.register_models, device)
+        try:
+            log_to_mlflow(OUT_DIR, result, metrics, params.tracking.register_models, device)
+        except Exception as err:  # noqa: BLE001 - tracking failed: the trained weights must not be lost
+            if isinstance(err, PipelineError):
+                raise
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise PipelineError(
+                f"{STAGE}: logging to MLflow failed ({type(err).__name__}: {first}); the trained model is in "
+                f"{OUT_DIR} and its checkpoint kept in {CHECKPOINT}: re-run once tracking works (nothing is "
+                "retrained)") from None
     if cfg.checkpoint and CHECKPOINT.exists():
         CHECKPOINT.unlink()  # outputs are complete: nothing left to resume

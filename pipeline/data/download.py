@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cleanup import remove_stale_temps
 from pipeline.data.params import DataParams
 from pipeline.errors import PipelineError
 from pipeline.utils import atomic_path, file_digest, log, progress
@@ -218,6 +219,8 @@ def main() -> None:
 
     params = load_params()
     mirror = os.environ.get("DATA_MIRROR") or params.data.mirror
+    remove_stale_temps(RAW / CIFAR_DIR, RAW / "kodak", CACHE / CIFAR_TARBALL, CACHE / "mirror-SHA256SUMS",
+                       *(CACHE / "kodak" / f"kodim{i:02d}.png" for i in range(1, 25)), stage="download")
     try:
         with tracking.stage_run("download", params, sections=("data",)):
             mlflow.set_tag("data_source", mirror or "official")

@@ -1,0 +1,116 @@
+"""``python -m pipeline.orchestration.guard [--] CMD...``: run CMD so that it never outlives its task.
+
+An Airflow stage task runs ``dvc repro`` in a new session (BashOperator). When the process that runs
+the task dies without cleaning up (``kill -9`` of ``airflow dags test``, a worker crash), that command
+and the stage under it would go on under PID 1, still holding DVC's lock and writing outputs. The
+DAG's stage command is ``exec python -m pipeline.orchestration.guard -- dvc repro ...``, so the guard
+replaces bash and its parent is the task process. It
+
+- asks the kernel for SIGTERM when that parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``; it also polls
+  its parent pid, so it works where prctl does not);
+- runs CMD in its own process group (it leads it) and, on SIGTERM/SIGINT/SIGHUP or the parent's
+  death, sends SIGTERM to the whole group (DVC and the stage process), then SIGKILL after
+  ``PIPELINE_KILL_GRACE_S`` seconds (default 10), and exits with 128 + the signal.
+
+Otherwise it exits with CMD's exit status.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
+    """Linux: deliver ``sig`` to this process when its parent dies. False where unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Pids of the other processes of process group ``pgid`` (from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _stop_group(child: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the whole group (this process ignores it), SIGKILL to what is left after ``grace_s``."""
+    pgid = os.getpgrp()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        child.poll()
+        if not _group_members(pgid):
+            return
+        time.sleep(0.1)
+    for pid in _group_members(pgid):  # the stage under DVC, torchrun ranks...
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    child.poll()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        print("usage: python -m pipeline.orchestration.guard [--] CMD [ARG...]", file=sys.stderr)
+        return 2
+    parent = os.getppid()
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        return 128 + signal.SIGTERM
+    if os.getpgrp() != os.getpid():
+        try:
+            os.setpgid(0, 0)  # lead a group of our own, so stopping it never reaches our caller
+        except PermissionError:  # a session leader already leads its group
+            pass
+    received: list[int] = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    grace = float(os.environ.get("PIPELINE_KILL_GRACE_S", "10"))
+    try:
+        child = subprocess.Popen(args)
+    except OSError as err:
+        print(f"error: cannot run {args[0]}: {err}", file=sys.stderr)
+        return 127
+    while True:
+        if received or os.getppid() != parent:
+            why = signal.Signals(received[0]).name if received else "parent died"
+            print(f"guard: {why}: stopping {' '.join(args[:4])} (process group {os.getpgrp()})",
+                  file=sys.stderr, flush=True)
+            _stop_group(child, grace)
+            return 128 + (received[0] if received else signal.SIGTERM)
+        try:
+            return child.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+if __name__ == "__main__":
+    sys.exit(main())
