@@ -96,3 +96,53 @@ def test_module_entry_point(tmp_path, model_file):
     bad = subprocess.run([sys.executable, "-m", "pipeline.classifier.predict", str(tmp_path / "none.png")],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: ")
+
+
+def _exif_rotated_jpeg(path: Path, orientation: int) -> np.ndarray:
+    """A 64x32 JPEG whose pixels are stored sideways with an EXIF orientation tag; returns what a viewer
+    shows (the stored pixels transposed as the tag says, computed independently with numpy)."""
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :32] = (250, 10, 10)   # left half red
+    stored[:, 32:] = (10, 10, 250)   # right half blue
+    stored[:4, :] = (10, 250, 10)    # a green top stripe
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(path, quality=95, exif=exif)
+    return {3: np.rot90(stored, 2), 6: np.rot90(stored, -1), 8: np.rot90(stored, 1)}[orientation]
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    from pipeline.classifier.predict import load_image
+
+    path = tmp_path / "rotated.jpg"
+    upright = _exif_rotated_jpeg(path, orientation)
+    got = load_image(path, size=32).astype(int)
+    want = np.asarray(Image.fromarray(upright).resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=3.0)).astype(int)
+    assert np.abs(got - want).mean() < 8  # JPEG noise only; unrotated it would be off by ~100
+    stored = np.asarray(Image.open(path).convert("RGB").resize((32, 32))).astype(int)
+    assert np.abs(stored - want).mean() > 40  # the tag really changes the picture
+
+
+def test_rnnc_reads_exif_orientation(tmp_path):
+    from pipeline.compression.cli import read_image
+
+    path = tmp_path / "rotated.jpg"
+    upright = _exif_rotated_jpeg(path, 6)
+    got = read_image(str(path))
+    assert got.shape == upright.shape == (64, 32, 3)
+    assert np.abs(got.astype(int) - upright.astype(int)).mean() < 8
+
+
+def test_output_closed_early_ends_quietly(tmp_path, model_file):
+    """`predict ... | head -3`: the reader leaves early; no BrokenPipeError traceback."""
+    images = []
+    for i in range(400):  # ~100 KB of output: more than a pipe holds, so writes go on after head exits
+        images.append(tmp_path / f"img{i}.png")
+        Image.fromarray(np.full((32, 32, 3), i, np.uint8)).save(images[-1])
+    cmd = f"{sys.executable} -m pipeline.classifier.predict -k 10 --model {model_file} " + " ".join(map(str, images))
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd + " | head -3"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stdout.count("\n") == 3
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr

@@ -1,6 +1,7 @@
 """``python -m pipeline.classifier.predict IMAGE...``: top-5 CIFAR-10 classes of any image.
 
-Each image is converted to RGB and resized to 32x32 (the network's input). ``--model`` takes a
+Each image is turned upright as its EXIF orientation says (as image viewers do), converted to RGB and
+resized to 32x32 (the network's input). ``--model`` takes a
 ``model.pt`` written by the train_classifier stage (default) or an MLflow model URI
 (``models:/cifar10-classifier/1``, ``runs:/<id>/model``). A missing, corrupt or non-image file ends
 the command with one ``error:`` line and exit status 1; nothing is printed for the other images.
@@ -23,7 +24,7 @@ CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 def load_image(path: str | os.PathLike, size: int = 32) -> np.ndarray:
     """RGB uint8 (size, size, 3); PipelineError for a missing, unreadable or non-image file."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
@@ -33,7 +34,7 @@ def load_image(path: str | os.PathLike, size: int = 32) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later
-            rgb = img.convert("RGB")
+            rgb = ImageOps.exif_transpose(img).convert("RGB")  # EXIF orientation applied, as viewers do
     except UnidentifiedImageError:
         raise PipelineError(f"{path}: not an image file (format not recognised)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -87,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, p in top:
                 print(f"  {name:<12s} {100 * p:6.2f}%")
 
-    return run_cli(predict)
+    try:
+        return run_cli(predict)
+    except BrokenPipeError:  # `predict ... | head -3`: the reader left; stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":
