@@ -70,11 +70,31 @@ def _stack_env(workspace: Path, airflow_port: int, mlflow_port: int, mirror: Pat
     return env
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket in LISTEN state on ``port``, read from the kernel (/proc/net/tcp*),
+    independently of what any script prints."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            if width == 8:
+                found.add(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+            else:  # four little-endian 32-bit words
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                found.add(socket.inet_ntop(socket.AF_INET6, words))
+    return found
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
-    if not CHROMIUM.exists():
-        pytest.skip("Debian Chromium not installed (apt-get install -y chromium chromium-driver)")
-    pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
     mirror = mirror_path()
     workspace = make_workspace(tmp_path_factory.mktemp("browser") / "project", "tiny", git=True)
     shutil.rmtree(workspace / ".stack", ignore_errors=True)  # pid files of a stack running in the checkout
@@ -99,8 +119,36 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
             assert not alive, f"{name} process group {pid} still alive after stack.sh down"
 
 
+def test_stack_listens_on_loopback_only(stack: Stack) -> None:
+    """Both services listen on 127.0.0.1 and nowhere else (the kernel's socket table, not the URLs the
+    script prints), and both answer there."""
+    import urllib.request
+
+    for url in (stack.airflow, stack.mlflow):
+        port = int(url.rsplit(":", 1)[1])
+        assert listening_addresses(port) == {"127.0.0.1"}, (url, listening_addresses(port))
+    with urllib.request.urlopen(stack.mlflow + "/health", timeout=10) as r:
+        assert r.read().decode().strip() == "OK"
+    with urllib.request.urlopen(stack.airflow + "/api/v2/monitor/health", timeout=10) as r:
+        assert json.loads(r.read())["metadatabase"]["status"] == "healthy"
+
+
+def test_listening_addresses_reads_the_socket_table() -> None:
+    """The helper itself, against sockets bound here: loopback, and all interfaces."""
+    with socket.socket() as lo, socket.socket() as anywhere:
+        lo.bind(("127.0.0.1", 0))
+        lo.listen()
+        anywhere.bind(("0.0.0.0", 0))
+        anywhere.listen()
+        assert listening_addresses(lo.getsockname()[1]) == {"127.0.0.1"}
+        assert listening_addresses(anywhere.getsockname()[1]) == {"0.0.0.0"}
+
+
 @pytest.fixture(scope="module")
 def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("Debian Chromium not installed (apt-get install -y chromium chromium-driver)")
+    pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
     from playwright.sync_api import sync_playwright
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
