@@ -238,7 +238,7 @@ def test_docker_lock_agrees_with_constraints() -> None:
         return out
 
     image, constraints = pins(DOCKER / "requirements.txt"), pins(ROOT / "constraints.txt")
-    allowed = {"celery", "kombu"}  # see the header of docker/requirements.txt
+    allowed: set[str] = set()  # none since constraints.txt holds the stack's extras (see its header)
     differ = {name for name in image.keys() & constraints.keys() if image[name] != constraints[name]}
     assert differ <= allowed, {n: (image[n], constraints[n]) for n in differ - allowed}
     for name in ("torch", "apache-airflow", "mlflow", "dvc", "apache-airflow-providers-celery", "dvc-s3",
@@ -332,3 +332,98 @@ def test_postgres_init_creates_the_mlflow_role_and_database() -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
+
+
+# --- scripts/prod_stack.py: the same stack as processes (tests/test_production_stack.py runs it) ------
+
+def _prod_stack():
+    spec = importlib.util.spec_from_file_location("prod_stack", ROOT / "scripts" / "prod_stack.py")
+    module = sys.modules["prod_stack"] = sys.modules.get("prod_stack") or importlib.util.module_from_spec(spec)
+    if not hasattr(module, "Stack"):
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_gen_env_settings_override_and_refuse_secrets(tmp_path: Path) -> None:
+    gen_env(tmp_path / ".env", "--set", "MLFLOW_PORT=5050", "--set", "GPU_WORKER_QUEUES=gpu,default")
+    env = read_env(tmp_path / ".env")
+    assert env["MLFLOW_PORT"] == "5050" and env["GPU_WORKER_QUEUES"] == "gpu,default"
+    proc = subprocess.run([sys.executable, str(GEN_ENV), "--output", str(tmp_path / "x.env"),
+                           "--set", "POSTGRES_PASSWORD=weak"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "secret" in proc.stderr and not (tmp_path / "x.env").exists()
+
+
+@needs_compose
+def test_gpu_worker_queues_are_configurable(stack_dir: Path) -> None:
+    env_file = stack_dir / ".env"
+    env_file.write_text(env_file.read_text().replace("GPU_WORKER_QUEUES=gpu", "GPU_WORKER_QUEUES=gpu,default"))
+    worker = rendered(stack_dir, "--profile", "gpu")["services"]["airflow-worker-gpu"]
+    assert worker["command"][-2:] == ["--queues", "gpu,default"]
+
+
+@needs_compose
+def test_prod_stack_maps_compose_services_to_local_processes(tmp_path: Path) -> None:
+    """Each service gets compose.yaml's environment and command, with host names -> 127.0.0.1:port and
+    image paths -> per-service folders; nothing else differs but LOCAL_ONLY."""
+    ps = _prod_stack()
+    st = ps.Stack(tmp_path / "stack", mirror=tmp_path / "mirror", settings={"GPU_WORKER_QUEUES": "gpu,default"})
+    config = st.render()
+    assert stat.S_IMODE(st.env_file.stat().st_mode) == 0o600
+    assert st.dotenv["AIRFLOW_PORT"] == str(st.ports["airflow"]) and st.dotenv["DATA_MIRROR"] == str(tmp_path / "mirror")
+
+    copy = tmp_path / "copy"
+    env = st.service_env("airflow-worker-gpu", copy)
+    compose_env = config["services"]["airflow-worker-gpu"]["environment"]
+    assert set(compose_env) <= set(env)
+    pg, redis = st.ports["postgres"], st.ports["redis"]
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == (
+        f"postgresql+psycopg2://airflow:{st.dotenv['POSTGRES_PASSWORD']}@127.0.0.1:{pg}/airflow")
+    assert env["AIRFLOW__CELERY__BROKER_URL"] == f"redis://:{st.dotenv['REDIS_PASSWORD']}@127.0.0.1:{redis}/0"
+    assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{st.ports['mlflow']}"
+    assert env["DVC_REMOTE_ENDPOINT_URL"] == f"http://127.0.0.1:{st.ports['minio']}"
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == f"http://127.0.0.1:{st.ports['airflow']}/execution/"
+    assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(copy / "dags") and env["PIPELINE_WORKSPACE"] == str(copy)
+    assert env["AIRFLOW_HOME"] == str(st.workdir / "homes" / "airflow-worker-gpu")
+    assert env["PATH"].startswith(str(st.venv / "bin"))
+    assert env["PIPELINE_EXECUTION"] == "remote" and env["DATA_MIRROR"] == str(tmp_path / "mirror")
+    differ = {k for k in compose_env if env[k] != compose_env[k]}
+    assert all(re.search(r"(postgres|redis|minio|mlflow|airflow-apiserver):\d+|/opt/", compose_env[k])
+               for k in differ), differ
+    assert not any("/opt/" in v for v in env.values() if isinstance(v, str)), "an image path left"
+
+    assert st.command("airflow-worker-gpu", copy)[-2:] == ["--queues", "gpu,default"]
+    api = st.command("airflow-apiserver", copy)
+    assert api[-2:] == ["--port", str(st.ports["airflow"])]
+    mlflow = st.command("mlflow", None)
+    assert f"--port={st.ports['mlflow']}" in mlflow and "--host=127.0.0.1" in mlflow and "--serve-artifacts" in mlflow
+    init = st.command("airflow-init", copy)[-1]
+    assert str(st.workdir / "volumes" / "airflow-auth" / "passwords.json") in init and "/opt/" not in init
+    assert st.service_env("mlflow", None)["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://mlflow/artifacts"
+
+
+def test_prod_stack_s3_gate_cuts_and_restores_the_path(tmp_path: Path) -> None:
+    ps = _prod_stack()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        gate = ps.Gate(ps.free_port(), server.getsockname()[1])
+        gate.open()
+        try:
+            with socket.create_connection(("127.0.0.1", gate.port), timeout=5) as client:
+                conn, _ = server.accept()
+                client.sendall(b"ping")
+                assert conn.recv(4) == b"ping"
+                gate.close()
+                conn.settimeout(5)
+                assert conn.recv(4) == b""  # the relayed connection was cut
+                conn.close()
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", gate.port), timeout=5)
+            gate.open()
+            with socket.create_connection(("127.0.0.1", gate.port), timeout=5) as client:
+                conn, _ = server.accept()
+                conn.sendall(b"pong")
+                assert client.recv(4) == b"pong"
+                conn.close()
+        finally:
+            gate.close()
