@@ -15,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test setup browser airflow-init up down status clean-runs
+.PHONY: run test setup browser services airflow-init up down status clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -45,7 +45,14 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver > /dev/null; \
 	  else echo "chromium missing and cannot be installed here: the browser test will be skipped"; fi; }
 
-test: setup browser
+# Debian's PostgreSQL and Redis for the production-topology test (tests/test_production_stack.py).
+services:
+	@{ command -v redis-server > /dev/null && ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql redis-server > /dev/null; \
+	  else echo "postgresql/redis-server missing and cannot be installed here: the production-stack test will be skipped"; fi; }
+
+test: setup browser services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The local stack: Airflow (standalone, SQLite) + MLflow server, both on 127.0.0.1.

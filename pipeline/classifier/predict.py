@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
             for name, p in top:
                 print(f"  {name:<12s} {100 * p:6.2f}%")
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
 
     try:
         return run_cli(predict)

@@ -41,6 +41,13 @@ def lock_entry(stage: str, lock: Path = LOCK) -> dict:
     return doc["stages"][stage]
 
 
+def upstream_inputs(stage: str, entries: dict[str, dict], dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """The dependencies of ``stage`` that are outputs of the upstream stages in ``entries``."""
+    deps = yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("deps") or []
+    outs = {out["path"] for entry in entries.values() for out in entry.get("outs") or []}
+    return [dep for dep in deps if dep in outs]
+
+
 def apply_run_conf() -> None:
     """Apply the DAG run's profile/overrides (``PIPELINE_PROFILE``, ``PIPELINE_OVERRIDES`` as JSON) to
     this copy's params.yaml: every worker must see the same params."""
@@ -74,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             entries.update(json.loads(text))
     if entries:
         merge_lock(entries)
+        # the upstream versions of this stage's inputs, even over files a failed earlier attempt left
+        # in this copy (`repro --pull` would keep those and record them as the inputs)
+        targets = upstream_inputs(args.stage, entries)
+        if targets:
+            dvc("pull", "--force", *targets)
     dvc("repro", "--pull", "--single-item", args.stage)
     dvc("push", args.stage)
     print(json.dumps({args.stage: lock_entry(args.stage)}, sort_keys=True))

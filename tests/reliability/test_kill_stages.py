@@ -88,9 +88,9 @@ def ws(tmp_path_factory, mirror):
                PIPELINE_HOME=str(ws), PIPELINE_NO_PROGRESS="1", DVC_NO_ANALYTICS="1",
                PYTHONPATH=str(FAULT_DIR), OMP_NUM_THREADS="1")
     ws_env[ws] = env
-    proc = _dvc(ws, "repro", "train_classifier", "train_compressor")
+    proc = _dvc(ws, "repro", "augment")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reference[ws] = {stage: _snapshot(ws, stage) for stage in POINTS}
+    reference[ws] = {"download": _snapshot(ws, "download")}
     return ws
 
 
@@ -103,7 +103,7 @@ def _dvc(ws: Path, *args: str, fault: str | None = None) -> subprocess.Completed
     if fault:
         env["PIPELINE_FAULT"] = fault
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1800)
 
 
 def _runs(ws: Path, stage: str):
@@ -119,6 +119,10 @@ def _runs(ws: Path, stage: str):
 def test_kill_9_then_rerun_gives_the_uninterrupted_result(ws, stage):
     if stage == "download":
         shutil.rmtree(ws / ".cache", ignore_errors=True)  # make it fetch again (from the mirror)
+    else:  # the uninterrupted run of this stage, with the same seed
+        proc = _dvc(ws, "repro", "--single-item", stage)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        reference[ws][stage] = _snapshot(ws, stage)
     killed_before = sum(r.info.status == "KILLED" for r in _runs(ws, stage))
     for point in POINTS[stage]:
         proc = _dvc(ws, "repro", "-f", "--single-item", stage, fault=f"{stage} {point}")
@@ -132,7 +136,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(ws, stage):
     proc = _dvc(ws, "repro", "-f", "--single-item", stage)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _snapshot(ws, stage) == reference[ws][stage], f"{stage}: re-run after kills differs from the uninterrupted run"
-    status = _dvc(ws, "status", *POINTS)  # the stages under test and everything upstream of them
+    status = _dvc(ws, "status", *(s for s in POINTS if s in reference[ws]))  # and everything upstream
     assert "Data and pipelines are up to date" in status.stdout, status.stdout
     assert _temps(ws) == [], f"temporary files left after the re-run (before it: {debris})"
     runs = _runs(ws, stage)
