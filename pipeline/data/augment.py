@@ -153,12 +153,18 @@ def run(params: AugmentParams, augmentation, seed: int) -> dict[str, float]:
     with atomic_path(OUT / "cifar10.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **data)
-    patches = {
-        "train": random_patches(data["x_train"], params.patches, params.patch_size, params.patch_pad,
-                                params.patch_flip, rng, params.patch_scale),
-        "val": random_patches(data["x_test"], params.val_patches, params.patch_size, 0, False, rng,
-                              params.patch_scale),
-    }
+    if params.patch_source == "cifar10":
+        patches = {
+            "train": random_patches(data["x_train"], params.patches, params.patch_size, params.patch_pad,
+                                    params.patch_flip, rng, params.patch_scale),
+            "val": random_patches(data["x_test"], params.val_patches, params.patch_size, 0, False, rng,
+                                  params.patch_scale),
+        }
+    else:  # the user's own photos (pipeline/data/photos.py); Kodak is refused
+        from pipeline.data.photos import photo_patches
+
+        patches = photo_patches(Path(params.patch_source), params.patches, params.val_patches, params.patch_size,
+                                params.patch_min_std, params.patch_flip, rng, kodak=Path("data/raw/kodak"))
     with atomic_path(OUT / "patches.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **patches)
