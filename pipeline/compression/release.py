@@ -74,22 +74,47 @@ def save_half(model: RNNCompressor, path: Path, meta: dict[str, Any]) -> str:
 def kodak_quality(model: RNNCompressor, kodak: Path, iterations: int) -> dict[str, float]:
     """Mean MS-SSIM (RGB, 5 scales) and PSNR of the model's reconstructions of every Kodak image."""
     from PIL import Image
-    from pytorch_msssim import ms_ssim
 
     from pipeline.compression.codec import RNNCodec
+    from pipeline.evaluation.metrics import Reference
 
     codec = RNNCodec(model)
     scores, psnrs = [], []
     for path in sorted(kodak.glob("kodim*.png")):
         img = np.asarray(Image.open(path).convert("RGB"))
-        rec = codec.reconstruct(img, iterations)
-        a = torch.from_numpy(img).permute(2, 0, 1)[None].double()
-        b = torch.from_numpy(rec).permute(2, 0, 1)[None].double()
-        scores.append(float(ms_ssim(a, b, data_range=255)))
-        psnrs.append(float(10 * torch.log10(255.0 ** 2 / (a - b).square().mean())))
+        q = Reference(img).compare(codec.reconstruct(img, iterations))  # the evaluate stage's metrics
+        scores.append(q.ms_ssim)
+        psnrs.append(q.psnr)
     if not scores:
         raise PipelineError(f"{kodak}: no kodim*.png images")
     return {"ms_ssim": float(np.mean(scores)), "psnr": float(np.mean(psnrs)), "images": len(scores)}
+
+
+def plot_curve(record: dict[str, Any], path: Path, reference: dict[str, float] | None = None) -> None:
+    """Kodak MS-SSIM at the curve's iteration count against training hours (how quality grows with compute)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = record["kodak_curve"]
+    if not curve:
+        raise PipelineError("no Kodak curve to plot (release with --kodak and snapshot_every > 0)")
+    k = curve[0]["iterations"]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ax.plot([c["train_hours"] for c in curve], [c["ms_ssim"] for c in curve], "o-", label=f"RNN codec, {k} iterations")
+    for name, value in (reference or {}).items():
+        ax.axhline(value, ls="--", lw=1, color="grey")
+        ax.annotate(name, (0, value), textcoords="offset points", xytext=(2, 2), fontsize=8, color="grey")
+    ax.set_xlabel(f"training hours ({record.get('cpu_threads') or 'all'} CPU threads, 2-core machine)")
+    ax.set_ylabel(f"Kodak MS-SSIM at {k * 0.125:g} bpp (raw bits)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
 
 
 def _git_commit(workdir: Path) -> str | None:
@@ -124,12 +149,18 @@ def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curv
     curve = list(prior.get("kodak_curve", []))
     snaps = sorted((checkpoint.parent / "snapshots").glob("epoch_*.pt"))
     if kodak is not None:
+        cache_path = checkpoint.parent / "snapshots" / f"kodak_k{curve_iterations}.json"
+        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
         for snap in snaps:
-            s = torch.load(snap, map_location="cpu", weights_only=True)
-            m = RNNCompressor(ModelConfig.from_dict(dict(s["config"])))
-            m.load_state_dict(s["state_dict"])
-            point = {"train_hours": round(prior_hours + s["train_seconds"] / 3600, 4), "epoch": s["epoch"],
-                     "iterations": curve_iterations, **kodak_quality(m.eval(), kodak, curve_iterations)}
+            if snap.name not in cache:  # each snapshot is scored once (about a minute on 2 cores)
+                s = torch.load(snap, map_location="cpu", weights_only=True)
+                m = RNNCompressor(ModelConfig.from_dict(dict(s["config"])))
+                m.load_state_dict(s["state_dict"])
+                cache[snap.name] = {"train_hours": round(prior_hours + s["train_seconds"] / 3600, 4),
+                                    "epoch": s["epoch"], "iterations": curve_iterations,
+                                    **kodak_quality(m.eval(), kodak, curve_iterations)}
+                atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+            point = cache[snap.name]
             log(f"[release] {snap.name}: {point['train_hours']:.2f} h, Kodak MS-SSIM@{curve_iterations} "
                 f"{point['ms_ssim']:.4f}, PSNR {point['psnr']:.2f} dB")
             curve.append(point)
@@ -167,8 +198,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--kodak", type=Path, default=None, help="Kodak folder: score every snapshot on it")
     ap.add_argument("--curve-iterations", type=int, default=2, help="iterations of the Kodak curve (2: 0.25 bpp)")
+    ap.add_argument("--figure", type=Path, default=None, help="also plot the Kodak curve to this PNG")
+    ap.add_argument("--reference", action="append", default=[], metavar="NAME=MSSSIM",
+                    help="a horizontal reference line (e.g. a codec's Kodak MS-SSIM at the same rate)")
     args = ap.parse_args(argv)
-    return run_cli(lambda: release(args.checkpoint, args.workdir, args.out, args.kodak, args.curve_iterations))
+
+    def act() -> None:
+        record = release(args.checkpoint, args.workdir, args.out, args.kodak, args.curve_iterations)
+        if args.figure:
+            refs = {}
+            for item in args.reference:
+                name, _, value = item.partition("=")
+                try:
+                    refs[name] = float(value)
+                except ValueError:
+                    raise PipelineError(f"--reference {item!r}: expected NAME=NUMBER") from None
+            plot_curve(record, args.figure, refs)
+
+    return run_cli(act)
 
 
 if __name__ == "__main__":
