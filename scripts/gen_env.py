@@ -7,7 +7,7 @@
     python3 scripts/gen_env.py --set MLFLOW_PORT=5050 --set DATA_MIRROR=/srv/mirror   # change a setting
 
 The same file feeds scripts/prod_stack.py, which runs this Compose stack's services as plain processes
-(no Docker) for tests/production/: one source of settings and secrets for both.
+(no Docker) for tests/test_production_stack.py: one source of settings and secrets for both.
 
 The file is created with mode 0600 and is git-ignored (docker/.gitignore): never commit it.
 Passwords are letters and digits only, so they can sit in database URLs without escaping.

@@ -23,7 +23,7 @@ heartbeat timeout so a dead worker is noticed in seconds).
 Services restart when they exit, as Compose's ``restart: unless-stopped`` does, unless stopped on
 purpose (``stop_service``). Every process started carries ``PROD_STACK_ID`` in its environment, so
 ``stop()`` finds and kills all of them, including those that left their process group (task
-subprocesses). Used by tests/production/ (fault injection: ``kill_service``, ``restart_postgres``,
+subprocesses). Used by tests/test_production_stack.py (fault injection: ``kill_service``, ``restart_postgres``,
 ``s3_gate.close()``).
 """
 
