@@ -1,8 +1,14 @@
-"""Benchmark the RNN codec: encode and decode seconds per megapixel, and peak memory.
+"""Benchmark the RNN codec: encode and decode seconds per megapixel, peak memory, and what the
+entropy coding of .rnnc v2 saves over the raw bits, iteration by iteration, on Kodak.
 
     python bench/bench_codec.py                          # cpu-profile-sized model, 768x512, all iterations
     python bench/bench_codec.py --size 4000x3000         # a large photo: time and peak RSS
-    python bench/bench_codec.py --model data/compressor/model.pt --iterations 8 --json out.json
+    python bench/bench_codec.py --model models/rnnc-cpu.pt --kodak ../shared/datasets/kodak --json out.json
+
+With --kodak DIR (the folder of kodim01.png ... kodim24.png) the timed image is kodim01 (768x512)
+and the entropy coding is measured on --images of them: per iteration, the raw bytes of the bits
+against the coded payload bytes, and per iteration count k the whole v2 file against the v1 (raw) file
+of the same bits -- the same bits decode to the same image, so this is the saving at equal quality.
 
 Without --model the network is built untrained with the widths of the active params.yaml profile
 (speed does not depend on the weights). Runs on the CPU and, when CUDA is present, on the GPU too
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -25,7 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.compression.codec import DEFAULT_TILE, RNNCodec, bits_per_pixel, load_model  # noqa: E402
+from pipeline.compression.codec import (  # noqa: E402
+    DEFAULT_TILE, RNNCodec, _pack_v1, _pack_v2, bits_per_pixel, load_model, truncate,
+)
 from pipeline.compression.model import ModelConfig, RNNCompressor, count_parameters  # noqa: E402
 
 
@@ -52,22 +61,78 @@ def sync(device: torch.device) -> None:
 
 
 def bench(codec: RNNCodec, img: np.ndarray, iterations: int, repeat: int) -> dict:
+    """Best of ``repeat``: wall seconds, and the process's CPU seconds (all threads; what a busy
+    machine inflates less than wall time)."""
     mp = img.shape[0] * img.shape[1] / 1e6
     codec.compress(img[:64, :64], 1)  # warm-up
-    enc, dec = [], []
+    enc, dec, enc_cpu, dec_cpu = [], [], [], []
     for _ in range(repeat):
         sync(codec.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         data = codec.compress(img, iterations)
         sync(codec.device)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         codec.decompress(data)
         sync(codec.device)
         enc.append(t1 - t0)
         dec.append(time.perf_counter() - t1)
+        enc_cpu.append(c1 - c0)
+        dec_cpu.append(time.process_time() - c1)
     return {"encode_s": min(enc), "decode_s": min(dec), "encode_s_per_mp": min(enc) / mp,
-            "decode_s_per_mp": min(dec) / mp, "bytes": len(data),
-            "bpp": bits_per_pixel(len(data), *img.shape[:2])}
+            "decode_s_per_mp": min(dec) / mp, "encode_cpu_s_per_mp": min(enc_cpu) / mp,
+            "decode_cpu_s_per_mp": min(dec_cpu) / mp, "load_average_1min": os.getloadavg()[0],
+            "bytes": len(data), "bpp": bits_per_pixel(len(data), *img.shape[:2])}
+
+
+def kodak_images(folder: str, n: int) -> list[tuple[str, np.ndarray]]:
+    from PIL import Image
+
+    paths = sorted(Path(folder).glob("kodim*.png"))[:n]
+    if not paths:
+        raise SystemExit(f"no kodim*.png in {folder}")
+    return [(p.stem, np.asarray(Image.open(p).convert("RGB"))) for p in paths]
+
+
+def entropy_saving(codec: RNNCodec, images: list[tuple[str, np.ndarray]], iterations: int) -> dict:
+    """Raw vs coded bytes per iteration, and v2 vs v1 file sizes per iteration count, over the images."""
+    raw = np.zeros(iterations)
+    coded = np.zeros(iterations)
+    v1_sizes = np.zeros(iterations)
+    v2_sizes = np.zeros(iterations)
+    ratios = []  # per image and k: v2 size / v1 size
+    code_s = decode_s = 0.0
+    for name, img in images:
+        codes = codec.encode(img, iterations)
+        header = codec.header_for(img, iterations)
+        t0 = time.perf_counter()
+        v2, sizes = _pack_v2(header, codes)
+        code_s += time.perf_counter() - t0
+        v1 = _pack_v1(header, codes)
+        t0 = time.perf_counter()
+        codec._codes(v2, None)  # entropy decoding alone (parse, CRCs, the context model, the range decoder)
+        decode_s += time.perf_counter() - t0
+        raw += header.iteration_bytes
+        coded += np.array(sizes)
+        img_ratios = []
+        for k in range(1, iterations + 1):
+            a, b = len(truncate(v1, k)), len(truncate(v2, k))
+            v1_sizes[k - 1] += a
+            v2_sizes[k - 1] += b
+            img_ratios.append(b / a)
+        ratios.append(img_ratios)
+        print(f"  {name}: v2/v1 file size at k=1..{iterations}: " + " ".join(f"{r:.3f}" for r in img_ratios),
+              flush=True)
+    ratios = np.array(ratios)
+    return {
+        "images": [n for n, _ in images], "iterations": iterations,
+        "raw_bytes_per_iteration": raw.tolist(), "coded_bytes_per_iteration": coded.tolist(),
+        "saving_per_iteration": (1 - coded / raw).tolist(),
+        "v1_file_bytes_by_k": v1_sizes.tolist(), "v2_file_bytes_by_k": v2_sizes.tolist(),
+        "file_saving_by_k": (1 - v2_sizes / v1_sizes).tolist(),
+        # equal quality at every k (same bits): the BD-rate is the mean log size ratio
+        "bd_rate_v2_vs_v1": float(np.exp(np.log(ratios).mean()) - 1),
+        "entropy_code_s_per_image": code_s / len(images), "entropy_decode_s_per_image": decode_s / len(images),
+    }
 
 
 def main() -> None:
@@ -80,13 +145,21 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--devices", default="auto", help="cpu, cuda or auto (cpu, plus cuda when present)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--kodak", help="folder of the Kodak PNGs: time kodim01 and measure the entropy coding")
+    ap.add_argument("--images", type=int, default=24, help="Kodak images for the entropy measurement")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    w, h = (int(v) for v in args.size.lower().split("x"))
-    img = synthetic_image(h, w)
+    images = kodak_images(args.kodak, args.images) if args.kodak else []
+    if images:
+        img = images[0][1]
+        h, w = img.shape[:2]
+        args.size = f"{w}x{h}"
+    else:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+        img = synthetic_image(h, w)
     model = build_model(args.model, args.params)
     k = args.iterations or model.config.iterations
     devices = ["cpu", "cuda"] if args.devices == "auto" else [args.devices]
@@ -101,12 +174,26 @@ def main() -> None:
         r = {"device": dev, "device_name": name, "size": args.size, "iterations": k, "tile": args.tile,
              "torch": torch.__version__, **bench(codec, img, k, args.repeat)}
         results.append(r)
-        print(f"{dev:4s} [{name}]: encode {r['encode_s']:.2f} s ({r['encode_s_per_mp']:.2f} s/MP), "
-              f"decode {r['decode_s']:.2f} s ({r['decode_s_per_mp']:.2f} s/MP), {r['bpp']:.4f} bpp")
+        print(f"{dev:4s} [{name}]: encode {r['encode_s']:.2f} s ({r['encode_s_per_mp']:.2f} s/MP, "
+              f"{r['encode_cpu_s_per_mp']:.2f} CPU-s/MP), decode {r['decode_s']:.2f} s ({r['decode_s_per_mp']:.2f} s/MP, "
+              f"{r['decode_cpu_s_per_mp']:.2f} CPU-s/MP), {r['bpp']:.4f} bpp; load average {r['load_average_1min']:.1f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(f"peak RSS of this process: {peak:.0f} MiB")
+    saving = None
+    if images:
+        print(f"entropy coding (.rnnc v2 vs raw bits) on {len(images)} Kodak image(s), {k} iterations:")
+        saving = entropy_saving(RNNCodec(model, tile=args.tile), images, k)
+        print("  iteration  raw bytes  coded bytes  saving   | file v1   file v2   saving (k iterations)")
+        for t in range(k):
+            print(f"  {t + 1:9d}  {saving['raw_bytes_per_iteration'][t]:9.0f}  {saving['coded_bytes_per_iteration'][t]:11.0f}"
+                  f"  {100 * saving['saving_per_iteration'][t]:5.1f} %  | {saving['v1_file_bytes_by_k'][t]:8.0f}"
+                  f"  {saving['v2_file_bytes_by_k'][t]:8.0f}  {100 * saving['file_saving_by_k'][t]:5.1f} %")
+        print(f"  BD-rate of v2 against v1 (equal quality at every k): {100 * saving['bd_rate_v2_vs_v1']:+.1f} %; "
+              f"entropy coding {saving['entropy_code_s_per_image']:.3f} s, decoding "
+              f"{saving['entropy_decode_s_per_image']:.3f} s per image")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "peak_rss_mib": peak}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"results": results, "peak_rss_mib": peak, "entropy": saving},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Each iteration of an image yields a plane of bits, ``(Hb, Wb, bits)``: one bit per code channel per
 16x16 block. :class:`PlaneCoder` codes such planes one after another (iteration 1, 2, ...) with the
-range coder of the maintained ``constriction`` library (``constriction.stream.queue``); this module
-only supplies the probabilities. The model adapts as it goes, identically on both sides, so nothing
+range coder of the maintained ``constriction`` library (``constriction.stream.queue``, with its
+``Bernoulli(perfect=False)`` model; the version is pinned, as the coded bytes depend on how it
+quantises probabilities); this module only supplies the probabilities. The model adapts as it goes, identically on both sides, so nothing
 but the coded bits is stored, and a plane can be decoded as soon as the planes before it are (the
 ``.rnnc`` format's progressive property).
 
@@ -78,7 +79,6 @@ class PlaneCoder:
         self._where = [np.flatnonzero(phase.reshape(-1) == p) for p in range(4)]
         # the same positions as flat indices into a plane with a one-block zero border
         self._padded_where = [(wh // w + 1) * (w + 2) + wh % w + 1 for wh in self._where]
-        # how many neighbours each position has of the kind its phase looks at (constant per image)
         # the neighbours each phase looks at (all already coded when the phase comes), as flat indices
         # into a plane with a one-block zero border, and how many of them are inside the image
         offsets = [_CROSS, _DIAGONAL, _DIRECT, _DIRECT]
