@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -66,6 +67,7 @@ def stack(tmp_path_factory, mirror):
         yield st
     finally:
         st.stop()
+        shutil.rmtree(st.workdir / "copies", ignore_errors=True)  # ~0.6 GB of working copies; logs stay
         st.timings["total_s"] = round(time.monotonic() - t0, 1)
         print(f"\nproduction stack timings: {st.timings}\nevents:\n  " + "\n  ".join(st.events))
     assert not prod_stack.marked_pids(st.id), "processes of the stack survived stop()"
@@ -83,6 +85,25 @@ def _stage_processes(st) -> list[tuple[str, str]]:
             if item.startswith(prod_stack.SERVICE_MARK.encode() + b"="):
                 found.append((cmd, item.split(b"=", 1)[1].decode()))
     return found
+
+
+def _wait_for_process(st, needle: str, timeout: float, interval: float = 0.05) -> None:
+    """Return as soon as a process of the stack has ``needle`` in its command line."""
+    mark = f"{prod_stack.MARK}={st.id}".encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if needle.encode() not in Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" "):
+                    continue
+                if mark in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    return
+            except OSError:
+                continue
+        time.sleep(interval)
+    raise AssertionError(f"no process `{needle}` within {timeout:.0f} s")
 
 
 def _quiet(call):
@@ -175,7 +196,9 @@ def test_pipeline_dag_on_the_production_stack_with_faults(stack, mirror, tmp_pat
             time.sleep(3)
             pg_down_s = round(st.restart_postgres(down_s=3.0), 1)
         # fault 3: S3 unreachable during evaluate's dvc push; reachable again once the attempt failed
-        if s3_cut is None and any("-m dvc push evaluate" in cmd for cmd, _ in procs):
+        if s3_cut is None and any("-m pipeline evaluate" in cmd for cmd, _ in procs):
+            # from the stage's end on, watch closely: the push must be caught before its first request
+            _wait_for_process(st, "-m dvc push evaluate", timeout=RUN_TIMEOUT_S)
             st.s3_gate.close()
             s3_cut = round(time.monotonic() - t_run, 1)
             st.event("S3 gate closed during `dvc push evaluate`")
