@@ -100,11 +100,14 @@ def test_orchestrator_killed_mid_stage_then_rerun(mirror, tmp_path, monkeypatch)
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def training():
-        return [p for p in _procs_in(ws) if "pipeline train_classifier" in p[1]]
+    def training():  # the stage has started: its MLflow run is open (the stage process exists)
+        if not [p for p in _procs_in(ws) if "pipeline train_classifier" in p[1]] or not (ws / "mlflow.db").exists():
+            return False
+        client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+        return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=5,
+                                  filter_string="tags.dvc_stage = 'train_classifier' and attributes.status = 'RUNNING'")
 
-    assert _wait(training, 900, 0.5), (tmp_path / "first.log").read_text()[-3000:]
-    time.sleep(1.0)  # mid-stage
+    assert _wait(training, 1800, 1.0), (tmp_path / "first.log").read_text()[-3000:]
     os.kill(first.pid, signal.SIGKILL)  # the orchestrator only: its children are left to fend for themselves
     first.wait()
     gone = _wait(lambda: not _procs_in(ws), 60)
