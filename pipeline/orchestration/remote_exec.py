@@ -48,20 +48,6 @@ def upstream_inputs(stage: str, entries: dict[str, dict], dvc_yaml: Path = Path(
     return [dep for dep in deps if dep in outs]
 
 
-def upstream_inputs(stage: str, entries: dict[str, dict], dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
-    """The dependencies of ``stage`` that are outputs of the upstream stages in ``entries``."""
-    deps = yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("deps") or []
-    outs = {out["path"] for entry in entries.values() for out in entry.get("outs") or []}
-    return [dep for dep in deps if dep in outs]
-
-
-def upstream_inputs(stage: str, entries: dict[str, dict], dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
-    """The dependencies of ``stage`` that are outputs of the upstream stages in ``entries``."""
-    deps = yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("deps") or []
-    outs = {out["path"] for entry in entries.values() for out in entry.get("outs") or []}
-    return [dep for dep in deps if dep in outs]
-
-
 def apply_run_conf() -> None:
     """Apply the DAG run's profile/overrides (``PIPELINE_PROFILE``, ``PIPELINE_OVERRIDES`` as JSON) to
     this copy's params.yaml: every worker must see the same params."""
