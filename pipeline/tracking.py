@@ -254,9 +254,9 @@ def stage_run(stage: str, params, sections: tuple[str, ...] | None = None) -> It
     logged = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
     logged.update(profile=params.profile, seed=params.seed)
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
-        mlflow.log_params({k: _param_value(v) for k, v in logged.items()})
-        log(f"[mlflow] {stage}: run {run.info.run_id} in {tracking_uri()}")
         try:
+            mlflow.log_params({k: _param_value(v) for k, v in logged.items()})
+            log(f"[mlflow] {stage}: run {run.info.run_id} in {tracking_uri()}")
             yield run
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from the task's guard: say so rather than FAILED
             mlflow.set_tag("orphaned", "stage interrupted (SIGINT/SIGTERM)")
