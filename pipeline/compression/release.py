@@ -106,7 +106,8 @@ def plot_curve(record: dict[str, Any], path: Path, reference: dict[str, float] |
     for name, value in (reference or {}).items():
         ax.axhline(value, ls="--", lw=1, color="grey")
         ax.annotate(name, (0, value), textcoords="offset points", xytext=(2, 2), fontsize=8, color="grey")
-    ax.set_xlabel(f"training hours ({record.get('cpu_threads') or 'all'} CPU threads, 2-core machine)")
+    threads = record.get("cpu_threads") or "all"
+    ax.set_xlabel(f"training hours ({threads} CPU thread{'' if threads == 1 else 's'}, 2-core machine)")
     ax.set_ylabel(f"Kodak MS-SSIM at {k * 0.125:g} bpp (raw bits)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
