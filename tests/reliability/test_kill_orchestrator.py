@@ -130,7 +130,8 @@ def test_orchestrator_killed_mid_stage_then_rerun(mirror, tmp_path, monkeypatch)
 
     runs_json = subprocess.run([sys.executable, "-m", "airflow", "dags", "list-runs", "pipeline", "-o", "json"],
                                env=env, capture_output=True, text=True, timeout=600)
-    states = {r["run_id"]: r["state"] for r in json.loads(runs_json.stdout[runs_json.stdout.index("["):])}
+    table = next(line for line in runs_json.stdout.splitlines() if line.startswith("[{"))  # after any log lines
+    states = {r["run_id"]: r["state"] for r in json.loads(table)}
     assert states[killed_parent.data.tags["airflow.run_id"]] == "failed", states
     assert sorted(states.values()) == ["failed", "success"]
 
