@@ -140,7 +140,7 @@ def test_output_closed_early_ends_quietly(tmp_path, model_file):
     images = []
     for i in range(400):  # ~100 KB of output: more than a pipe holds, so writes go on after head exits
         images.append(tmp_path / f"img{i}.png")
-        Image.fromarray(np.full((32, 32, 3), i, np.uint8)).save(images[-1])
+        Image.fromarray(np.full((32, 32, 3), i % 256, np.uint8)).save(images[-1])
     cmd = f"{sys.executable} -m pipeline.classifier.predict -k 10 --model {model_file} " + " ".join(map(str, images))
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd + " | head -3"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)

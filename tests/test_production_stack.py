@@ -46,7 +46,7 @@ _spec.loader.exec_module(prod_stack)
 
 STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 RUN_TIMEOUT_S = float(os.environ.get("PROD_STACK_RUN_TIMEOUT_S", "1800"))
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
+pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.timeout(2700)]
 
 
 @pytest.fixture(scope="module")

@@ -81,6 +81,7 @@ def test_guard_passes_the_exit_status_through(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_orchestrator_killed_mid_stage_then_rerun(mirror, tmp_path, monkeypatch):
     import mlflow
 

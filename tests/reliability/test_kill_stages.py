@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import make_workspace
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 FAULT_DIR = Path(__file__).resolve().parent / "fault"
 #: stage -> five kill points (see fault/sitecustomize.py), in the order they are hit
