@@ -45,6 +45,8 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"): None,
         ("numpy", "ndarray"): None,
         ("numpy", "dtype"): _plain_dtype,
+        # protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, "latin1"): str -> bytes only
+        ("_codecs", "encode"): __import__("codecs").encode,
     }
 
     def find_class(self, module: str, name: str):
