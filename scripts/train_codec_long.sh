@@ -24,7 +24,9 @@ export DVC_NO_ANALYTICS=1 PIPELINE_NO_PROGRESS=${PIPELINE_NO_PROGRESS:-1}
 if [ ! -d "$DIR" ]; then
   git -C "$ROOT" worktree add --detach "$DIR" HEAD
   INIT=null
-  if [ -f "$ROOT/models/rnnc-cpu.pt" ]; then cp "$ROOT/models/rnnc-cpu.pt" "$DIR/init.pt"; INIT=init.pt; fi
+  if [ -f "$ROOT/models/rnnc-cpu.pt" ]; then  # the release's JSON travels too: hours and curve accumulate
+    cp "$ROOT/models/rnnc-cpu.pt" "$DIR/init.pt"; cp "$ROOT/models/rnnc-cpu.json" "$DIR/init.json"; INIT=init.pt
+  fi
   cd "$DIR"
   # the recipe (README "Training the codec on a CPU" has the evidence for each value)
   "$PY" -m pipeline configure --profile cpu \
