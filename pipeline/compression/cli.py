@@ -160,24 +160,23 @@ def _info(args: argparse.Namespace) -> None:
     print("iteration bytes (raw " + str(raw) + "): " + " ".join(str(len(c)) for c in chunks))
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, wanted: str):
+    """An argparse type: an integer >= ``minimum``, refused with ``expected <wanted>``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
+_positive = _int_at_least(1, "a positive integer")
+_count = _int_at_least(0, "a whole number, 0 or more")
 
 
 def _positive_float(text: str) -> float:

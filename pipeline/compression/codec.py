@@ -368,11 +368,16 @@ def model_fingerprint(model: RNNCompressor) -> bytes:
     return h.digest()[:8]
 
 
-def save_model(model: RNNCompressor, path: str | os.PathLike, meta: dict | None = None) -> None:
-    """Self-contained checkpoint: format tag, config, float32 state_dict, fingerprint, metadata."""
+def save_model(model: RNNCompressor, path: str | os.PathLike, meta: dict | None = None,
+               dtype: torch.dtype = torch.float32) -> None:
+    """Self-contained checkpoint: format tag, config, state_dict (stored as ``dtype``), fingerprint, metadata.
+
+    The fingerprint is of the model's weights as they are: for a ``dtype`` narrower than float32 they
+    must already be representable in it (see ``pipeline.compression.release.to_half``), or loading fails.
+    """
     from pipeline.utils import atomic_path
 
-    state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype).clone() for k, v in model.state_dict().items()}
     ckpt = {"format": MODEL_FORMAT, "version": 1, "config": model.config.to_dict(), "state_dict": state,
             "fingerprint": model_fingerprint(model).hex(), "meta": meta or {}}
     with atomic_path(path) as tmp:

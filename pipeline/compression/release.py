@@ -59,16 +59,12 @@ def to_half(model: RNNCompressor) -> RNNCompressor:
 
 
 def save_half(model: RNNCompressor, path: Path, meta: dict[str, Any]) -> str:
-    """Write a model file with float16 weights; returns its fingerprint (of the rounded weights)."""
-    from pipeline.compression.codec import MODEL_FORMAT, model_fingerprint
+    """Write a model file with float16 weights (already rounded by ``to_half``); returns its fingerprint."""
+    from pipeline.compression.codec import model_fingerprint, save_model
 
-    fp = model_fingerprint(model).hex()
-    state = {k: v.detach().to("cpu", torch.float16).clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"format": MODEL_FORMAT, "version": 1, "config": model.config.to_dict(), "state_dict": state,
-                    "fingerprint": fp, "meta": meta}, tmp)
-    return fp
+    save_model(model, path, meta, dtype=torch.float16)
+    return model_fingerprint(model).hex()
 
 
 def kodak_quality(model: RNNCompressor, kodak: Path, iterations: int) -> dict[str, float]:

@@ -19,6 +19,7 @@ MLflow; the epoch loss is summed over ranks first.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -146,6 +147,7 @@ def evaluate(model: RNNCompressor, val: torch.Tensor, p: TrainCompressorParams, 
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): elsewhere bf16 is emulated, slower."""
     try:
@@ -188,22 +190,25 @@ class EMA:
             for s, v in zip(self.shadow, state):
                 s.copy_(v)
 
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Overwrite the model's parameters with the averaged weights (no-op without averaging)."""
+        if self.shadow is not None:
+            torch._foreach_copy_(self.params, self.shadow)
+
     @contextmanager
     def applied(self):
         """Temporarily swap the averaged weights into the model."""
         if self.shadow is None:
             yield
             return
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in self.params]
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
+        saved = [p.detach().clone() for p in self.params]
+        self.copy_to_model()
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
+                torch._foreach_copy_(self.params, saved)
 
 
 def load_init(model: RNNCompressor, path: str) -> None:
@@ -399,10 +404,7 @@ def train(p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, *,
         if on_epoch:  # after the checkpoint: a kill from here on loses nothing
             on_epoch(row)
     model.eval()
-    if ema.shadow is not None:  # publish the averaged weights
-        with torch.no_grad():
-            for prm, sh in zip(ema.params, ema.shadow):
-                prm.copy_(sh)
+    ema.copy_to_model()  # publish the averaged weights
     return {"model": model, "history": history, "train_seconds": train_seconds, "device": device,
             "patches_seen": n_epoch * p.epochs, "patch_side": int(train_u8.shape[1])}
 

@@ -75,7 +75,8 @@ def photo_patches(folder: Path, count: int, val_count: int, size: int, min_std: 
     files = photo_files(folder)
     forbidden = kodak_digests(kodak)
     val_files = files[::HOLDOUT_EVERY]
-    train_files = [f for f in files if f not in set(val_files)]
+    held_out = set(val_files)
+    train_files = [f for f in files if f not in held_out]
     out = {}
     for name, group, n in (("train", train_files, count), ("val", val_files, val_count)):
         per = np.full(len(group), n // len(group))
