@@ -6,15 +6,20 @@
 # over the cpu profile. Warm-starts from models/rnnc-cpu.pt when it exists (training continued across
 # sessions). Resumable: run the same command again after a kill and it resumes from the last epoch
 # (model, optimiser, scheduler, EMA and RNG state; checkpoint every epoch of EPOCH_PATCHES patches).
-# Then `scripts/ship_codec.py` turns the newest checkpoint into models/rnnc-cpu.pt + .json.
+# Then `python -m pipeline.compression.release` turns a snapshot into models/rnnc-cpu.pt + .json.
 #
 #   scripts/train_codec_long.sh            # start or resume, in the foreground
 #   LONGRUN_DIR=/path THREADS=2 scripts/train_codec_long.sh
+#   EPOCHS=40 LR=0.0008 LR_SCHEDULE=cosine LR_WARMUP=0.01 scripts/train_codec_long.sh   # a decay phase
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=${LONGRUN_DIR:-$ROOT/../longrun}
 THREADS=${THREADS:-1}          # torch CPU threads (1 leaves a core for other work; 2 threads are ~1.7x, not 2x)
 EPOCH_PATCHES=${EPOCH_PATCHES:-9600}  # patches per epoch = per checkpoint (300 steps of 32, ~2 min on 1 thread)
+EPOCHS=${EPOCHS:-1000}         # the schedule spans this many epochs (cosine: set it to what the session can afford)
+LR=${LR:-0.001}                # peak Adam learning rate
+LR_SCHEDULE=${LR_SCHEDULE:-constant}  # constant | cosine | multistep; a warm start's decay phase: cosine
+LR_WARMUP=${LR_WARMUP:-0.002}  # fraction of steps
 PY=$ROOT/.venv/bin/python
 if [ -z "${DATA_MIRROR:-}" ] && [ -f "$ROOT/../shared/datasets/SHA256SUMS" ]; then
   export DATA_MIRROR=$ROOT/../shared/datasets
@@ -31,10 +36,10 @@ if [ ! -d "$DIR" ]; then
   # the recipe (README "Training the codec on a CPU" has the evidence for each value)
   "$PY" -m pipeline configure --profile cpu \
     --set augment.patches=100000 --set augment.val_patches=1000 --set augment.patch_scale=4 \
-    --set train_compressor.batch_size=32 --set train_compressor.lr=0.001 \
-    --set train_compressor.lr_schedule=constant --set train_compressor.lr_warmup=0.002 \
+    --set train_compressor.batch_size=32 --set train_compressor.lr=$LR \
+    --set train_compressor.lr_schedule=$LR_SCHEDULE --set train_compressor.lr_warmup=$LR_WARMUP \
     --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
-    --set train_compressor.amp=true --set train_compressor.epochs=1000 \
+    --set train_compressor.amp=true --set train_compressor.epochs=$EPOCHS \
     --set train_compressor.patches_per_epoch=$EPOCH_PATCHES --set train_compressor.val_patches=512 \
     --set train_compressor.snapshot_every=4 --set train_compressor.init=$INIT \
     --set tracking.register_models=false
