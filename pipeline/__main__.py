@@ -1,4 +1,7 @@
-"""``python -m pipeline <stage>``: run one pipeline stage (dvc.yaml calls exactly this).
+"""``python -m pipeline <stage> [--<path> PATH ...]``: run one pipeline stage (dvc.yaml calls exactly this).
+
+``python -m pipeline <stage> --help`` lists the stage's path options; the contract between this
+entry point and a stage is written in ``pipeline/stage.py``.
 
 Also ``python -m pipeline configure [--profile P] [--set KEY=VALUE ...]`` (write params.yaml)
 and ``python -m pipeline params`` (print the resolved params as YAML).
@@ -11,16 +14,7 @@ import importlib
 import sys
 
 from pipeline.errors import run_cli
-
-#: stage name -> "module:function"; dvc.yaml runs each as ``python -m pipeline <stage>``
-STAGES = {
-    "download": "pipeline.data.download:main",
-    "augment": "pipeline.data.augment:main",
-    "train_classifier": "pipeline.classifier.train:main",
-    "train_compressor": "pipeline.compression.train:main",
-    "evaluate": "pipeline.evaluation.evaluate:main",
-    "report": "pipeline.report.build:main",
-}
+from pipeline.stage import STAGES, StagePaths, is_function_stage, option
 
 
 def _configure(args: argparse.Namespace) -> None:
@@ -42,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
-    for name, target in STAGES.items():
-        sub.add_parser(name, help=f"run stage {name} ({target})")
+    for name, module in STAGES.items():
+        sub.add_parser(name, help=f"run stage {name} ({module}); {name} --help: its path options")
     conf = sub.add_parser("configure", help="set the profile and KEY=VALUE overrides in params.yaml")
     conf.add_argument("--profile", choices=["cpu", "gpu", "coursework", "tiny"])
     conf.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -53,28 +47,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stage_parser(name: str, module) -> argparse.ArgumentParser:
+    """``python -m pipeline <name>``'s options: one ``--<path> PATH`` per entry of the module's ``PATHS``."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline {name}",
+                                     description=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__
+                                     else None)
+    for key, default in getattr(module, "PATHS", {}).items():
+        parser.add_argument(option(key), dest=key, default=default, metavar="PATH", help=f"default: {default}")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "configure":
-        return run_cli(lambda: _configure(args))
-    if args.command == "params":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in STAGES:
+        args = build_parser().parse_args(argv)
+        if args.command == "configure":
+            return run_cli(lambda: _configure(args))
         return run_cli(lambda: _show(args))
-    module, func = STAGES[args.command].split(":")
+    name = argv[0]
+    module = importlib.import_module(STAGES[name])
+    paths = StagePaths(vars(stage_parser(name, module).parse_args(argv[1:])))
     restore = _interrupt_on_sigterm()
-
-    def stage() -> None:
-        import os
-
-        if "LOCAL_RANK" not in os.environ:  # not a torchrun rank: the launching (or only) process
-            from pipeline.cleanup import clean_stage
-
-            clean_stage(args.command)  # temporaries a killed run of this stage left
-        getattr(importlib.import_module(module), func)()
-
     try:
-        return run_cli(stage)
+        return run_cli(lambda: run_stage(name, module, paths))
     finally:
         restore()
+
+
+def run_stage(name: str, module, paths: StagePaths) -> None:
+    """Steps 2-4 of the contract (pipeline/stage.py): params once, the MLflow run once, ``run(params, paths)``."""
+    import os
+
+    from pipeline.distributed import under_torchrun
+
+    if not under_torchrun():  # the launching (or only) process
+        from pipeline.cleanup import clean_stage
+
+        clean_stage(name)  # temporaries a killed run of this stage left
+    if not is_function_stage(module):  # not yet migrated: loads params and opens its MLflow run itself
+        module.main()
+        return
+    from pipeline import tracking
+    from pipeline.config import load_params
+
+    params = load_params()
+    if not under_torchrun():
+        with tracking.stage_run(name, params, tuple(module.SECTIONS)):
+            module.run(params, paths)
+    elif int(os.environ.get("RANK", "0")) == 0 and os.environ.get(tracking.RUN_ID_ENV):
+        with tracking.joined_run(os.environ[tracking.RUN_ID_ENV]):
+            module.run(params, paths)
+    else:  # a rank other than 0: it trains, it does not log
+        os.environ.pop(tracking.RUN_ID_ENV, None)
+        module.run(params, paths)
 
 
 def _interrupt_on_sigterm():

@@ -3,8 +3,8 @@
 A stage whose params say ``nproc > 1`` re-launches itself under ``torchrun`` (one process per GPU, or
 per CPU slot with the gloo backend). Every rank trains on its own shard of each global batch; DDP
 averages the gradients, so a step equals the single-process step on the whole batch (up to
-batch-norm statistics, which stay per rank). Rank 0 alone logs to MLflow and writes checkpoints and
-outputs.
+batch-norm statistics, which stay per rank). Rank 0 alone logs to MLflow (into the launcher's run, see
+pipeline/stage.py) and writes checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -53,18 +53,23 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def relaunch(stage: str, nproc: int) -> bool:
-    """Run ``python -m pipeline <stage>`` under torchrun with ``nproc`` processes.
+def relaunch(stage: str, nproc: int, argv: list[str] | tuple[str, ...] = ()) -> bool:
+    """Run ``python -m pipeline <stage> <argv>`` under torchrun with ``nproc`` processes.
 
+    ``argv``: the stage's path options (``StagePaths.argv()``), so every rank reads and writes what
+    the launcher was told to. The launcher's active MLflow run, if any, is handed to the ranks in the
+    environment (``tracking.handoff_env``): rank 0 logs into it, the launcher keeps owning it.
     Returns False when there is nothing to do (nproc == 1, or already a torchrun worker); otherwise
     waits for the workers and returns True, raising PipelineError if any failed.
     """
     if nproc <= 1 or under_torchrun():
         return False
+    from pipeline.tracking import handoff_env
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "pipeline", stage]
+           "-m", "pipeline", stage, *argv]
     print(f"[distributed] {stage}: {nproc} processes under torchrun", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd)
+    proc = subprocess.run(cmd, env={**os.environ, **handoff_env()})
     if proc.returncode != 0:
         raise PipelineError(f"{stage}: distributed run failed (exit {proc.returncode}); see the rank logs above")
     return True

@@ -21,6 +21,8 @@ from pipeline.utils import log
 
 PARENT_ENV = "MLFLOW_PARENT_RUN_ID"
 PIPELINE_RUN_ENV = "PIPELINE_RUN_ID"
+#: a stage's run handed to its torchrun ranks (MLflow's own variable: ``mlflow.start_run()`` resumes it)
+RUN_ID_ENV = "MLFLOW_RUN_ID"
 AIRFLOW_TAGS = {  # env var Airflow exports to a task -> tag name
     "AIRFLOW_CTX_DAG_ID": "airflow.dag_id",
     "AIRFLOW_CTX_DAG_RUN_ID": "airflow.run_id",
@@ -126,31 +128,36 @@ def _close_orphan(client, run, note: str) -> None:
     log(f"[mlflow] run {run.info.run_id} ({run.info.run_name}) marked KILLED: {note}")
 
 
-def close_orphaned_stage_runs(exp_id: str, stage: str) -> list[str]:
-    """Mark KILLED, with a note, the RUNNING runs of ``stage`` whose process is gone (a killed stage).
+def close_orphaned_stage_runs(exp_id: str, stage: str | None = None) -> list[str]:
+    """Mark KILLED, with a note, the RUNNING runs of ``stage`` (None: of every stage) whose process is
+    gone (a killed stage, or one its killed orchestrator took down before it could close its run).
 
     Only runs of this host and workspace are judged. Returns their ids.
     """
     import datetime
 
     client = _mlflow().MlflowClient()
-    runs = client.search_runs([exp_id], filter_string=f"tags.dvc_stage = '{stage}' and attributes.status = 'RUNNING'",
-                              max_results=200)
+    query = "attributes.status = 'RUNNING'" + (f" and tags.dvc_stage = '{stage}'" if stage else "")
+    runs = client.search_runs([exp_id], filter_string=query, max_results=1000)
     closed = []
     for run in runs:
-        if run.data.tags.get("pipeline_parent") != "true" and _owner_gone(run.data.tags):
+        tags = run.data.tags
+        if "dvc_stage" in tags and tags.get("pipeline_parent") != "true" and _owner_gone(tags):
             when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            _close_orphan(client, run, f"process {run.data.tags['pipeline.pid']} ended without closing this run "
-                                       f"(killed); found by the next {stage} run at {when}")
+            finder = f"the next {stage} run" if stage else "the next pipeline run"
+            _close_orphan(client, run, f"process {tags['pipeline.pid']} ended without closing this run "
+                                       f"(killed); found by {finder} at {when}")
             closed.append(run.info.run_id)
     return closed
 
 
 def close_orphaned_parents(experiment: str, dag_run_over) -> list[str]:
-    """Mark KILLED the RUNNING pipeline parent runs of this workspace whose Airflow DAG run is over.
+    """Mark KILLED the RUNNING pipeline parent runs of this workspace whose Airflow DAG run is over,
+    then every stage run of this workspace left RUNNING by a process that is gone (a stage killed with
+    its orchestrator, whatever stage it was: the next DAG run may never run that stage again).
 
     ``dag_run_over(dag_id, run_id)`` says whether Airflow considers that DAG run finished (a run whose
-    orchestrator was killed, or whose failure was never recorded). Returns their ids.
+    orchestrator was killed, or whose failure was never recorded). Returns the ids of the runs closed.
     """
     client = _mlflow().MlflowClient()
     runs = client.search_runs([experiment_id(experiment)], filter_string="tags.pipeline_parent = 'true' and "
@@ -164,6 +171,7 @@ def close_orphaned_parents(experiment: str, dag_run_over) -> list[str]:
             _close_orphan(client, run, f"Airflow run {tags['airflow.run_id']} is over but never closed this "
                                        "parent run (orchestrator killed?)")
             closed.append(run.info.run_id)
+    closed.extend(close_orphaned_stage_runs(experiment_id(experiment)))
     return closed
 
 
@@ -250,8 +258,8 @@ def stage_run(stage: str, params, sections: tuple[str, ...] | None = None) -> It
     if parent:
         tags["mlflow.parentRunId"] = parent
     flat = params.flat()
-    sections = sections or (stage,)
-    logged = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
+    sections = sections or (stage,)  # section names, or dotted parts of one (train_classifier.augmentation)
+    logged = {k: v for k, v in flat.items() if any(k == s or k.startswith(s + ".") for s in sections)}
     logged.update(profile=params.profile, seed=params.seed)
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
         try:
@@ -259,9 +267,60 @@ def stage_run(stage: str, params, sections: tuple[str, ...] | None = None) -> It
             log(f"[mlflow] {stage}: run {run.info.run_id} in {tracking_uri()}")
             yield run
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from the task's guard: say so rather than FAILED
-            mlflow.set_tag("orphaned", "stage interrupted (SIGINT/SIGTERM)")
-            mlflow.end_run("KILLED")
+            _close_interrupted(run.info.run_id)
             raise
+
+
+def _close_interrupted(run_id: str) -> None:
+    """Close an interrupted stage's run as KILLED, with a note, and pop it off MLflow's active stack.
+
+    Further SIGTERM/SIGINT are held off meanwhile (a second signal must not leave the run half-closed
+    or turn it FAILED). Should this fail (the store itself was interrupted mid-write, or the guard's
+    SIGKILL comes first), the run stays RUNNING with this process's pid, and the next run of the stage
+    or of the pipeline closes it (``close_orphaned_stage_runs``).
+    """
+    import signal
+    import threading
+
+    held = {}
+    if threading.current_thread() is threading.main_thread():
+        held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        mlflow = _mlflow()
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "orphaned", "stage interrupted (SIGINT/SIGTERM)")
+        client.set_terminated(run_id, status="KILLED")
+        mlflow.end_run("KILLED")
+    except Exception as err:  # noqa: BLE001 - the next run closes it; the interrupt must go on
+        log(f"[mlflow] could not close interrupted run {run_id} ({type(err).__name__}); the next run will")
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+
+def handoff_env() -> dict[str, str]:
+    """What a child process (a torchrun rank) needs to log into this process's active run (empty: none)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return {}
+    return {RUN_ID_ENV: run.info.run_id, "MLFLOW_TRACKING_URI": tracking_uri()}
+
+
+@contextlib.contextmanager
+def joined_run(run_id: str) -> Iterator[Any]:
+    """Make another process's open run (the torchrun launcher's) this process's active run.
+
+    On exit the run is left RUNNING, whatever happened here: its owner (the launcher, whose pid its
+    tags name) closes it FINISHED, FAILED or KILLED when the ranks are done.
+    """
+    mlflow = _mlflow()
+    run = mlflow.start_run(run_id=run_id)
+    try:
+        yield run
+    finally:
+        mlflow.end_run(status="RUNNING")
 
 
 def record_failure(parent_run_id: str, stage: str, message: str = "") -> None:

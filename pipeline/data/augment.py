@@ -21,8 +21,12 @@ from pipeline.data.params import AugmentParams
 from pipeline.errors import PipelineError
 from pipeline.utils import atomic_path, log, progress
 
-RAW = Path("data/raw/cifar-10-batches-py")
-OUT = Path("data/prepared")
+#: the stage's input and outputs (pipeline/stage.py); dvc.yaml's cmd passes them
+PATHS = {"raw": "data/raw/cifar-10-batches-py", "cifar": "data/prepared/cifar10.npz",
+         "patches": "data/prepared/patches.npz", "preview": "data/prepared/preview.png"}
+#: params it reads: its section, and the classifier's augmentation (shown in preview.png)
+SECTIONS = ("augment", "train_classifier.augmentation")
+KODAK = Path("data/raw/kodak")  # refused as a patch source (it is the codec's test set)
 
 
 def _plain_dtype(*args):
@@ -74,7 +78,7 @@ def _unpickle(path: Path) -> dict:
     return batch
 
 
-def load_cifar(raw: Path = RAW) -> dict[str, np.ndarray]:
+def load_cifar(raw: Path = Path(PATHS["raw"])) -> dict[str, np.ndarray]:
     """Read the original python batches into HWC uint8 arrays."""
     xs, ys = [], []
     for name in progress([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], desc="CIFAR-10 batches"):
@@ -138,7 +142,9 @@ def preview_grid(tiles: np.ndarray, grid: int) -> np.ndarray:
     return canvas
 
 
-def run(params: AugmentParams, augmentation, seed: int) -> dict[str, float]:
+def prepare(params: AugmentParams, augmentation, seed: int, raw: Path, cifar_out: Path, patches_out: Path,
+            preview_out: Path) -> dict[str, float]:
+    """Write the three outputs (each appearing complete, or not at all); returns what MLflow logs."""
     import torch
     from PIL import Image
 
@@ -146,13 +152,14 @@ def run(params: AugmentParams, augmentation, seed: int) -> dict[str, float]:
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    data = load_cifar()
+    data = load_cifar(raw)
     if params.train_limit:
         data["x_train"], data["y_train"] = data["x_train"][:params.train_limit], data["y_train"][:params.train_limit]
     if params.test_limit:
         data["x_test"], data["y_test"] = data["x_test"][:params.test_limit], data["y_test"][:params.test_limit]
-    OUT.mkdir(parents=True, exist_ok=True)
-    with atomic_path(OUT / "cifar10.npz") as tmp:
+    for out in (cifar_out, patches_out, preview_out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cifar_out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **data)
     if params.patch_source == "cifar10":
@@ -166,8 +173,8 @@ def run(params: AugmentParams, augmentation, seed: int) -> dict[str, float]:
         from pipeline.data.photos import photo_patches
 
         patches = photo_patches(Path(params.patch_source), params.patches, params.val_patches, params.patch_size,
-                                params.patch_min_std, params.patch_flip, rng, kodak=Path("data/raw/kodak"))
-    with atomic_path(OUT / "patches.npz") as tmp:
+                                params.patch_min_std, params.patch_flip, rng, kodak=KODAK)
+    with atomic_path(patches_out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **patches)
     # preview: left half classifier augmentation of training images, right half codec patches
@@ -182,24 +189,19 @@ def run(params: AugmentParams, augmentation, seed: int) -> dict[str, float]:
     left, right = preview_grid(augmented, g), preview_grid(patch_view, g)
     canvas = np.concatenate([left, np.full((left.shape[0], 8, 3), 255, np.uint8), right], axis=1)
     img = Image.fromarray(canvas).resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST)
-    with atomic_path(OUT / "preview.png") as tmp:
+    with atomic_path(preview_out) as tmp:
         img.save(tmp, format="PNG")
     log(f"[augment] {len(data['x_train'])} train / {len(data['x_test'])} test images, "
-        f"{params.patches} + {params.val_patches} patches -> {OUT}")
+        f"{params.patches} + {params.val_patches} patches -> {cifar_out}, {patches_out}")
     return {"train_images": len(data["x_train"]), "test_images": len(data["x_test"]),
             "patches": params.patches, "val_patches": params.val_patches,
             "seconds": time.perf_counter() - start}
 
 
-def main() -> None:
+def run(params, paths) -> None:
+    """The stage (pipeline/stage.py): ``params`` validated, its MLflow run active."""
     import mlflow
 
-    from pipeline import tracking
-    from pipeline.config import load_params
-
-    params = load_params()
-    with tracking.stage_run("augment", params, sections=("augment",)):
-        mlflow.log_params({f"train_classifier.augmentation.{k}": v
-                           for k, v in params.train_classifier.augmentation.model_dump().items()})
-        mlflow.log_metrics(run(params.augment, params.train_classifier.augmentation, params.seed))
-        mlflow.log_artifact(str(OUT / "preview.png"))
+    mlflow.log_metrics(prepare(params.augment, params.train_classifier.augmentation, params.seed, paths.raw,
+                               paths.cifar, paths.patches, paths.preview))
+    mlflow.log_artifact(str(paths.preview))

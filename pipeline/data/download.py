@@ -25,8 +25,10 @@ from pipeline.data.params import DataParams
 from pipeline.errors import PipelineError
 from pipeline.utils import atomic_path, file_digest, log, progress
 
-RAW = Path("data/raw")
-CACHE = Path(".cache/downloads")
+#: the stage's outputs (pipeline/stage.py); dvc.yaml's cmd passes them
+PATHS = {"cifar": "data/raw/cifar-10-batches-py", "kodak": "data/raw/kodak"}
+SECTIONS = ("data",)
+CACHE = Path(".cache/downloads")  # verified downloads, reused by a re-run (not a DVC output)
 CIFAR_TARBALL = "cifar-10-python.tar.gz"
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_MEMBERS = ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
@@ -191,40 +193,39 @@ def safe_extract_cifar(tarball: Path, dest: Path) -> None:
         raise PipelineError(f"{tarball}: cannot unpack: {err}") from None
 
 
-def run(params: DataParams, mirror: str | None) -> dict[str, float]:
+def fetch(params: DataParams, mirror: str | None, cifar_dir: Path, kodak_dir: Path) -> dict[str, float]:
+    """Download (or find in the cache) and verify everything, then publish ``cifar_dir`` and ``kodak_dir``."""
     start = time.perf_counter()
     remotes = plan(params, mirror)
     log(f"[download] source: {mirror or 'official URLs'}")
     transferred = sum(ensure(r, params) for r in progress(remotes, desc="files", unit="file"))
-    RAW.mkdir(parents=True, exist_ok=True)
-    with atomic_path(RAW / CIFAR_DIR) as tmp:
+    cifar_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cifar_dir) as tmp:
         safe_extract_cifar(remotes[0].dest, tmp)
         for item in (tmp / CIFAR_DIR).iterdir():  # flatten cifar-10-batches-py/cifar-10-batches-py
             item.rename(tmp / item.name)
         (tmp / CIFAR_DIR).rmdir()
-    with atomic_path(RAW / "kodak") as tmp:
+    kodak_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(kodak_dir) as tmp:
         tmp.mkdir()
         for remote in remotes[1:]:
             shutil.copyfile(remote.dest, tmp / remote.dest.name)
-    log(f"[download] CIFAR-10 in {RAW / CIFAR_DIR}, {len(remotes) - 1} Kodak images in {RAW / 'kodak'} "
+    log(f"[download] CIFAR-10 in {cifar_dir}, {len(remotes) - 1} Kodak images in {kodak_dir} "
         f"({transferred / 1e6:.1f} MB transferred)")
     return {"transferred_bytes": transferred, "files": len(remotes), "seconds": time.perf_counter() - start}
 
 
-def main() -> None:
+def run(params, paths) -> None:
+    """The stage (pipeline/stage.py): ``params`` validated, its MLflow run active."""
     import mlflow
 
-    from pipeline import tracking
-    from pipeline.config import load_params
-
-    params = load_params()
     mirror = os.environ.get("DATA_MIRROR") or params.data.mirror
-    remove_stale_temps(RAW / CIFAR_DIR, RAW / "kodak", CACHE / CIFAR_TARBALL, CACHE / "mirror-SHA256SUMS",
+    remove_stale_temps(paths.cifar, paths.kodak, CACHE / CIFAR_TARBALL, CACHE / "mirror-SHA256SUMS",
                        *(CACHE / "kodak" / f"kodim{i:02d}.png" for i in range(1, 25)), stage="download")
+    mlflow.set_tag("data_source", mirror or "official")
     try:
-        with tracking.stage_run("download", params, sections=("data",)):
-            mlflow.set_tag("data_source", mirror or "official")
-            mlflow.log_metrics(run(params.data, mirror))
+        mlflow.log_metrics(fetch(params.data, mirror, paths.cifar, paths.kodak))
     finally:  # a failed run leaves no empty folder behind in data/
-        if RAW.is_dir() and not any(RAW.iterdir()):
-            RAW.rmdir()
+        for folder in {paths.cifar.parent, paths.kodak.parent}:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
