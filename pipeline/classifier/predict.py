@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -23,25 +22,16 @@ CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 def load_image(path: str | os.PathLike, size: int = 32) -> np.ndarray:
-    """RGB uint8 (size, size, 3); PipelineError for a missing, unreadable or non-image file."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """RGB uint8 (size, size, 3), upright (``pipeline.images.read_image``), resized to the network's input;
+    PipelineError for a missing, unreadable or non-image file."""
+    from PIL import Image
 
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"{path}: no such file")
-    if not path.is_file():
-        raise PipelineError(f"{path}: not a file")
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later
-            rgb = ImageOps.exif_transpose(img).convert("RGB")  # EXIF orientation applied, as viewers do
-    except UnidentifiedImageError:
-        raise PipelineError(f"{path}: not an image file (format not recognised)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise PipelineError(f"{path}: corrupt or unreadable image ({err})") from None
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(rgb, dtype=np.uint8)
+    from pipeline.images import read_image
+
+    img = read_image(path)
+    if img.shape[:2] != (size, size):
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0))
+    return img
 
 
 def load_model(spec: str):

@@ -27,37 +27,11 @@ def note(msg: str) -> None:
 
 
 def read_image(path: str) -> np.ndarray:
-    """Any image Pillow reads -> uint8 HxWx3 (other modes converted to RGB, with a note)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
+    """Any image Pillow reads -> uint8 HxWx3 (``pipeline.images.read_image``; conversions noted on stderr)."""
     from pipeline.compression.codec import InputError
+    from pipeline.images import read_image as read
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)  # EXIF orientation applied (as image viewers do)
-            mode = im.mode
-            if mode == "RGB":
-                return np.asarray(im, dtype=np.uint8).copy()
-            if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                a = np.asarray(im).astype(np.float64)
-                if mode != "F" and a.max(initial=0) > 255:
-                    a = a * (255.0 / 65535.0)
-                gray = np.clip(np.round(a), 0, 255).astype(np.uint8)
-                note(f"{path}: {mode} (high bit depth grayscale) converted to 8-bit RGB")
-                return np.repeat(gray[:, :, None], 3, axis=2)
-            has_alpha = "A" in mode or "transparency" in im.info
-            rgb = im.convert("RGBA").convert("RGB") if has_alpha else im.convert("RGB")
-            note(f"{path}: {mode} image converted to RGB" + (" (alpha channel dropped)" if has_alpha else ""))
-            return np.asarray(rgb, dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory") from None
-    except Image.DecompressionBombError as err:
-        raise InputError(f"{path}: {err}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise InputError(f"{path}: not an image Pillow can read ({err})") from None
+    return read(path, error=InputError, note=note)
 
 
 def write_image(path: str, img: np.ndarray) -> None:
@@ -109,7 +83,8 @@ def check_output(output: str, input_: str) -> None:
 
 
 def _compress(args: argparse.Namespace) -> None:
-    from pipeline.compression.codec import bits_per_pixel, load_codec
+    from pipeline.compression.codec import load_codec
+    from pipeline.images import bits_per_pixel
 
     check_output(args.output, args.input)
     img = read_image(args.input)
@@ -146,7 +121,8 @@ def _decompress(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from pipeline.compression.codec import bits_per_pixel, parse
+    from pipeline.compression.codec import parse
+    from pipeline.images import bits_per_pixel
 
     data = read_bytes(args.input)
     header, chunks = parse(data)

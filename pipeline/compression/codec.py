@@ -65,6 +65,7 @@ import torch
 
 from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor
 from pipeline.errors import PipelineError
+from pipeline.images import bits_per_pixel  # the one bpp formula (also imported from here by bench, tests)
 
 MAGIC = b"RNNC"
 VERSION = 2
@@ -181,11 +182,6 @@ def file_size(height: int, width: int, iterations: int, bits: int = 32) -> int:
 def max_file_size(height: int, width: int, iterations: int, bits: int = 32) -> int:
     """Upper bound of the size of a version-2 file: every iteration stored raw, plus its length."""
     return file_size(height, width, iterations, bits) + iterations * LENGTH_SIZE
-
-
-def bits_per_pixel(n_bytes: int, height: int, width: int) -> float:
-    """BPP of a file of ``n_bytes`` bytes, header included: 8 N / (H W)."""
-    return 8 * n_bytes / (height * width)
 
 
 def _check_tile(tile: int, height: int | None = None, width: int | None = None) -> str | None:

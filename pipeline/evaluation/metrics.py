@@ -73,10 +73,3 @@ class Reference:
         s = float(ssim(x, self.tensor, data_range=255, size_average=True))
         return Quality(ms_ssim=m, ms_ssim_db=db(m), ssim=s, psnr=psnr(decoded, self.img))
 
-
-def ms_ssim_np(a: np.ndarray, b: np.ndarray) -> float:
-    """MS-SSIM of two uint8 RGB arrays (convenience wrapper, CPU)."""
-    from pytorch_msssim import ms_ssim
-
-    with torch.no_grad():
-        return float(ms_ssim(to_tensor(a), to_tensor(b), data_range=255))
