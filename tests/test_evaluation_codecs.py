@@ -360,7 +360,81 @@ def test_jpegxl_round_trip_when_installed():
 def test_registry_names_match():
     assert set(C.REGISTRY) == {"jpeg", "jpeg2000", "webp", "avif", "jpegxl", "rnn"}
     for name, cls in C.REGISTRY.items():
-        assert cls.name == name and cls.setting
+        assert cls.name == name and cls.setting and cls.label and cls.color
+    assert len({cls.color for cls in C.REGISTRY.values()}) == len(C.REGISTRY)  # curves told apart
+
+
+def test_params_schema_follows_the_registry():
+    """Every registered codec has its sweep and knobs in the evaluate section, with the class's
+    defaults, and its sweep checked by the class's rule (the bad key named)."""
+    from pipeline.evaluation.params import EvaluateParams
+
+    p = EvaluateParams()
+    assert p.codecs == list(C.REGISTRY)
+    for cls in C.REGISTRY.values():
+        want = None if cls.default_sweep is None else list(cls.default_sweep)
+        assert getattr(p, cls.sweep_key()) == want
+        for knob, (_, field) in cls.knobs.items():
+            assert getattr(p, f"{cls.name}_{knob}") == field.default
+    assert p.webp_method == 4 and p.jpegxl_effort == 7 and p.rnn_model == "data/compressor/model.pt"
+    for key, bad in (("jpeg_quality", [0]), ("webp_quality", [101]), ("jpeg2000_ratio", [1.0]),
+                     ("jpegxl_distance", [0.0]), ("rnn_iterations", [0])):
+        with pytest.raises(ValueError, match=key):
+            EvaluateParams(**{key: bad})
+
+
+def test_a_new_codec_is_one_class():
+    """A codec registered with its sweep and a knob: params know its keys, build makes it from them."""
+    from pydantic import Field
+
+    try:
+        _raw_codec_round_trip(Field)
+    finally:
+        C.REGISTRY.pop("raw", None)
+    with pytest.raises(ValueError):
+        C.register(C.JPEG)  # a name registered twice
+
+
+def _raw_codec_round_trip(Field):
+    @C.register
+    class Raw(C.Codec):
+        name, label, setting, color = "raw", "Raw", "level", "black"
+        default_sweep, valid = (1, 2), (lambda v: v > 0, "levels are > 0")
+        knobs = {"gain": (int, Field(3, ge=1))}
+
+        def __init__(self, settings, gain):
+            super().__init__(settings)
+            self.gain = gain
+
+        def encode(self, img, setting):
+            return img.tobytes()
+
+        def decode(self, data):
+            return np.frombuffer(data, np.uint8).reshape(64, 48, 3)
+
+    from pipeline.evaluation import params as P
+
+    fields = P._codec_fields()
+    assert fields["raw_level"][1].default == [1, 2] and fields["raw_gain"][1].default == 3
+    Model = P.create_model("M", __base__=P.Section, **fields)
+    codecs, _ = C.build(type("Params", (), {"codecs": ["raw"], **Model(raw_level=[5], raw_gain=2).model_dump()}))
+    assert codecs[0].settings == [5] and codecs[0].gain == 2 and C.color("raw") == "black"
+
+
+def test_dvc_plots_list_every_registered_codec():
+    """The dvc.yaml plots of the evaluation curves name one curves/<codec>.csv per registered codec."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    plots = {}
+    for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]:
+        plots.update(entry)
+    want = {f"data/evaluation/curves/{name}.csv" for name in C.REGISTRY}
+    for name, column in (("ms_ssim_vs_bpp", "ms_ssim"), ("ms_ssim_db_vs_bpp", "ms_ssim_db"), ("psnr_vs_bpp", "psnr")):
+        y = plots[name]["y"]
+        assert set(y) == want, name
+        assert set(y.values()) == {column}
 
 
 def tiny_real_model(path, iterations: int = 3):

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.errors import PipelineError
 from pipeline.evaluation import evaluate as E
+from pipeline.records import BDRate, ClassifierMetrics, Measurement
 from pipeline.report import build as R
 from pipeline.utils import file_digest
 from tests.test_evaluation_codecs import FakeRNNCodec, make_image
@@ -87,7 +89,6 @@ def test_report_contains_every_section(workspace):
 
 
 def test_missing_evaluation_is_a_clear_error(workspace):
-    from pipeline.errors import PipelineError
 
     with pytest.raises(PipelineError, match="evaluate"):
         R.build(tiny_params())
@@ -100,8 +101,9 @@ def per_image(n_images: int = 6, **codecs):
         for i in range(n_images):
             for j, (r, q) in enumerate(zip(rates, quality)):
                 v = q + offsets[i]
-                out.append({"codec": name, "image": f"kodim{i + 1:02d}", "setting_name": "s", "setting": float(j),
-                            "bpp": r, "ms_ssim": v, "ssim": v, "ms_ssim_db": v, "psnr": v})
+                out.append(Measurement(codec=name, image=f"kodim{i + 1:02d}", setting_name="s", setting=float(j),
+                                       bytes=0, height=1, width=1, bpp=r, ms_ssim=v, ssim=v, ms_ssim_db=v, psnr=v,
+                                       encode_s=0.0, decode_s=0.0))
     return out
 
 
@@ -128,9 +130,9 @@ def test_claim_verdicts_follow_the_intervals():
 
 
 def bd_row(anchor, median, lo, hi, n=10):
-    return {"anchor": anchor, "test": "rnn", "metric": "ms_ssim_db", "bd_rate_pct": median, "bd_rate_lo": lo,
-            "bd_rate_hi": hi, "images": n, "of_images": n, "test_saves": 0, "bd_quality_db": -1.0,
-            "bd_rate_avg_curve_pct": median}
+    return BDRate(anchor=anchor, test="rnn", metric="ms_ssim_db", method="pchip", bd_rate_pct=median, bd_rate_lo=lo,
+                  bd_rate_hi=hi, images=n, of_images=n, test_saves=0, bd_quality_db=-1.0,
+                  bd_rate_avg_curve_pct=median, bd_quality_avg_curve_db=-1.0)
 
 
 def test_behind_claim_uses_the_per_image_bd_rate_interval():
@@ -138,10 +140,10 @@ def test_behind_claim_uses_the_per_image_bd_rate_interval():
     summary = {"labels": {"webp": "WebP", "jpeg2000": "JPEG 2000", "rnn": "RNN", "jpeg": "JPEG"}, "profile": "tiny",
                "bootstrap": 500, "seed": 0, "min_images": 3}
     bd = [bd_row("webp", 35.0, 20.0, 50.0), bd_row("jpeg2000", -12.0, -20.0, -3.0)]
-    inputs = R.Inputs(classifier={"nested": {"test_accuracy": 85.0}}, compressor=None, summary=summary,
+    inputs = R.Inputs(classifier=ClassifierMetrics(test_acc=0.85), compressor=None, summary=summary,
                       curves=[], at_rates=[], bd=bd, visual=None, per_image=[])
     claims = R.check_claims(inputs, params.report)
-    assert claims[0].verdict == "refuted" and "85.00%" in claims[0].evidence  # percent normalised
+    assert claims[0].verdict == "refuted" and "85.00%" in claims[0].evidence
     behind = {c.claim: c.verdict for c in claims[3:]}
     assert behind == {"The RNN codec is behind WebP": "confirmed", "The RNN codec is behind JPEG 2000": "refuted"}
     inputs.bd = [bd_row("webp", 5.0, -10.0, 20.0), bd_row("jpeg2000", -12.0, -20.0, -3.0)]
@@ -156,14 +158,39 @@ def test_accuracy_claim_uses_a_wilson_interval():
     params = tiny_params()
     summary = {"labels": {}, "profile": "tiny"}
     for acc, verdict in ((0.91, "confirmed"), (0.905, "not shown"), (0.8995, "not shown"), (0.89, "refuted")):
-        inputs = R.Inputs(classifier={"test_acc": acc}, compressor=None, summary=summary, curves=[], at_rates=[],
+        inputs = R.Inputs(classifier=ClassifierMetrics(test_acc=acc), compressor=None, summary=summary, curves=[], at_rates=[],
                           bd=[], visual=None)
         assert R.check_claims(inputs, params.report)[0].verdict == verdict
 
 
-def test_find_accuracy_prefers_tta():
-    assert R.find_accuracy({"test_acc": 0.91, "test_acc_tta": 0.93}) == ("test_acc_tta", 0.93)
-    assert R.find_accuracy({"loss": 1.0}) is None
+def test_accuracy_interval_counts_the_recorded_test_images():
+    """A classifier measured on 256 test images (the tiny profile) gets a 256-image interval, not 10,000."""
+    params = tiny_params()
+    summary = {"labels": {}, "profile": "tiny"}
+    inputs = R.Inputs(classifier=ClassifierMetrics(test_acc=0.93, test_size=256), compressor=None, summary=summary,
+                      curves=[], at_rates=[], bd=[], visual=None)
+    claim = R.check_claims(inputs, params.report)[0]
+    lo, hi = R.wilson(0.93, 256)
+    assert claim.verdict == "not shown" and lo < 0.90 < hi and "on 256 images" in claim.evidence
+
+
+def test_classifier_metrics_record_reads_what_train_classifier_writes(tmp_path):
+    path = tmp_path / "metrics.json"
+    written = {"test_acc": 0.9312, "test_acc_no_tta": 0.925, "test_loss": 0.25, "test_loss_no_tta": 0.27,
+               "train_loss": 0.1, "train_acc": 0.97, "per_class_acc": {"cat": 0.85, "dog": 0.9},
+               "train_time_s": 600.5, "train_cpu_time_s": 1200.0, "images_per_s": 4000.0, "epochs": 30, "tta": 2,
+               "parameters": 1000}
+    path.write_text(json.dumps(written))
+    m = ClassifierMetrics.read(path)
+    assert m.test_acc == 0.9312 and m.tta == 2 and m.test_size is None
+    scalars = m.scalars()
+    assert scalars["per_class_acc.cat"] == 0.85 and scalars["train_time_s"] == 600.5
+    for bad, key in (({"test_accuracy": 0.9}, "test_acc"), ({"test_acc": 93.1}, "test_acc"), ("[1, 2]", "")):
+        path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        with pytest.raises(PipelineError, match=f"metrics.json: not the classifier's metrics.*{key}"):
+            ClassifierMetrics.read(path)
+    with pytest.raises(PipelineError, match="missing"):
+        ClassifierMetrics.read(tmp_path / "nope.json")
 
 
 # ----------------------------------------------------------------------------- end to end (tiny)

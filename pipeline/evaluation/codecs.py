@@ -5,7 +5,12 @@
 largest iteration count, the lower counts by truncating its progressive file). ``config()`` lists the
 fixed encoder settings, which the report prints: a baseline is only as good as its settings.
 
-Adding a codec is one class here plus its name in ``REGISTRY``.
+This module is the codec registry: each class also declares what the rest of the pipeline needs to
+know about it, and everything iterates ``REGISTRY`` instead of naming codecs: the params schema
+(``evaluate.<name>_<setting>`` with ``default_sweep``, ``evaluate.<name>_<knob>`` for each of
+``knobs``), ``build`` (``from_params``), the figures (``color``) and the dvc.yaml plots (a test
+checks one ``curves/<name>.csv`` per codec). Adding a codec is one class here (decorated with
+``@register``) and its entry in params.yaml.
 """
 
 from __future__ import annotations
@@ -15,17 +20,14 @@ import io
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, features
+from pydantic import Field
 
 from pipeline.errors import PipelineError
-
-
-def bpp(n_bytes: int, height: int, width: int) -> float:
-    """Bits per pixel of a file of ``n_bytes`` for an image of height x width: 8 N / (H W)."""
-    return 8.0 * n_bytes / (height * width)
+from pipeline.images import bits_per_pixel as bpp  # noqa: F401 - the one bpp formula, under its old name here
 
 
 @dataclass
@@ -40,14 +42,39 @@ class Coded:
 
 
 class Codec(ABC):
-    name: str = ""  # short id used in files and metric names
+    name: str = ""  # short id used in files, metric names and params keys
     label: str = ""  # display name
-    setting: str = ""  # what the sweep varies
+    setting: str = ""  # what the sweep varies; params key ``evaluate.<name>_<setting>``
+    color: str = ""  # matplotlib colour of its curves
+    setting_type: type = int  # int or float: the type of one setting in params.yaml
+    #: the sweep when params.yaml does not give one (None: the codec picks it, see ``from_params``)
+    default_sweep: tuple[float, ...] | None = ()
+    #: (is one setting valid, what is valid): checked on every value of the sweep when params load
+    valid: tuple[Callable[[float], bool], str] = (lambda v: True, "")
+    sweep_doc: str = ""  # what one setting means (the params field's description)
+    #: fixed encoder settings: knob -> (type, pydantic Field); params key ``evaluate.<name>_<knob>``,
+    #: passed to the constructor as the keyword ``knob``
+    knobs: dict[str, tuple[type, Any]] = {}
     #: True when encode_s/decode_s are one per image, shared by all its settings (the RNN's one encode)
     shared_timing: bool = False
 
     def __init__(self, settings: Sequence[Any]):
         self.settings = list(settings)
+
+    @classmethod
+    def sweep_key(cls) -> str:
+        """The params key of the sweep, e.g. ``jpeg_quality``."""
+        return f"{cls.name}_{cls.setting}"
+
+    @classmethod
+    def from_params(cls, params, device: str = "cpu", rnn_loader=None) -> "Codec":
+        """The codec as ``params`` (an EvaluateParams) configures it."""
+        return cls(getattr(params, cls.sweep_key()), **{k: getattr(params, f"{cls.name}_{k}") for k in cls.knobs})
+
+    @classmethod
+    def library(cls) -> str | None:
+        """The library (and version) that codes this format here, for the report's provenance."""
+        return None
 
     def available(self) -> str | None:
         """None when usable here, else why not (the codec is then skipped, with a note)."""
@@ -91,6 +118,10 @@ class PillowCodec(Codec):
             return f"Pillow was built without {self.feature}"
         return None
 
+    @classmethod
+    def library(cls) -> str | None:
+        return f"{cls.feature} {features.version(cls.feature)}" if cls.feature and features.check(cls.feature) else None
+
     def describe(self) -> str:
         version = features.version(self.feature) if self.feature else None
         return f"{self.label} (Pillow, {self.feature} {version})" if version else self.label
@@ -105,8 +136,28 @@ class PillowCodec(Codec):
             return np.asarray(im.convert("RGB"))
 
 
+REGISTRY: dict[str, type[Codec]] = {}
+
+
+def register(cls: type[Codec]) -> type[Codec]:
+    """Class decorator: one more codec the evaluation, params, report and plots know of."""
+    if not cls.name or not cls.setting or cls.name in REGISTRY:
+        raise ValueError(f"codec {cls.__name__}: needs a unique name and a setting")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@register
 class JPEG(PillowCodec):
     name, label, setting, format, feature = "jpeg", "JPEG", "quality", "JPEG", "jpg"
+    color = "tab:blue"
+    default_sweep = (1, 3, 5, 10, 20, 30, 50, 70, 90)
+    valid, sweep_doc = (lambda q: 1 <= q <= 100, "1..100"), "libjpeg quality 1..95"
+
+    @classmethod
+    def library(cls) -> str | None:
+        return f"libjpeg_turbo {features.version('libjpeg_turbo')}" if features.check("libjpeg_turbo") else \
+            super().library()
 
     def describe(self) -> str:
         turbo = features.version("libjpeg_turbo") if features.check("libjpeg_turbo") else None
@@ -120,8 +171,12 @@ class JPEG(PillowCodec):
         return {"quality": int(q), "optimize": True, "subsampling": "4:2:0", "progressive": False}
 
 
+@register
 class JPEG2000(PillowCodec):
     name, label, setting, format, feature = "jpeg2000", "JPEG 2000", "ratio", "JPEG2000", "jpg_2000"
+    color, setting_type = "tab:orange", float
+    default_sweep = (240, 160, 96, 64, 40, 24, 12)
+    valid, sweep_doc = (lambda r: r > 1, "compression ratios are > 1"), "compression ratio R (24/R bpp)"
 
     def config(self):
         return {"wavelet": "9/7 irreversible", "colour transform": "MCT on (irreversible YCbCr, ICT)",
@@ -132,8 +187,13 @@ class JPEG2000(PillowCodec):
                 "no_jp2": True}
 
 
+@register
 class WebP(PillowCodec):
     name, label, setting, format, feature = "webp", "WebP", "quality", "WEBP", "webp"
+    color = "tab:green"
+    default_sweep = (0, 5, 10, 20, 40, 70, 90)
+    valid, sweep_doc = (lambda q: 0 <= q <= 100, "0..100"), "libwebp quality 0..100"
+    knobs = {"method": (int, Field(4, ge=0, le=6, description="libwebp effort: 0 fast .. 6 slow/best"))}
 
     def __init__(self, settings, method: int = 4):
         super().__init__(settings)
@@ -146,8 +206,13 @@ class WebP(PillowCodec):
         return {"quality": int(q), "method": self.method, "lossless": False}
 
 
+@register
 class AVIF(PillowCodec):
     name, label, setting, format, feature = "avif", "AVIF", "quality", "AVIF", "avif"
+    color = "tab:purple"
+    default_sweep = (0, 10, 20, 30, 45, 60, 80)
+    valid, sweep_doc = (lambda q: 0 <= q <= 100, "0..100"), "libavif quality 0..100"
+    knobs = {"speed": (int, Field(6, ge=0, le=10, description="libavif encoder speed: 0 slow/best .. 10 fast"))}
 
     def __init__(self, settings, speed: int = 6):
         super().__init__(settings)
@@ -169,10 +234,16 @@ class AVIF(PillowCodec):
         return {"quality": int(q), "speed": self.speed, "subsampling": "4:2:0"}
 
 
+@register
 class JPEGXL(Codec):
     """JPEG XL through imagecodecs (libjxl); skipped with a note only if imagecodecs lacks libjxl."""
 
     name, label, setting = "jpegxl", "JPEG XL", "distance"
+    color, setting_type = "tab:brown", float
+    default_sweep = (12, 8, 5, 3, 2, 1)
+    valid, sweep_doc = (lambda d: d > 0, "distances are > 0"), "butteraugli distance (lower: better)"
+    knobs = {"effort": (int, Field(7, ge=1, le=9, description="libjxl effort: 1 fast .. 9 slow/best "
+                                                             "(7: libjxl's default)"))}
 
     def __init__(self, settings, effort: int = 7):
         super().__init__(settings)
@@ -186,6 +257,15 @@ class JPEGXL(Codec):
         if not getattr(imagecodecs, "JPEGXL", None) or not imagecodecs.JPEGXL.available:
             return "imagecodecs has no JPEG XL support"
         return None
+
+    @classmethod
+    def library(cls) -> str | None:
+        try:
+            import imagecodecs
+
+            return f"{imagecodecs.jpegxl_version()} (imagecodecs {imagecodecs.__version__})"
+        except (ImportError, AttributeError):
+            return None
 
     def describe(self) -> str:
         import imagecodecs
@@ -223,6 +303,7 @@ def _module_truncate(data: bytes, iterations: int) -> bytes:
     return truncate(data, iterations)
 
 
+@register
 class RNN(Codec):
     """The recurrent codec through its real file format: k iterations -> one .rnnc file.
 
@@ -233,7 +314,16 @@ class RNN(Codec):
     """
 
     name, label, setting = "rnn", "RNN (ours)", "iterations"
+    color, default_sweep = "tab:red", None  # None: 1..max_iterations of the model
+    valid, sweep_doc = (lambda k: k >= 1, "counts are >= 1"), \
+        "iteration counts; None: 1..max_iterations (one encode, truncated)"
+    knobs = {"model": (str, Field("data/compressor/model.pt",
+                                  description="checkpoint path or MLflow model URI of the RNN codec"))}
     shared_timing = True
+
+    @classmethod
+    def from_params(cls, params, device: str = "cpu", rnn_loader=None) -> "RNN":
+        return cls((rnn_loader or load_rnn)(params.rnn_model, device=device), params.rnn_iterations)
 
     def __init__(self, codec, settings: Sequence[int] | None = None):
         self.codec = codec
@@ -285,17 +375,9 @@ class RNN(Codec):
 
 def build(params, device: str = "cpu", rnn_loader=load_rnn) -> tuple[list[Codec], dict[str, str]]:
     """The codecs ``params`` (an EvaluateParams) asks for, and {name: why skipped} for those not usable."""
-    makers = {
-        "jpeg": lambda: JPEG(params.jpeg_quality),
-        "jpeg2000": lambda: JPEG2000(params.jpeg2000_ratio),
-        "webp": lambda: WebP(params.webp_quality, method=params.webp_method),
-        "avif": lambda: AVIF(params.avif_quality, speed=params.avif_speed),
-        "jpegxl": lambda: JPEGXL(params.jpegxl_distance, effort=params.jpegxl_effort),
-        "rnn": lambda: RNN(rnn_loader(params.rnn_model, device=device), params.rnn_iterations),
-    }
     codecs, skipped = [], {}
     for name in params.codecs:
-        codec = makers[name]()
+        codec = REGISTRY[name].from_params(params, device=device, rnn_loader=rnn_loader)
         why = codec.available()
         if why:
             skipped[name] = why
@@ -304,4 +386,6 @@ def build(params, device: str = "cpu", rnn_loader=load_rnn) -> tuple[list[Codec]
     return codecs, skipped
 
 
-REGISTRY: dict[str, type[Codec]] = {c.name: c for c in (JPEG, JPEG2000, WebP, AVIF, JPEGXL, RNN)}
+def color(name: str) -> str | None:
+    """The colour of a codec's curves (None, matplotlib's next, for a name not registered)."""
+    return REGISTRY[name].color if name in REGISTRY else None

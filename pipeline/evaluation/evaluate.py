@@ -18,11 +18,9 @@ summary.json, metrics.json, curves/<codec>.csv, figures/*.png, visual/*.png + vi
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,33 +29,20 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation import bdrate, stats
-from pipeline.evaluation.codecs import Codec, bpp, build, load_rnn
+from pipeline.evaluation.codecs import Codec, build, color, load_rnn
 from pipeline.evaluation.metrics import Reference
+from pipeline.images import bits_per_pixel, read_image
+from pipeline.records import (QUALITIES, AtRate, AtRateAvg, BDRate, CurvePoint, Measurement, Pairwise, by_codec,
+                              read_csv, read_table, write_csv, write_table)  # noqa: F401 - read_csv: public here
 
-KODAK_DIR = Path("data/raw/kodak")
-OUT_DIR = Path("data/evaluation")
-QUALITIES = ("ms_ssim", "ms_ssim_db", "psnr", "ssim")  # averaged per setting
+#: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd passes them. The RNN
+#: codec's checkpoint is ``evaluate.rnn_model`` (a path or an MLflow model URI).
+PATHS = {"kodak": "data/raw/kodak", "out": "data/evaluation"}
+SECTIONS = ("evaluate",)
+KODAK_DIR, OUT_DIR = Path(PATHS["kodak"]), Path(PATHS["out"])
 COMPARED = ("ms_ssim", "psnr")  # pairwise comparisons at a rate are made on these
 BD_METRICS = ("ms_ssim_db", "psnr")  # Bjontegaard deltas are taken on these (dB scales)
 LABELS = {"ms_ssim": "MS-SSIM", "ms_ssim_db": "MS-SSIM (dB)", "psnr": "PSNR (dB)", "ssim": "SSIM (single-scale)"}
-
-
-@dataclass
-class Row:
-    image: str
-    codec: str
-    setting_name: str
-    setting: float
-    bytes: int
-    height: int
-    width: int
-    bpp: float
-    ms_ssim: float
-    ms_ssim_db: float
-    psnr: float
-    ssim: float
-    encode_s: float
-    decode_s: float
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -76,11 +61,8 @@ def kodak_paths(root: Path, indices: list[int] | None) -> list[Path]:
 
 
 def load_image(path: Path, crop: int | None = None) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            img = np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise PipelineError(f"{path}: not a readable image ({err})") from None
+    """The image (``pipeline.images.read_image``), centre-cropped to ``crop`` x ``crop`` px if given."""
+    img = read_image(path)
     if crop is not None:
         h, w = img.shape[:2]
         if crop > min(h, w):
@@ -92,7 +74,7 @@ def load_image(path: Path, crop: int | None = None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- measuring
 
-def row_of(codec: Codec, coded, image: str, img: np.ndarray, ref: Reference) -> Row:
+def row_of(codec: Codec, coded, image: str, img: np.ndarray, ref: Reference) -> Measurement:
     """One measured point: the real file's size and the decoded image's quality."""
     decoded = coded.decoded
     if decoded.shape != img.shape or decoded.dtype != np.uint8:
@@ -100,8 +82,8 @@ def row_of(codec: Codec, coded, image: str, img: np.ndarray, ref: Reference) -> 
                             f"{decoded.shape}, expected uint8 {img.shape}")
     h, w = img.shape[:2]
     q = ref.compare(decoded)
-    return Row(image=image, codec=codec.name, setting_name=codec.setting, setting=float(coded.setting),
-               bytes=len(coded.data), height=h, width=w, bpp=bpp(len(coded.data), h, w), ms_ssim=q.ms_ssim,
+    return Measurement(image=image, codec=codec.name, setting_name=codec.setting, setting=float(coded.setting),
+               bytes=len(coded.data), height=h, width=w, bpp=bits_per_pixel(len(coded.data), h, w), ms_ssim=q.ms_ssim,
                ms_ssim_db=q.ms_ssim_db, psnr=q.psnr, ssim=q.ssim, encode_s=coded.encode_s, decode_s=coded.decode_s)
 
 
@@ -115,8 +97,8 @@ def run_sweeps(paths: list[Path], codecs: list[Codec], *, crop: int | None, devi
     from pipeline.utils import progress
 
     only = only or {}
-    rows: list[Row] = []
-    picks: dict[str, tuple[Row, np.ndarray]] = {}
+    rows: list[Measurement] = []
+    picks: dict[str, tuple[Measurement, np.ndarray]] = {}
     seconds = {c.name: 0.0 for c in codecs}
     original = None
     total = sum(len(c.settings) for p in paths for c in codecs if c.name not in only or p.stem in only[c.name])
@@ -153,9 +135,9 @@ def run_sweeps(paths: list[Path], codecs: list[Codec], *, crop: int | None, devi
 
 # ----------------------------------------------------------------------------- summarising
 
-def average_curves(rows: Iterable[Row]) -> list[dict[str, Any]]:
+def average_curves(rows: Iterable[Measurement]) -> list[CurvePoint]:
     """One point per (codec, setting): the mean over images of bpp, qualities and times."""
-    groups: dict[tuple[str, float], list[Row]] = {}
+    groups: dict[tuple[str, float], list[Measurement]] = {}
     order: list[tuple[str, float]] = []
     for r in rows:
         key = (r.codec, r.setting)
@@ -166,28 +148,20 @@ def average_curves(rows: Iterable[Row]) -> list[dict[str, Any]]:
     curves = []
     for codec, setting in order:
         g = groups[(codec, setting)]
-        point = {"codec": codec, "setting_name": g[0].setting_name, "setting": setting, "images": len(g)}
-        for field in ("bpp", *QUALITIES, "encode_s", "decode_s"):
-            point[field] = float(np.mean([getattr(r, field) for r in g]))
-        curves.append(point)
-    curves.sort(key=lambda p: (p["codec"], p["bpp"]))
+        means = {field: float(np.mean([getattr(r, field) for r in g]))
+                 for field in ("bpp", *QUALITIES, "encode_s", "decode_s")}
+        curves.append(CurvePoint(codec=codec, setting_name=g[0].setting_name, setting=setting, images=len(g), **means))
+    curves.sort(key=lambda p: (p.codec, p.bpp))
     return curves
 
 
-def by_codec(curves: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for p in curves:
-        out.setdefault(p["codec"], []).append(p)
-    return out
-
-
-def at_rates(curves: list[dict[str, Any]], rates: list[float], slack: float = 0.0) -> list[dict[str, Any]]:
+def at_rates(curves: list[CurvePoint], rates: list[float], slack: float = 0.0) -> list[dict[str, Any]]:
     """Secondary convention: each codec's image-averaged curve interpolated at ``rates`` (PCHIP in
     log-bpp, as the primary table); NaN outside its range."""
     out = []
     for codec, pts in by_codec(curves).items():
-        x = [p["bpp"] for p in pts]
-        values = {q: bdrate.interpolate(x, [p[q] for p in pts], rates, slack) for q in QUALITIES}
+        x = [p.bpp for p in pts]
+        values = {q: bdrate.interpolate(x, [getattr(p, q) for p in pts], rates, slack) for q in QUALITIES}
         for i, rate in enumerate(rates):
             out.append({"codec": codec, "bpp": rate, **{q: float(values[q][i]) for q in QUALITIES}})
     return out
@@ -201,14 +175,14 @@ def bd_pairs(names: list[str], anchor: str, ours: str = "rnn") -> list[tuple[str
     return pairs
 
 
-def bd_table(curves: list[dict[str, Any]], anchor: str, method: str) -> list[dict[str, Any]]:
+def bd_table(curves: list[CurvePoint], anchor: str, method: str) -> list[dict[str, Any]]:
     """Secondary: BD deltas between the image-averaged curves."""
     per = by_codec(curves)
     rows = []
     for a, t in bd_pairs(list(per), anchor):
         for metric in BD_METRICS:
-            ra, qa = [p["bpp"] for p in per[a]], [p[metric] for p in per[a]]
-            rt, qt = [p["bpp"] for p in per[t]], [p[metric] for p in per[t]]
+            ra, qa = [p.bpp for p in per[a]], [getattr(p, metric) for p in per[a]]
+            rt, qt = [p.bpp for p in per[t]], [getattr(p, metric) for p in per[t]]
             rows.append({"anchor": a, "test": t, "metric": metric, "method": method,
                          "bd_rate_pct": bdrate.bd_rate(ra, qa, rt, qt, method),
                          "bd_quality_db": bdrate.bd_quality(ra, qa, rt, qt, method)})
@@ -280,36 +254,6 @@ def metrics_json(points: list[dict[str, Any]], bd: list[dict[str, Any]], anchor:
 
 # ----------------------------------------------------------------------------- writing
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        if not rows:
-            return
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    """Read one of our CSVs back, numbers as floats (empty/nan cells -> NaN)."""
-    out = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            row = {}
-            for k, v in r.items():
-                try:
-                    row[k] = float(v) if v != "" else float("nan")
-                except ValueError:
-                    row[k] = v
-            out.append(row)
-    return out
-
-
-COLORS = {"jpeg": "tab:blue", "jpeg2000": "tab:orange", "webp": "tab:green", "avif": "tab:purple",
-          "jpegxl": "tab:brown", "rnn": "tab:red"}
-
-
 def _axes(title: str, quality: str, max_bpp: float):
     import matplotlib
 
@@ -333,14 +277,14 @@ def _save(fig, plt, ax, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(curves: list[dict[str, Any]], quality: str, path: Path, labels: dict[str, str],
+def plot_curves(curves: list[CurvePoint], quality: str, path: Path, labels: dict[str, str],
                 max_bpp: float, title: str | None = None) -> None:
     """Secondary convention: one point per setting, bpp and quality averaged over images."""
     fig, ax, plt = _axes(title or f"{LABELS[quality]} vs bpp: mean over images per setting (secondary)",
                          quality, max_bpp)
     for codec, pts in by_codec(curves).items():
-        ax.plot([p["bpp"] for p in pts], [p[quality] for p in pts], marker="o", ms=3.5,
-                lw=2.2 if codec == "rnn" else 1.4, color=COLORS.get(codec), label=labels.get(codec, codec))
+        ax.plot([p.bpp for p in pts], [getattr(p, quality) for p in pts], marker="o", ms=3.5,
+                lw=2.2 if codec == "rnn" else 1.4, color=color(codec), label=labels.get(codec, codec))
     _save(fig, plt, ax, path)
 
 
@@ -358,15 +302,15 @@ def plot_at_rate(img_curves, points: list[dict[str, Any]], quality: str, path: P
             continue
         vals = np.stack([bdrate.interpolate(c["bpp"], c[quality], grid, slack) for c in mine])
         mean = vals.mean(0)  # NaN wherever one of the images does not reach the rate
-        color = COLORS.get(codec)
-        ax.plot(grid, mean, lw=2.2 if codec == "rnn" else 1.4, color=color,
+        colour = color(codec)
+        ax.plot(grid, mean, lw=2.2 if codec == "rnn" else 1.4, color=colour,
                 label=f"{labels.get(codec, codec)} ({len(mine)} images)")
         at = [p for p in points if p["codec"] == codec and math.isfinite(p[quality])]
         if at:
             y = np.array([p[quality] for p in at])
             err = np.array([[p[quality] - p[f"{quality}_lo"] for p in at], [p[f"{quality}_hi"] - p[quality] for p in at]])
             err = np.where(np.isfinite(err), err, 0)
-            ax.errorbar([p["bpp"] for p in at], y, yerr=err, fmt="o", ms=3.5, color=color, capsize=3)
+            ax.errorbar([p["bpp"] for p in at], y, yerr=err, fmt="o", ms=3.5, color=colour, capsize=3)
     _save(fig, plt, ax, path)
 
 
@@ -375,7 +319,7 @@ FIGURES = {"ms_ssim": "ms_ssim_vs_bpp.png", "ms_ssim_db": "ms_ssim_db_vs_bpp.png
 AT_RATE_FIGURES = {"ms_ssim": "ms_ssim_at_rate.png", "psnr": "psnr_at_rate.png"}  # primary
 
 
-def write_visual(out: Path, original: np.ndarray, picks: dict[str, tuple[Row, np.ndarray]],
+def write_visual(out: Path, original: np.ndarray, picks: dict[str, tuple[Measurement, np.ndarray]],
                  box: list[int], image: str, target: float) -> dict[str, Any]:
     h, w = original.shape[:2]
     left, top, cw, ch = box
@@ -393,20 +337,23 @@ def write_visual(out: Path, original: np.ndarray, picks: dict[str, tuple[Row, np
             "codecs": entries}
 
 
-def write_outputs(out: Path, rows: list[Row], curves, points, bd, metrics, summary, picks, original,
-                  params, *, extra: dict[str, list[dict[str, Any]]], img_curves, images_of) -> None:
+def write_outputs(out: Path, rows: list[Measurement], curves, points, bd, metrics, summary, picks, original,
+                  params, *, extra: dict[str, list[dict[str, Any]]], records: dict[str, list[Any]], img_curves,
+                  images_of) -> None:
     from pipeline.utils import save_json
 
     labels = summary["labels"]
-    write_csv(out / "per_image.csv", [asdict(r) for r in rows])
-    write_csv(out / "curves.csv", curves)
-    write_csv(out / "at_rates.csv", points)
-    write_csv(out / "bd.csv", bd)
+    write_table(out / "per_image.csv", rows)
+    write_table(out / "curves.csv", curves)
+    write_table(out / "at_rates.csv", [AtRate(**p) for p in points])
+    write_table(out / "bd.csv", [BDRate(**r) for r in bd])
     for name, table in extra.items():
         write_csv(out / name, table)
+    for name, table in records.items():
+        write_table(out / name, table)
     for codec, pts in by_codec(curves).items():
         write_csv(out / "curves" / f"{codec}.csv",
-                  [{k: p[k] for k in ("setting", "bpp", *QUALITIES)} for p in pts])
+                  [{k: getattr(p, k) for k in ("setting", "bpp", *QUALITIES)} for p in pts])
     for quality, name in FIGURES.items():
         plot_curves(curves, quality, out / "figures" / name, labels, params.plot_max_bpp)
     for quality, name in AT_RATE_FIGURES.items():
@@ -496,12 +443,13 @@ def evaluate(params, out_dir: Path = OUT_DIR, kodak_dir: Path = KODAK_DIR, rnn_l
         "torch": torch.__version__, "platform": platform.platform(), "duration_s": duration,
         "encodes": len(rows),
     }
-    extra = {"per_image_at.csv": each_at, "at_rates_avg.csv": averaged, "pairwise.csv": pairs,
-             "bd_per_image.csv": bd_each, "bd_avg.csv": bd_avg}
+    # the tables another stage reads go through their records (pipeline.records); the others are plain
+    extra = {"per_image_at.csv": each_at, "bd_per_image.csv": bd_each, "bd_avg.csv": bd_avg}
+    records = {"at_rates_avg.csv": [AtRateAvg(**p) for p in averaged], "pairwise.csv": [Pairwise(**p) for p in pairs]}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         write_outputs(tmp, rows, curves, points, bd, metrics, summary, picks, original, p, extra=extra,
-                      img_curves=img_curves, images_of=images_of)
+                      records=records, img_curves=img_curves, images_of=images_of)
     log(f"[evaluate] {len(rows)} coded files in {duration:.1f} s -> {out_dir}")
     return metrics
 
@@ -516,21 +464,18 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def run(params, paths) -> None:
+    """The stage (pipeline/stage.py): ``params`` validated, its MLflow run active."""
     import mlflow
 
-    from pipeline import tracking
-    from pipeline.config import load_params
     from pipeline.utils import seed_everything
 
-    params = load_params()
     seed_everything(params.seed)
-    with tracking.stage_run("evaluate", params):
-        metrics = evaluate(params)
-        mlflow.log_metrics(_flat(metrics))
-        curves = read_csv(OUT_DIR / "curves.csv")
-        for codec, pts in by_codec(curves).items():  # each curve as a stepped metric (step = sweep index)
-            for i, pt in enumerate(pts):
-                mlflow.log_metrics({f"curve.{codec}.bpp": pt["bpp"], f"curve.{codec}.ms_ssim": pt["ms_ssim"],
-                                    f"curve.{codec}.psnr": pt["psnr"]}, step=i)
-        mlflow.log_artifacts(str(OUT_DIR), artifact_path="evaluation")
+    metrics = evaluate(params, out_dir=paths.out, kodak_dir=paths.kodak)
+    mlflow.log_metrics(_flat(metrics))
+    curves = read_table(paths.out / "curves.csv", CurvePoint)
+    for codec, pts in by_codec(curves).items():  # each curve as a stepped metric (step = sweep index)
+        for i, pt in enumerate(pts):
+            mlflow.log_metrics({f"curve.{codec}.bpp": pt.bpp, f"curve.{codec}.ms_ssim": pt.ms_ssim,
+                                f"curve.{codec}.psnr": pt.psnr}, step=i)
+    mlflow.log_artifacts(str(paths.out), artifact_path="evaluation")

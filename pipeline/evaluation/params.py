@@ -1,30 +1,42 @@
-"""params.yaml section ``evaluate``: which Kodak images, which codecs, which settings."""
+"""params.yaml section ``evaluate``: which Kodak images, which codecs, which settings.
+
+The codecs' own keys (``<codec>_<setting>``: the sweep; ``<codec>_<knob>``: a fixed encoder setting)
+come from the codec registry (``pipeline.evaluation.codecs.REGISTRY``), not from this file.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
+from pipeline.evaluation.codecs import REGISTRY
 from pipeline.schema import Section
 
-CodecName = Literal["jpeg", "jpeg2000", "webp", "avif", "jpegxl", "rnn"]
+CodecName = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]
 
 
-class EvaluateParams(Section):
+def _codec_fields() -> dict[str, Any]:
+    """Every registered codec's sweep and knobs, as pydantic fields."""
+    fields: dict[str, Any] = {}
+    for cls in REGISTRY.values():
+        sweep = list[cls.setting_type]
+        if cls.default_sweep is None:
+            fields[cls.sweep_key()] = (sweep | None, Field(None, description=cls.sweep_doc))
+        else:
+            fields[cls.sweep_key()] = (sweep, Field(list(cls.default_sweep), min_length=1, description=cls.sweep_doc))
+        for knob, (kind, field) in cls.knobs.items():
+            fields[f"{cls.name}_{knob}"] = (kind, field)
+    return fields
+
+
+CodecParams = create_model("CodecParams", __base__=Section, **_codec_fields())
+
+
+class EvaluateParams(CodecParams):
     images: list[int] | None = None  # Kodak indices (kodimNN) to evaluate; None: every kodim*.png present
     crop: int | None = Field(None, ge=161)  # centre crop to crop x crop px (None: full image); MS-SSIM needs > 160
-    codecs: list[CodecName] = ["jpeg", "jpeg2000", "webp", "avif", "jpegxl", "rnn"]  # jpegxl skipped if imagecodecs is absent
-    jpeg_quality: list[int] = Field([1, 3, 5, 10, 20, 30, 50, 70, 90], min_length=1)  # libjpeg quality 1..95
-    jpeg2000_ratio: list[float] = Field([240, 160, 96, 64, 40, 24, 12], min_length=1)  # compression ratio R (24/R bpp)
-    webp_quality: list[int] = Field([0, 5, 10, 20, 40, 70, 90], min_length=1)  # libwebp quality 0..100
-    webp_method: int = Field(4, ge=0, le=6)  # libwebp effort: 0 fast .. 6 slow/best
-    avif_quality: list[int] = Field([0, 10, 20, 30, 45, 60, 80], min_length=1)  # libavif quality 0..100
-    avif_speed: int = Field(6, ge=0, le=10)  # libavif encoder speed: 0 slow/best .. 10 fast
-    jpegxl_distance: list[float] = Field([12, 8, 5, 3, 2, 1], min_length=1)  # butteraugli distance (lower: better)
-    jpegxl_effort: int = Field(7, ge=1, le=9)  # libjxl effort: 1 fast .. 9 slow/best (7: libjxl's default)
-    rnn_model: str = "data/compressor/model.pt"  # checkpoint path or MLflow model URI of the RNN codec
-    rnn_iterations: list[int] | None = None  # iteration counts; None: 1..max_iterations (one encode, truncated)
+    codecs: list[CodecName] = list(REGISTRY)  # jpegxl skipped if imagecodecs is absent
     rnn_images: list[int] | None = None  # Kodak indices the RNN codec is run on; None: the same as images
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where the RNN codec and the metrics run
     cpu_threads: int = Field(0, ge=0)  # torch threads on CPU (0: all cores; 1 avoids contention on busy hosts)
@@ -53,16 +65,10 @@ class EvaluateParams(Section):
                 raise ValueError(f"rnn_images {self.rnn_images} are not all in images {self.images}")
             if "rnn" in self.codecs and self.visual_image not in self.rnn_images:
                 raise ValueError(f"visual_image {self.visual_image} is not in rnn_images {self.rnn_images}")
-        if self.rnn_iterations is not None and any(k < 1 for k in self.rnn_iterations):
-            raise ValueError("rnn_iterations: counts are >= 1")
-        if any(not 1 <= q <= 100 for q in self.jpeg_quality):
-            raise ValueError("jpeg_quality: 1..100")
-        if any(not 0 <= q <= 100 for q in self.webp_quality + self.avif_quality):
-            raise ValueError("webp_quality/avif_quality: 0..100")
-        if any(r <= 1 for r in self.jpeg2000_ratio):
-            raise ValueError("jpeg2000_ratio: compression ratios are > 1")
-        if any(d <= 0 for d in self.jpegxl_distance):
-            raise ValueError("jpegxl_distance: distances are > 0")
+        for cls in REGISTRY.values():
+            ok, what = cls.valid
+            if any(not ok(v) for v in getattr(self, cls.sweep_key()) or ()):
+                raise ValueError(f"{cls.sweep_key()}: {what}")
         if any(r <= 0 for r in self.rates):
             raise ValueError("rates: bpp values are > 0")
         if len(set(self.codecs)) != len(self.codecs) or not self.codecs:

@@ -27,13 +27,18 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation import stats
-from pipeline.evaluation.evaluate import by_codec, read_csv
+from pipeline.evaluation.codecs import REGISTRY
+from pipeline.records import (AtRate, AtRateAvg, BDRate, ClassifierMetrics, CurvePoint, Measurement, Pairwise,
+                              by_codec, read_table)
 from pipeline.utils import atomic_write_text, file_digest, load_json, log
 
-CLASSIFIER_DIR = Path("data/classifier")
-COMPRESSOR_DIR = Path("data/compressor")
-EVAL_DIR = Path("data/evaluation")
-OUT_DIR = Path("data/report")
+#: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd passes them
+PATHS = {"classifier": "data/classifier", "compressor": "data/compressor", "evaluation": "data/evaluation",
+         "out": "data/report"}
+SECTIONS = ("report",)  # and tracking.experiment, to find the stages' MLflow runs (not a result param)
+CLASSIFIER_DIR, COMPRESSOR_DIR = Path(PATHS["classifier"]), Path(PATHS["compressor"])
+EVAL_DIR, OUT_DIR = Path(PATHS["evaluation"]), Path(PATHS["out"])
+KODAK_DIR = Path("data/raw/kodak")  # hashed for the provenance only
 TEMPLATE = Path(__file__).with_name("template.html")
 CLASSIFIER_FIGURES = [
     ("fig1_1_accuracy.png", "Figure 1.1: train and test accuracy per epoch"),
@@ -53,8 +58,7 @@ EVAL_FIGURES = [
     ("ssim_vs_bpp.png", "Secondary convention: single-scale SSIM vs bpp (the metric the coursework's Figure 1.7 "
                         "actually plotted), averaged per setting"),
 ]
-#: keys of the classifier's metrics.json tried in order for "the" test accuracy
-ACCURACY_KEYS = ("test_acc_tta", "test_accuracy_tta", "tta_accuracy", "test_acc", "test_accuracy", "accuracy", "acc")
+CIFAR10_TEST_SIZE = 10000  # the test set the accuracy is measured on, when metrics.json does not say
 STAGES = ("download", "augment", "train_classifier", "train_compressor", "evaluate", "report")
 
 
@@ -100,16 +104,6 @@ def _git(*args: str) -> str | None:
 
 # ----------------------------------------------------------------------------- inputs
 
-def find_accuracy(metrics: dict[str, Any]) -> tuple[str, float] | None:
-    """The classifier's test accuracy (a fraction) and the key it came from."""
-    flat = _flatten(metrics)
-    for key in ACCURACY_KEYS:
-        for k, v in flat.items():
-            if k.split(".")[-1] == key and finite(v):
-                return k, float(v) / 100 if v > 1 else float(v)
-    return None
-
-
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {}
@@ -124,17 +118,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 @dataclass
 class Inputs:
-    classifier: dict[str, Any] | None
+    classifier: ClassifierMetrics | None
     compressor: dict[str, Any] | None
     summary: dict[str, Any]
-    curves: list[dict[str, Any]]
-    at_rates: list[dict[str, Any]]
-    bd: list[dict[str, Any]]
+    curves: list[CurvePoint]
+    at_rates: list[AtRate]
+    bd: list[BDRate]
     visual: dict[str, Any] | None
     missing: list[str] = field(default_factory=list)
-    per_image: list[dict[str, Any]] = field(default_factory=list)
-    at_rates_avg: list[dict[str, Any]] = field(default_factory=list)
-    pairwise: list[dict[str, Any]] = field(default_factory=list)
+    per_image: list[Measurement] = field(default_factory=list)
+    at_rates_avg: list[AtRateAvg] = field(default_factory=list)
+    pairwise: list[Pairwise] = field(default_factory=list)
 
 
 def read_inputs(classifier_dir: Path = CLASSIFIER_DIR, eval_dir: Path = EVAL_DIR,
@@ -147,16 +141,17 @@ def read_inputs(classifier_dir: Path = CLASSIFIER_DIR, eval_dir: Path = EVAL_DIR
     missing = []
     classifier = None
     if (classifier_dir / "metrics.json").is_file():
-        classifier = load_json(classifier_dir / "metrics.json")
+        classifier = ClassifierMetrics.read(classifier_dir / "metrics.json")
     else:
         missing.append(str(classifier_dir / "metrics.json"))
     compressor = load_json(compressor_dir / "metrics.json") if (compressor_dir / "metrics.json").is_file() else None
     visual = load_json(eval_dir / "visual" / "visual.json") if (eval_dir / "visual" / "visual.json").is_file() else None
     return Inputs(classifier=classifier, compressor=compressor, summary=load_json(eval_dir / "summary.json"),
-                  curves=read_csv(eval_dir / "curves.csv"), at_rates=read_csv(eval_dir / "at_rates.csv"),
-                  bd=read_csv(eval_dir / "bd.csv"), visual=visual, missing=missing,
-                  per_image=read_csv(eval_dir / "per_image.csv"), at_rates_avg=read_csv(eval_dir / "at_rates_avg.csv"),
-                  pairwise=read_csv(eval_dir / "pairwise.csv"))
+                  curves=read_table(eval_dir / "curves.csv", CurvePoint),
+                  at_rates=read_table(eval_dir / "at_rates.csv", AtRate), bd=read_table(eval_dir / "bd.csv", BDRate),
+                  visual=visual, missing=missing, per_image=read_table(eval_dir / "per_image.csv", Measurement),
+                  at_rates_avg=read_table(eval_dir / "at_rates_avg.csv", AtRateAvg),
+                  pairwise=read_table(eval_dir / "pairwise.csv", Pairwise))
 
 
 # ----------------------------------------------------------------------------- claims
@@ -188,7 +183,7 @@ def _interval(s: dict[str, Any], digits: int = 4, pct: bool = False) -> str:
     return f"95% CI [{fmt(s['lo'], digits, pct, True)}, {fmt(s['hi'], digits, pct, True)}]"
 
 
-def compare_below(per_image: list[dict[str, Any]], ours: str, other: str, quality: str, below: float, n: int,
+def compare_below(per_image: list[Measurement], ours: str, other: str, quality: str, below: float, n: int,
                   boot: dict[str, int], lowest: float = 0.03) -> tuple[str, str]:
     """Is ``ours`` above ``other`` in ``quality`` below ``below`` bpp? Per image: the mean difference over
     a log-spaced grid of ``n`` rates in [lowest, below] that both of its curves reach; then the mean over
@@ -197,7 +192,7 @@ def compare_below(per_image: list[dict[str, Any]], ours: str, other: str, qualit
     have = {c for c, _ in curves}
     if ours not in have or other not in have:
         return f"no {ours if ours not in have else other} curve", "not checked"
-    hi = below if math.isfinite(below) else max(float(r["bpp"]) for r in per_image)
+    hi = below if math.isfinite(below) else max(r.bpp for r in per_image)
     diffs = stats.range_difference(curves, ours, other, quality, lowest, hi, n)
     if not diffs:
         return f"no image where both curves reach a rate in {lowest:g}-{hi:g} bpp", "not checked"
@@ -211,17 +206,16 @@ def compare_below(per_image: list[dict[str, Any]], ours: str, other: str, qualit
 def check_claims(inputs: Inputs, rp) -> list[Claim]:
     claims = []
     boot = _boot(inputs.summary)
-    acc = find_accuracy(inputs.classifier) if inputs.classifier else None
     claim_acc = f"The CNN reaches {rp.claim_accuracy:.0%} test accuracy on CIFAR-10"
-    if acc is None:
-        claims.append(Claim(claim_acc, "test accuracy", "no classifier accuracy found", "not checked"))
+    if inputs.classifier is None:
+        claims.append(Claim(claim_acc, "test accuracy", "no classifier metrics", "not checked"))
     else:
-        key, value = acc
-        n = int(_flatten(inputs.classifier).get("test_size") or 10000)  # CIFAR-10's test set
+        value = inputs.classifier.test_acc
+        n = inputs.classifier.test_size or CIFAR10_TEST_SIZE
         lo, hi = wilson(value, n)
         verdict = "confirmed" if lo >= rp.claim_accuracy else ("refuted" if hi < rp.claim_accuracy else "not shown")
         claims.append(Claim(claim_acc, "test accuracy (Wilson 95% interval over the test images)",
-                            f"{value:.2%} ({key} in data/classifier/metrics.json, profile "
+                            f"{value:.2%} (test_acc in data/classifier/metrics.json, profile "
                             f"{inputs.summary.get('profile')}); 95% CI [{lo:.2%}, {hi:.2%}] on {n} images", verdict))
     for quality, name in (("ms_ssim", "MS-SSIM (5-scale), per image"),
                           ("ssim", "single-scale SSIM (what the coursework called MS-SSIM), per image")):
@@ -229,19 +223,19 @@ def check_claims(inputs: Inputs, rp) -> list[Claim]:
                                       rp.claim_grid, boot)
         claims.append(Claim(f"The RNN codec is better than JPEG below {rp.claim_jpeg_below_bpp:g} bpp", name,
                             text, verdict))
-    bd = {(r["anchor"], r["test"], r["metric"]): r for r in inputs.bd}
+    bd = {(r.anchor, r.test, r.metric): r for r in inputs.bd}
     labels = inputs.summary.get("labels", {})
     for other in rp.claim_behind:
         label = labels.get(other, other)
         row = bd.get((other, "rnn", "ms_ssim_db"))
-        if row is not None and finite(row["bd_rate_pct"]) and row["images"] >= boot["min_images"]:
-            lo, hi = row["bd_rate_lo"], row["bd_rate_hi"]
-            verdict = stats.verdict(lo, hi, int(row["images"]), boot["min_images"])
+        if row is not None and finite(row.bd_rate_pct) and row.images >= boot["min_images"]:
+            lo, hi = row.bd_rate_lo, row.bd_rate_hi
+            verdict = stats.verdict(lo, hi, row.images, boot["min_images"])
             text = (f"per-image BD-rate of the RNN against {label} on MS-SSIM dB: median "
-                    f"{fmt(row['bd_rate_pct'], 1, True, True)}, 95% CI [{fmt(lo, 1, True, True)}, "
-                    f"{fmt(hi, 1, True, True)}] over {int(row['images'])} of {int(row['of_images'])} images "
-                    f"(the others: curves do not overlap); the RNN saves bits on {int(row['test_saves'])}; "
-                    f"on the image-averaged curves {fmt(row['bd_rate_avg_curve_pct'], 1, True, True)}")
+                    f"{fmt(row.bd_rate_pct, 1, True, True)}, 95% CI [{fmt(lo, 1, True, True)}, "
+                    f"{fmt(hi, 1, True, True)}] over {row.images} of {row.of_images} images "
+                    f"(the others: curves do not overlap); the RNN saves bits on {row.test_saves}; "
+                    f"on the image-averaged curves {fmt(row.bd_rate_avg_curve_pct, 1, True, True)}")
             claims.append(Claim(f"The RNN codec is behind {label}", "BD-rate per image, MS-SSIM dB", text, verdict))
             continue
         text, verdict = compare_below(inputs.per_image, other, "rnn", "ms_ssim", float("inf"), rp.claim_grid, boot)
@@ -275,14 +269,8 @@ def hardware() -> dict[str, str]:
     except Exception:  # torch missing or CUDA broken: the report still builds
         info["gpu"] = "unknown"
     try:
-        from PIL import features
-
-        info["codecs"] = ", ".join(f"{k} {features.version(k)}" for k in ("libjpeg_turbo", "jpg_2000", "webp", "avif")
-                                   if features.check(k))
-        import imagecodecs
-
-        info["codecs"] += f", {imagecodecs.jpegxl_version()} (imagecodecs {imagecodecs.__version__})"
-    except Exception:
+        info["codecs"] = ", ".join(v for v in (cls.library() for cls in REGISTRY.values()) if v)
+    except Exception:  # a library that cannot say its version: the report still builds
         pass
     return info
 
@@ -342,7 +330,7 @@ def provenance(params, run_id: str | None, classifier_dir: Path, eval_dir: Path,
             runs = mlflow_runs(params.tracking.experiment, run_id)
         except Exception as err:  # the report must not fail because the tracking store is unreachable
             runs_note = f"MLflow lookup failed: {type(err).__name__}: {err}"
-    hashes = data_hashes([Path("data/raw/kodak"), compressor_dir / "model.pt", classifier_dir / "model.pt",
+    hashes = data_hashes([KODAK_DIR, compressor_dir / "model.pt", classifier_dir / "model.pt",
                           classifier_dir / "metrics.json", compressor_dir / "metrics.json",
                           eval_dir / "per_image.csv", eval_dir / "curves.csv", eval_dir / "bd.csv",
                           eval_dir / "metrics.json", Path("params.yaml"), Path("dvc.yaml")])
@@ -359,67 +347,66 @@ def provenance(params, run_id: str | None, classifier_dir: Path, eval_dir: Path,
 
 # ----------------------------------------------------------------------------- assembling
 
-def _ci(row: dict[str, Any], q: str, digits: int) -> str:
-    lo, hi = row.get(f"{q}_lo"), row.get(f"{q}_hi")
+def _ci(row: AtRate | None, q: str, digits: int) -> str:
+    lo, hi = getattr(row, f"{q}_lo", None), getattr(row, f"{q}_hi", None)
     return f"[{fmt(lo, digits)}, {fmt(hi, digits)}]" if finite(lo) and finite(hi) else ""
 
 
 def tables(inputs: Inputs) -> dict[str, Any]:
     s = inputs.summary
     labels = s.get("labels", {})
-    rates = s.get("rates") or sorted({r["bpp"] for r in inputs.at_rates})
-    at = {(r["codec"], r["bpp"]): r for r in inputs.at_rates}
-    avg = {(r["codec"], r["bpp"]): r for r in inputs.at_rates_avg}
-    codecs = s.get("order") or list(labels) or sorted({r["codec"] for r in inputs.at_rates})
+    rates = s.get("rates") or sorted({r.bpp for r in inputs.at_rates})
+    at = {(r.codec, r.bpp): r for r in inputs.at_rates}
+    avg = {(r.codec, r.bpp): r for r in inputs.at_rates_avg}
+    codecs = s.get("order") or list(labels) or sorted({r.codec for r in inputs.at_rates})
     of = {c: int(s.get("codecs", {}).get(c, {}).get("images", 0)) for c in codecs}
     rate_rows, avg_rows = [], []
     for c in codecs:
         row = {"codec": labels.get(c, c), "cells": []}
         arow = {"codec": labels.get(c, c), "cells": []}
         for rate in rates:
-            p = at.get((c, float(rate)), {})
-            n = int(p["images"]) if finite(p.get("images")) else 0
-            row["cells"].append({"ms_ssim": fmt(p.get("ms_ssim"), 4), "ms_ssim_ci": _ci(p, "ms_ssim", 4),
-                                 "ms_ssim_db": fmt(p.get("ms_ssim_db"), 2), "psnr": fmt(p.get("psnr"), 2),
-                                 "psnr_ci": _ci(p, "psnr", 2), "n": f"{n}/{of.get(c) or n}"})
-            a = avg.get((c, float(rate)), {})
-            diff = p.get("ms_ssim", float("nan")) - a.get("ms_ssim", float("nan")) if a and p else float("nan")
-            pdiff = p.get("psnr", float("nan")) - a.get("psnr", float("nan")) if a and p else float("nan")
-            arow["cells"].append({"ms_ssim": fmt(a.get("ms_ssim"), 4), "psnr": fmt(a.get("psnr"), 2),
+            p = at.get((c, float(rate)))
+            n = p.images if p else 0
+            row["cells"].append({"ms_ssim": fmt(getattr(p, "ms_ssim", None), 4), "ms_ssim_ci": _ci(p, "ms_ssim", 4),
+                                 "ms_ssim_db": fmt(getattr(p, "ms_ssim_db", None), 2),
+                                 "psnr": fmt(getattr(p, "psnr", None), 2), "psnr_ci": _ci(p, "psnr", 2),
+                                 "n": f"{n}/{of.get(c) or n}"})
+            a = avg.get((c, float(rate)))
+            diff = p.ms_ssim - a.ms_ssim if a and p else float("nan")
+            pdiff = p.psnr - a.psnr if a and p else float("nan")
+            arow["cells"].append({"ms_ssim": fmt(getattr(a, "ms_ssim", None), 4), "psnr": fmt(getattr(a, "psnr", None), 2),
                                   "diff": fmt(diff, 4, signed=True), "psnr_diff": fmt(pdiff, 2, signed=True)})
         rate_rows.append(row)
         avg_rows.append(arow)
     bd_rows = []
     for r in inputs.bd:
-        ci = (f"[{fmt(r['bd_rate_lo'], 1, True, True)}, {fmt(r['bd_rate_hi'], 1, True, True)}]"
-              if finite(r.get("bd_rate_lo")) else "")
-        bd_rows.append({"anchor": labels.get(r["anchor"], r["anchor"]), "test": labels.get(r["test"], r["test"]),
-                        "metric": {"ms_ssim_db": "MS-SSIM dB", "psnr": "PSNR"}.get(r["metric"], r["metric"]),
-                        "bd_rate": fmt(r["bd_rate_pct"], 1, pct=True, signed=True), "ci": ci,
-                        "n": f"{int(r['images'])}/{int(r['of_images'])}", "saves": str(int(r["test_saves"])),
-                        "bd_quality": fmt(r["bd_quality_db"], 2, signed=True),
-                        "bd_rate_avg": fmt(r["bd_rate_avg_curve_pct"], 1, pct=True, signed=True),
-                        "section": "vs anchor" if r["anchor"] == s.get("anchor") else "RNN vs codec"})
+        ci = f"[{fmt(r.bd_rate_lo, 1, True, True)}, {fmt(r.bd_rate_hi, 1, True, True)}]" if finite(r.bd_rate_lo) else ""
+        bd_rows.append({"anchor": labels.get(r.anchor, r.anchor), "test": labels.get(r.test, r.test),
+                        "metric": {"ms_ssim_db": "MS-SSIM dB", "psnr": "PSNR"}.get(r.metric, r.metric),
+                        "bd_rate": fmt(r.bd_rate_pct, 1, pct=True, signed=True), "ci": ci,
+                        "n": f"{r.images}/{r.of_images}", "saves": str(r.test_saves),
+                        "bd_quality": fmt(r.bd_quality_db, 2, signed=True),
+                        "bd_rate_avg": fmt(r.bd_rate_avg_curve_pct, 1, pct=True, signed=True),
+                        "section": "vs anchor" if r.anchor == s.get("anchor") else "RNN vs codec"})
     pair_rows = []
     for r in inputs.pairwise:
-        if r["metric"] != "ms_ssim":
+        if r.metric != "ms_ssim":
             continue
-        ci = f"[{fmt(r['lo'], 4, signed=True)}, {fmt(r['hi'], 4, signed=True)}]" if finite(r["lo"]) else "n/a"
-        better = r["better"] if isinstance(r["better"], str) else "not shown"
-        pair_rows.append({"a": labels.get(r["a"], r["a"]), "b": labels.get(r["b"], r["b"]), "bpp": f"{r['bpp']:g}",
-                          "n": str(int(r["images"])), "a_wins": str(int(r["a_wins"])), "b_wins": str(int(r["b_wins"])),
-                          "diff": fmt(r["mean_diff"], 4, signed=True), "ci": ci,
-                          "better": labels.get(better, better)})
+        ci = f"[{fmt(r.lo, 4, signed=True)}, {fmt(r.hi, 4, signed=True)}]" if finite(r.lo) else "n/a"
+        pair_rows.append({"a": labels.get(r.a, r.a), "b": labels.get(r.b, r.b), "bpp": f"{r.bpp:g}",
+                          "n": str(r.images), "a_wins": str(r.a_wins), "b_wins": str(r.b_wins),
+                          "diff": fmt(r.mean_diff, 4, signed=True), "ci": ci,
+                          "better": labels.get(r.better, r.better)})
     ranges = []
     for c, pts in by_codec(inputs.curves).items():
         info = s.get("codecs", {}).get(c, {})
         seconds = info.get("seconds")
-        ranges.append({"codec": labels.get(c, c), "setting": pts[0]["setting_name"],
-                       "settings": ", ".join(f"{p['setting']:g}" for p in sorted(pts, key=lambda p: p["setting"])),
-                       "bpp": f"{min(p['bpp'] for p in pts):.3f} - {max(p['bpp'] for p in pts):.3f}",
-                       "encode_ms": f"{1000 * np.mean([p['encode_s'] for p in pts]):.1f}"
+        ranges.append({"codec": labels.get(c, c), "setting": pts[0].setting_name,
+                       "settings": ", ".join(f"{p.setting:g}" for p in sorted(pts, key=lambda p: p.setting)),
+                       "bpp": f"{min(p.bpp for p in pts):.3f} - {max(p.bpp for p in pts):.3f}",
+                       "encode_ms": f"{1000 * np.mean([p.encode_s for p in pts]):.1f}"
                                     + (" *" if info.get("shared_timing") else ""),
-                       "decode_ms": f"{1000 * np.mean([p['decode_s'] for p in pts]):.1f}"
+                       "decode_ms": f"{1000 * np.mean([p.decode_s for p in pts]):.1f}"
                                     + (" *" if info.get("shared_timing") else ""),
                        "images": str(info.get("images", "")),
                        "seconds": f"{seconds:.0f}" if finite(seconds) else "n/a"})
@@ -444,7 +431,7 @@ def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, 
     rp = params.report
     s = inputs.summary
     labels = s.get("labels", {})
-    acc = find_accuracy(inputs.classifier) if inputs.classifier else None
+    acc = inputs.classifier.test_acc if inputs.classifier else None
     classifier_figs = [{"caption": cap, "src": data_uri(classifier_dir / "figures" / name),
                         "path": (classifier_dir / "figures" / name).as_posix()} for name, cap in CLASSIFIER_FIGURES]
     eval_figs = [{"caption": cap, "src": data_uri(eval_dir / "figures" / name),
@@ -465,8 +452,8 @@ def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, 
         scope += f"; the RNN codec on {len(rnn_subset)} of them ({', '.join(rnn_subset)})"
     classifier_rows = []
     if inputs.classifier:
-        for k, v in _flatten(inputs.classifier).items():
-            if finite(v) and any(t in k for t in ("acc", "loss", "time", "images_per_s", "epochs")):
+        for k, v in inputs.classifier.scalars().items():
+            if any(t in k for t in ("acc", "loss", "time", "images_per_s", "epochs")):
                 classifier_rows.append({"key": k, "value": f"{v:.4g}"})
     durations = [{"what": "evaluate (encoding, decoding and metrics)",
                   "value": f"{s.get('duration_s', float('nan')):.1f} s for {s.get('encodes', '?')} coded files"}]
@@ -474,17 +461,15 @@ def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, 
         if finite(info.get("seconds")):
             durations.append({"what": f"evaluate: {labels.get(c, c)} ({info.get('images')} images, coding and metrics)",
                               "value": f"{info['seconds']:.1f} s"})
-    for key in ("train_time_s", "training_time_s", "time_s"):
-        v = _flatten(inputs.classifier or {}).get(key)
-        if finite(v):
-            durations.append({"what": f"train_classifier ({key})", "value": f"{v:.1f} s"})
+    if inputs.classifier and finite(inputs.classifier.train_time_s):
+        durations.append({"what": "train_classifier (train_time_s)", "value": f"{inputs.classifier.train_time_s:.1f} s"})
     for key, v in _flatten(inputs.compressor or {}).items():
         if finite(v) and re.search(r"(time|duration|seconds)(_s)?$", key):
             durations.append({"what": f"train_compressor ({key})", "value": f"{v:.1f} s"})
     claims = check_claims(inputs, rp)
     return {
         "title": rp.title, "prov": prov, "summary": s, "labels": labels, "scope": scope,
-        "accuracy": (f"{acc[1]:.2%}" if acc else "n/a"), "accuracy_key": acc[0] if acc else None,
+        "accuracy": (f"{acc:.2%}" if acc is not None else "n/a"), "accuracy_key": "test_acc" if acc is not None else None,
         "classifier_rows": classifier_rows, "classifier_figs": classifier_figs, "eval_figs": eval_figs,
         "visual": visual, "visual_info": inputs.visual, "claims": claims, "missing": inputs.missing,
         "skipped": s.get("skipped", {}), "durations": durations, "convention": CONVENTION, **tables(inputs),
@@ -558,19 +543,16 @@ def build(params, run_id: str | None = None, out_dir: Path = OUT_DIR, classifier
     return ctx
 
 
-def main() -> None:
+def run(params, paths) -> None:
+    """The stage (pipeline/stage.py): ``params`` validated, its MLflow run active."""
     import mlflow
 
-    from pipeline import tracking
-    from pipeline.config import load_params
-
-    params = load_params()
-    with tracking.stage_run("report", params) as run:
-        ctx = build(params, run.info.run_id)
-        mlflow.log_artifact(str(OUT_DIR / "report.html"), artifact_path="report")
-        mlflow.log_artifact(str(OUT_DIR / "report.md"), artifact_path="report")
-        mlflow.log_dict([c.__dict__ for c in ctx["claims"]], "report/claims.json")
-        verdicts = [c.verdict for c in ctx["claims"]]
-        mlflow.log_metrics({"claims_confirmed": verdicts.count("confirmed"), "claims_refuted": verdicts.count("refuted"),
-                            "claims_not_shown": verdicts.count("not shown"),
-                            "claims_not_checked": verdicts.count("not checked")})
+    ctx = build(params, mlflow.active_run().info.run_id, out_dir=paths.out, classifier_dir=paths.classifier,
+                eval_dir=paths.evaluation, compressor_dir=paths.compressor)
+    mlflow.log_artifact(str(paths.out / "report.html"), artifact_path="report")
+    mlflow.log_artifact(str(paths.out / "report.md"), artifact_path="report")
+    mlflow.log_dict([c.__dict__ for c in ctx["claims"]], "report/claims.json")
+    verdicts = [c.verdict for c in ctx["claims"]]
+    mlflow.log_metrics({"claims_confirmed": verdicts.count("confirmed"), "claims_refuted": verdicts.count("refuted"),
+                        "claims_not_shown": verdicts.count("not shown"),
+                        "claims_not_checked": verdicts.count("not checked")})

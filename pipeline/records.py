@@ -1,0 +1,250 @@
+"""Typed records of what one stage writes and another reads: the contracts between stages.
+
+- ``ClassifierMetrics``: ``data/classifier/metrics.json`` (train_classifier -> report).
+- The evaluation's tables (evaluate -> report), one dataclass per CSV row: ``Measurement``
+  (per_image.csv), ``CurvePoint`` (curves.csv), ``AtRate`` (at_rates.csv), ``AtRateAvg``
+  (at_rates_avg.csv), ``Pairwise`` (pairwise.csv), ``BDRate`` (bd.csv).
+
+A table is written by ``write_table`` (floats as ``%.6g``, the columns in field order) and read by
+``read_table`` (each cell back to its field's type), so the writer and the reader cannot disagree on
+a column's name or type. A missing file or column is one clear error naming it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import PipelineError
+
+QUALITIES = ("ms_ssim", "ms_ssim_db", "psnr", "ssim")
+
+
+# ----------------------------------------------------------------------------- classifier
+
+class ClassifierMetrics(BaseModel):
+    """The classifier's final test metrics (accuracies are fractions in 0..1)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    test_acc: float = Field(ge=0, le=1)  # with the TTA of ``tta`` (0: none): "the" test accuracy
+    test_acc_no_tta: float | None = None
+    test_loss: float | None = None
+    test_loss_no_tta: float | None = None
+    train_loss: float | None = None
+    train_acc: float | None = None
+    per_class_acc: dict[str, float] = {}
+    train_time_s: float | None = None  # wall-clock training time
+    train_cpu_time_s: float | None = None  # process CPU time (all threads)
+    images_per_s: float | None = None
+    epochs: float | None = None
+    tta: int | None = None
+    parameters: int | None = None
+    test_size: int | None = None  # test images the accuracy is measured on (None: not recorded)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ClassifierMetrics":
+        try:
+            return cls.model_validate(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise PipelineError(f"{path}: missing (run the train_classifier stage)") from None
+        except (OSError, ValueError) as err:  # ValidationError is a ValueError
+            if isinstance(err, ValidationError):
+                e = err.errors()[0]
+                err = f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+            raise PipelineError(f"{path}: not the classifier's metrics ({err})") from None
+
+    def scalars(self) -> dict[str, float]:
+        """Every finite number, per-class accuracies as ``per_class_acc.<class>``."""
+        out = {}
+        for k, v in self.model_dump().items():
+            items = ((f"{k}.{c}", a) for c, a in v.items()) if isinstance(v, dict) else ((k, v),)
+            out.update({name: float(x) for name, x in items
+                        if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)})
+        return out
+
+
+# ----------------------------------------------------------------------------- evaluation tables
+
+@dataclass(frozen=True)
+class Measurement:
+    """One image coded at one setting: the real file's size and the decoded image's quality."""
+
+    image: str
+    codec: str
+    setting_name: str
+    setting: float
+    bytes: int
+    height: int
+    width: int
+    bpp: float
+    ms_ssim: float
+    ms_ssim_db: float
+    psnr: float
+    ssim: float
+    encode_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Secondary convention: one codec setting, bpp, qualities and times averaged over ``images``."""
+
+    codec: str
+    setting_name: str
+    setting: float
+    images: int
+    bpp: float
+    ms_ssim: float
+    ms_ssim_db: float
+    psnr: float
+    ssim: float
+    encode_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class AtRate:
+    """Primary convention: at one rate, the mean over the images that reach it, with 95 % intervals."""
+
+    codec: str
+    bpp: float
+    ms_ssim: float
+    ms_ssim_lo: float
+    ms_ssim_hi: float
+    ms_ssim_db: float
+    ms_ssim_db_lo: float
+    ms_ssim_db_hi: float
+    psnr: float
+    psnr_lo: float
+    psnr_hi: float
+    ssim: float
+    ssim_lo: float
+    ssim_hi: float
+    images: int
+    missing: int
+
+
+@dataclass(frozen=True)
+class AtRateAvg:
+    """Secondary convention: the image-averaged curve interpolated at one rate."""
+
+    codec: str
+    bpp: float
+    ms_ssim: float
+    ms_ssim_db: float
+    psnr: float
+    ssim: float
+
+
+@dataclass(frozen=True)
+class Pairwise:
+    """Codecs ``a`` and ``b`` at one rate, paired per image: a - b."""
+
+    a: str
+    b: str
+    bpp: float
+    metric: str
+    images: int
+    a_wins: int
+    b_wins: int
+    mean_diff: float
+    lo: float
+    hi: float
+    better: str  # a codec's name, or "not shown"
+
+
+@dataclass(frozen=True)
+class BDRate:
+    """Bjontegaard deltas of ``test`` against ``anchor``: the median of the per-image values (primary)
+    and the value on the image-averaged curves (secondary)."""
+
+    anchor: str
+    test: str
+    metric: str
+    method: str
+    images: int
+    of_images: int
+    bd_rate_pct: float
+    bd_rate_lo: float
+    bd_rate_hi: float
+    test_saves: int
+    bd_quality_db: float
+    bd_rate_avg_curve_pct: float
+    bd_quality_avg_curve_db: float
+
+
+R = TypeVar("R")
+
+
+def by_codec(records: Iterable[R]) -> dict[str, list[R]]:
+    """Records grouped by their ``codec``, in order of first appearance."""
+    out: dict[str, list[R]] = {}
+    for r in records:
+        out.setdefault(r.codec, []).append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------- CSV
+
+def _cell(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows (dicts with the same keys) as CSV, floats as ``%.6g``; an empty list: an empty file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        if not rows:
+            return
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _cell(v) for k, v in r.items()})
+
+
+def write_table(path: Path, records: Iterable[Any]) -> None:
+    """Records of one dataclass as CSV, the columns in field order."""
+    write_csv(path, [dataclasses.asdict(r) for r in records])
+
+
+def _number(v: str) -> float | str:
+    try:
+        return float(v) if v != "" else float("nan")
+    except ValueError:
+        return v
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Any of our CSVs back as dicts, numbers as floats (empty/nan cells -> NaN)."""
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+_PARSE = {"str": str, "float": lambda v: float(v) if v != "" else float("nan"), "int": lambda v: int(float(v))}
+
+
+def read_table(path: Path, cls: type[R]) -> list[R]:
+    """A table written by ``write_table`` back as records of ``cls``."""
+    fields = [(f.name, _PARSE[f.type]) for f in dataclasses.fields(cls)]
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:  # an empty table (e.g. no BD pair with a single codec)
+                return []
+            missing = [name for name, _ in fields if name not in (reader.fieldnames or ())]
+            if missing:
+                raise PipelineError(f"{path}: no column {', '.join(missing)} (not a {cls.__name__} table; "
+                                    "rerun the evaluate stage)")
+            return [cls(**{name: parse(row[name]) for name, parse in fields}) for row in reader]
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: missing (run the evaluate stage)") from None
+    except ValueError as err:
+        raise PipelineError(f"{path}: a cell is not a number ({err})") from None
