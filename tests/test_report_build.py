@@ -231,3 +231,11 @@ def test_report_stage_on_tiny_workspace(tiny_workspace, monkeypatch):
     assert "rnn" in summary["codecs"]
     assert re.search(r"<td>evaluate</td><td><code>[0-9a-f]{32}</code>", html)  # MLflow run ids in provenance
     assert (ws / "data/report/report.md").read_text().startswith("# ")
+
+
+def test_claim_behind_names_registered_codecs():
+    from pipeline.report.params import ReportParams
+
+    assert ReportParams(claim_behind=["avif", "jpegxl"]).claim_behind == ["avif", "jpegxl"]
+    with pytest.raises(ValueError, match="claim_behind: webpp is not a codec"):
+        ReportParams(claim_behind=["webpp"])

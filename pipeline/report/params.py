@@ -1,7 +1,8 @@
 """params.yaml section ``report``: what the generated report checks and shows."""
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from pipeline.evaluation.codecs import REGISTRY
 from pipeline.schema import Section
 
 
@@ -12,3 +13,11 @@ class ReportParams(Section):
     claim_behind: list[str] = ["webp", "jpeg2000"]  # coursework claim: RNN is behind these codecs
     claim_grid: int = Field(64, ge=2)  # bpp grid points on which curves are compared for the claims
     mlflow_runs: bool = True  # look the stages' MLflow runs up (ids, durations) for the provenance
+
+    @field_validator("claim_behind")
+    @classmethod
+    def _known_codecs(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown:
+            raise ValueError(f"claim_behind: {', '.join(unknown)} is not a codec ({', '.join(REGISTRY)})")
+        return names
