@@ -44,7 +44,7 @@ class ClassifierMetrics(BaseModel):
     train_time_s: float | None = None  # wall-clock training time
     train_cpu_time_s: float | None = None  # process CPU time (all threads)
     images_per_s: float | None = None
-    epochs: float | None = None
+    epochs: int | None = None
     tta: int | None = None
     parameters: int | None = None
     test_size: int | None = None  # test images the accuracy is measured on (None: not recorded)
