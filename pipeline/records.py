@@ -1,6 +1,7 @@
 """Typed records of what one stage writes and another reads: the contracts between stages.
 
 - ``ClassifierMetrics``: ``data/classifier/metrics.json`` (train_classifier -> report).
+- ``EvaluationSummary``: ``data/evaluation/summary.json`` (evaluate -> report): what was evaluated, how.
 - The evaluation's tables (evaluate -> report), one dataclass per CSV row: ``Measurement``
   (per_image.csv), ``CurvePoint`` (curves.csv), ``AtRate`` (at_rates.csv), ``AtRateAvg``
   (at_rates_avg.csv), ``Pairwise`` (pairwise.csv), ``BDRate`` (bd.csv).
@@ -29,6 +30,19 @@ QUALITIES = ("ms_ssim", "ms_ssim_db", "psnr", "ssim")
 
 # ----------------------------------------------------------------------------- classifier
 
+def _read_json(cls: type[BaseModel], path: str | Path, what: str, stage: str):
+    """A JSON record, or one error line naming the file (and the first bad key)."""
+    try:
+        return cls.model_validate(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: missing (run the {stage} stage)") from None
+    except (OSError, ValueError) as err:  # ValidationError is a ValueError
+        if isinstance(err, ValidationError):
+            e = err.errors()[0]
+            err = f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+        raise PipelineError(f"{path}: not {what} ({err})") from None
+
+
 class ClassifierMetrics(BaseModel):
     """The classifier's final test metrics (accuracies are fractions in 0..1)."""
 
@@ -51,15 +65,7 @@ class ClassifierMetrics(BaseModel):
 
     @classmethod
     def read(cls, path: str | Path) -> "ClassifierMetrics":
-        try:
-            return cls.model_validate(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: missing (run the train_classifier stage)") from None
-        except (OSError, ValueError) as err:  # ValidationError is a ValueError
-            if isinstance(err, ValidationError):
-                e = err.errors()[0]
-                err = f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-            raise PipelineError(f"{path}: not the classifier's metrics ({err})") from None
+        return _read_json(cls, path, "the classifier's metrics", "train_classifier")
 
     def scalars(self) -> dict[str, float]:
         """Every finite number, per-class accuracies as ``per_class_acc.<class>``."""
@@ -71,7 +77,60 @@ class ClassifierMetrics(BaseModel):
         return out
 
 
-# ----------------------------------------------------------------------------- evaluation tables
+# ----------------------------------------------------------------------------- evaluation
+
+class CodecSummary(BaseModel):
+    """One evaluated codec: what it is, its fixed settings and sweep, and what it cost."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str
+    description: str  # implementation and library version
+    setting: str  # what the sweep varies
+    settings: list[float]
+    config: dict[str, str]  # the fixed encoder settings
+    images: int  # images it was run on
+    seconds: float  # wall time of its coding and metrics
+    shared_timing: bool  # encode_s/decode_s are one per image, shared by its settings
+    subset: list[str] | None  # the images it was restricted to (None: all evaluated)
+
+
+class EvaluationSummary(BaseModel):
+    """What the evaluate stage measured and how (summary.json)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str
+    images: list[str]  # the Kodak images (kodimNN)
+    crop: int | None
+    all_kodak: bool  # all 24 images at full size
+    codecs: dict[str, CodecSummary]
+    labels: dict[str, str]
+    order: list[str]  # the codecs, in the order of the tables
+    skipped: dict[str, str]  # codec -> why it was not usable here
+    anchor: str  # BD-rates are taken against this codec
+    bd_method: str
+    rates: list[float]  # bpp of the at-rate tables
+    rate_slack: float
+    bootstrap: int
+    min_images: int
+    seed: int
+    convention: str
+    visual_image: str
+    device: str
+    torch: str
+    platform: str
+    duration_s: float
+    encodes: int  # coded files
+
+    @classmethod
+    def read(cls, path: str | Path) -> "EvaluationSummary":
+        return _read_json(cls, path, "an evaluation summary", "evaluate")
+
+    def boot(self) -> dict[str, int]:
+        """The bootstrap settings every interval of the evaluation used."""
+        return {"n_boot": self.bootstrap, "seed": self.seed, "min_images": self.min_images}
+
 
 @dataclass(frozen=True)
 class Measurement:

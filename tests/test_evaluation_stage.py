@@ -110,6 +110,9 @@ def test_evaluate_writes_every_output(tmp_path, kodak):
     assert metrics == m
     summary = json.loads((out / "summary.json").read_text())
     assert summary["codecs"]["jpeg2000"]["config"]["colour transform"].startswith("MCT on")
+    from pipeline.records import EvaluationSummary
+
+    assert EvaluationSummary.read(out / "summary.json").model_dump() == summary  # the record is the file
     assert summary["codecs"]["rnn"]["shared_timing"] is True
 
 

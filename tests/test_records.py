@@ -8,7 +8,8 @@ import math
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.records import AtRate, BDRate, CurvePoint, Pairwise, by_codec, read_csv, read_table, write_table
+from pipeline.records import (AtRate, BDRate, CurvePoint, EvaluationSummary, Pairwise, by_codec, read_csv, read_table,
+                              write_table)
 
 
 def test_a_table_round_trips_with_its_types(tmp_path):
@@ -47,3 +48,10 @@ def test_an_empty_table_reads_as_no_rows(tmp_path):
 def test_a_wrong_key_fails_at_the_writer():
     with pytest.raises(TypeError):
         AtRate(codec="jpeg", bpp=0.25, msssim=0.9)  # a renamed column cannot be written
+
+
+def test_a_summary_with_a_missing_or_unknown_key_is_refused(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text('{"profile": "tiny"}')
+    with pytest.raises(PipelineError, match="summary.json: not an evaluation summary"):
+        EvaluationSummary.read(path)

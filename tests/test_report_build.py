@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation import evaluate as E
-from pipeline.records import BDRate, ClassifierMetrics, Measurement
+from pipeline.records import BDRate, ClassifierMetrics, EvaluationSummary, Measurement
 from pipeline.report import build as R
 from pipeline.utils import file_digest
 from tests.test_evaluation_codecs import FakeRNNCodec, make_image
@@ -129,6 +129,16 @@ def test_claim_verdicts_follow_the_intervals():
     assert R.compare_below(apart, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)[1] == "not checked"
 
 
+def summary_of(labels: dict[str, str], **changes) -> EvaluationSummary:
+    """An evaluation summary of codecs ``labels`` (no codec details: the claims do not read them)."""
+    fields = {"profile": "tiny", "images": ["kodim01"], "crop": None, "all_kodak": False, "codecs": {},
+              "labels": labels, "order": list(labels), "skipped": {}, "anchor": "jpeg", "bd_method": "pchip",
+              "rates": [0.25], "rate_slack": 0.0, "bootstrap": 500, "seed": 0, "min_images": 3,
+              "convention": "per-image", "visual_image": "kodim01", "device": "cpu", "torch": "-", "platform": "-",
+              "duration_s": 1.0, "encodes": 1}
+    return EvaluationSummary(**{**fields, **changes})
+
+
 def bd_row(anchor, median, lo, hi, n=10):
     return BDRate(anchor=anchor, test="rnn", metric="ms_ssim_db", method="pchip", bd_rate_pct=median, bd_rate_lo=lo,
                   bd_rate_hi=hi, images=n, of_images=n, test_saves=0, bd_quality_db=-1.0,
@@ -137,8 +147,7 @@ def bd_row(anchor, median, lo, hi, n=10):
 
 def test_behind_claim_uses_the_per_image_bd_rate_interval():
     params = tiny_params()
-    summary = {"labels": {"webp": "WebP", "jpeg2000": "JPEG 2000", "rnn": "RNN", "jpeg": "JPEG"}, "profile": "tiny",
-               "bootstrap": 500, "seed": 0, "min_images": 3}
+    summary = summary_of({"webp": "WebP", "jpeg2000": "JPEG 2000", "rnn": "RNN", "jpeg": "JPEG"})
     bd = [bd_row("webp", 35.0, 20.0, 50.0), bd_row("jpeg2000", -12.0, -20.0, -3.0)]
     inputs = R.Inputs(classifier=ClassifierMetrics(test_acc=0.85), compressor=None, summary=summary,
                       curves=[], at_rates=[], bd=bd, visual=None, per_image=[])
@@ -156,7 +165,7 @@ def test_accuracy_claim_uses_a_wilson_interval():
     lo, hi = R.wilson(0.905, 10000)
     assert lo == pytest.approx(0.8991, abs=1e-4) and hi == pytest.approx(0.9106, abs=1e-4)
     params = tiny_params()
-    summary = {"labels": {}, "profile": "tiny"}
+    summary = summary_of({})
     for acc, verdict in ((0.91, "confirmed"), (0.905, "not shown"), (0.8995, "not shown"), (0.89, "refuted")):
         inputs = R.Inputs(classifier=ClassifierMetrics(test_acc=acc), compressor=None, summary=summary, curves=[], at_rates=[],
                           bd=[], visual=None)
@@ -166,7 +175,7 @@ def test_accuracy_claim_uses_a_wilson_interval():
 def test_accuracy_interval_counts_the_recorded_test_images():
     """A classifier measured on 256 test images (the tiny profile) gets a 256-image interval, not 10,000."""
     params = tiny_params()
-    summary = {"labels": {}, "profile": "tiny"}
+    summary = summary_of({})
     inputs = R.Inputs(classifier=ClassifierMetrics(test_acc=0.93, test_size=256), compressor=None, summary=summary,
                       curves=[], at_rates=[], bd=[], visual=None)
     claim = R.check_claims(inputs, params.report)[0]

@@ -32,8 +32,9 @@ from pipeline.evaluation import bdrate, stats
 from pipeline.evaluation.codecs import Codec, build, color, load_rnn
 from pipeline.evaluation.metrics import Reference
 from pipeline.images import bits_per_pixel, read_image
-from pipeline.records import (QUALITIES, AtRate, AtRateAvg, BDRate, CurvePoint, Measurement, Pairwise, by_codec,
-                              read_csv, read_table, write_csv, write_table)  # noqa: F401 - read_csv: public here
+from pipeline.records import (QUALITIES, AtRate, AtRateAvg, BDRate, CodecSummary, CurvePoint,  # noqa: F401 - read_csv
+                              EvaluationSummary, Measurement, Pairwise, by_codec, read_csv, read_table, write_csv,
+                              write_table)
 
 #: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd passes them. The RNN
 #: codec's checkpoint is ``evaluate.rnn_model`` (a path or an MLflow model URI).
@@ -337,12 +338,12 @@ def write_visual(out: Path, original: np.ndarray, picks: dict[str, tuple[Measure
             "codecs": entries}
 
 
-def write_outputs(out: Path, rows: list[Measurement], curves, points, bd, metrics, summary, picks, original,
-                  params, *, extra: dict[str, list[dict[str, Any]]], records: dict[str, list[Any]], img_curves,
-                  images_of) -> None:
+def write_outputs(out: Path, rows: list[Measurement], curves, points, bd, metrics, summary: EvaluationSummary, picks,
+                  original, params, *, extra: dict[str, list[dict[str, Any]]], records: dict[str, list[Any]],
+                  img_curves, images_of) -> None:
     from pipeline.utils import save_json
 
-    labels = summary["labels"]
+    labels = summary.labels
     write_table(out / "per_image.csv", rows)
     write_table(out / "curves.csv", curves)
     write_table(out / "at_rates.csv", [AtRate(**p) for p in points])
@@ -360,10 +361,10 @@ def write_outputs(out: Path, rows: list[Measurement], curves, points, bd, metric
         plot_at_rate(img_curves, points, quality, out / "figures" / name, labels, images_of, params.plot_max_bpp,
                      params.rate_slack)
     if original is not None and picks:
-        visual = write_visual(out / "visual", original, picks, params.visual_crop, summary["visual_image"],
+        visual = write_visual(out / "visual", original, picks, params.visual_crop, summary.visual_image,
                               params.visual_bpp)
         save_json(out / "visual" / "visual.json", visual)
-    save_json(out / "summary.json", summary)
+    save_json(out / "summary.json", summary.model_dump())
     save_json(out / "metrics.json", metrics)
 
 
@@ -427,22 +428,22 @@ def evaluate(params, out_dir: Path = OUT_DIR, kodak_dir: Path = KODAK_DIR, rnn_l
     bd, bd_each = bd_per_image_table(img_curves, names, anchor, p.bd_method, bd_avg, **boot)
     duration = time.perf_counter() - start
     metrics = metrics_json(points, bd, anchor, len(paths), duration, averaged)
-    summary = {
-        "profile": params.profile, "images": [q.stem for q in paths], "crop": p.crop,
-        "all_kodak": p.images is None and p.crop is None and len(paths) == 24,
-        "codecs": {c.name: {"label": c.label, "description": c.describe(), "setting": c.setting,
-                            "settings": [float(s) for s in c.settings], "config": c.config(),
-                            "images": images_of[c.name], "seconds": round(seconds[c.name], 2),
-                            "shared_timing": c.shared_timing,
-                            "subset": sorted(only[c.name] & {q.stem for q in paths}) if c.name in only else None}
-                   for c in codecs},
-        "labels": {c.name: c.label for c in codecs}, "order": names, "skipped": skipped, "anchor": anchor,
-        "bd_method": p.bd_method, "rates": p.rates, "rate_slack": p.rate_slack, "bootstrap": p.bootstrap,
-        "min_images": p.min_images, "seed": params.seed, "convention": "per-image",
-        "visual_image": visual_image, "device": str(device),
-        "torch": torch.__version__, "platform": platform.platform(), "duration_s": duration,
-        "encodes": len(rows),
-    }
+    summary = EvaluationSummary(
+        profile=params.profile, images=[q.stem for q in paths], crop=p.crop,
+        all_kodak=p.images is None and p.crop is None and len(paths) == 24,
+        codecs={c.name: CodecSummary(label=c.label, description=c.describe(), setting=c.setting,
+                                     settings=[float(s) for s in c.settings], config=c.config(),
+                                     images=images_of[c.name], seconds=round(seconds[c.name], 2),
+                                     shared_timing=c.shared_timing,
+                                     subset=sorted(only[c.name] & {q.stem for q in paths}) if c.name in only else None)
+                for c in codecs},
+        labels={c.name: c.label for c in codecs}, order=names, skipped=skipped, anchor=anchor,
+        bd_method=p.bd_method, rates=p.rates, rate_slack=p.rate_slack, bootstrap=p.bootstrap,
+        min_images=p.min_images, seed=params.seed, convention="per-image",
+        visual_image=visual_image, device=str(device),
+        torch=torch.__version__, platform=platform.platform(), duration_s=duration,
+        encodes=len(rows),
+    )
     # the tables another stage reads go through their records (pipeline.records); the others are plain
     extra = {"per_image_at.csv": each_at, "bd_per_image.csv": bd_each, "bd_avg.csv": bd_avg}
     records = {"at_rates_avg.csv": [AtRateAvg(**p) for p in averaged], "pairwise.csv": [Pairwise(**p) for p in pairs]}

@@ -28,8 +28,8 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.evaluation import stats
 from pipeline.evaluation.codecs import REGISTRY
-from pipeline.records import (AtRate, AtRateAvg, BDRate, ClassifierMetrics, CurvePoint, Measurement, Pairwise,
-                              by_codec, read_table)
+from pipeline.records import (AtRate, AtRateAvg, BDRate, ClassifierMetrics, CurvePoint, EvaluationSummary,
+                              Measurement, Pairwise, by_codec, read_table)
 from pipeline.utils import atomic_write_text, file_digest, load_json, log
 
 #: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd passes them
@@ -120,7 +120,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 class Inputs:
     classifier: ClassifierMetrics | None
     compressor: dict[str, Any] | None
-    summary: dict[str, Any]
+    summary: EvaluationSummary
     curves: list[CurvePoint]
     at_rates: list[AtRate]
     bd: list[BDRate]
@@ -146,7 +146,7 @@ def read_inputs(classifier_dir: Path = CLASSIFIER_DIR, eval_dir: Path = EVAL_DIR
         missing.append(str(classifier_dir / "metrics.json"))
     compressor = load_json(compressor_dir / "metrics.json") if (compressor_dir / "metrics.json").is_file() else None
     visual = load_json(eval_dir / "visual" / "visual.json") if (eval_dir / "visual" / "visual.json").is_file() else None
-    return Inputs(classifier=classifier, compressor=compressor, summary=load_json(eval_dir / "summary.json"),
+    return Inputs(classifier=classifier, compressor=compressor, summary=EvaluationSummary.read(eval_dir / "summary.json"),
                   curves=read_table(eval_dir / "curves.csv", CurvePoint),
                   at_rates=read_table(eval_dir / "at_rates.csv", AtRate), bd=read_table(eval_dir / "bd.csv", BDRate),
                   visual=visual, missing=missing, per_image=read_table(eval_dir / "per_image.csv", Measurement),
@@ -170,11 +170,6 @@ def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return centre - half, centre + half
-
-
-def _boot(summary: dict[str, Any]) -> dict[str, int]:
-    return {"n_boot": int(summary.get("bootstrap", 2000)), "seed": int(summary.get("seed", 0)),
-            "min_images": int(summary.get("min_images", 3))}
 
 
 def _interval(s: dict[str, Any], digits: int = 4, pct: bool = False) -> str:
@@ -205,7 +200,7 @@ def compare_below(per_image: list[Measurement], ours: str, other: str, quality: 
 
 def check_claims(inputs: Inputs, rp) -> list[Claim]:
     claims = []
-    boot = _boot(inputs.summary)
+    boot = inputs.summary.boot()
     claim_acc = f"The CNN reaches {rp.claim_accuracy:.0%} test accuracy on CIFAR-10"
     if inputs.classifier is None:
         claims.append(Claim(claim_acc, "test accuracy", "no classifier metrics", "not checked"))
@@ -216,7 +211,9 @@ def check_claims(inputs: Inputs, rp) -> list[Claim]:
         verdict = "confirmed" if lo >= rp.claim_accuracy else ("refuted" if hi < rp.claim_accuracy else "not shown")
         claims.append(Claim(claim_acc, "test accuracy (Wilson 95% interval over the test images)",
                             f"{value:.2%} (test_acc in data/classifier/metrics.json, profile "
-                            f"{inputs.summary.get('profile')}); 95% CI [{lo:.2%}, {hi:.2%}] on {n} images", verdict))
+                            f"{inputs.summary.profile}); 95% CI [{lo:.2%}, {hi:.2%}] on {n} images"
+                            + ("" if inputs.classifier.test_size else " (assumed: metrics.json has no test_size)"),
+                            verdict))
     for quality, name in (("ms_ssim", "MS-SSIM (5-scale), per image"),
                           ("ssim", "single-scale SSIM (what the coursework called MS-SSIM), per image")):
         text, verdict = compare_below(inputs.per_image, "rnn", "jpeg", quality, rp.claim_jpeg_below_bpp,
@@ -224,7 +221,7 @@ def check_claims(inputs: Inputs, rp) -> list[Claim]:
         claims.append(Claim(f"The RNN codec is better than JPEG below {rp.claim_jpeg_below_bpp:g} bpp", name,
                             text, verdict))
     bd = {(r.anchor, r.test, r.metric): r for r in inputs.bd}
-    labels = inputs.summary.get("labels", {})
+    labels = inputs.summary.labels
     for other in rp.claim_behind:
         label = labels.get(other, other)
         row = bd.get((other, "rnn", "ms_ssim_db"))
@@ -354,12 +351,12 @@ def _ci(row: AtRate | None, q: str, digits: int) -> str:
 
 def tables(inputs: Inputs) -> dict[str, Any]:
     s = inputs.summary
-    labels = s.get("labels", {})
-    rates = s.get("rates") or sorted({r.bpp for r in inputs.at_rates})
+    labels = s.labels
+    rates = s.rates
     at = {(r.codec, r.bpp): r for r in inputs.at_rates}
     avg = {(r.codec, r.bpp): r for r in inputs.at_rates_avg}
-    codecs = s.get("order") or list(labels) or sorted({r.codec for r in inputs.at_rates})
-    of = {c: int(s.get("codecs", {}).get(c, {}).get("images", 0)) for c in codecs}
+    codecs = s.order
+    of = {c: s.codecs[c].images for c in codecs}
     rate_rows, avg_rows = [], []
     for c in codecs:
         row = {"codec": labels.get(c, c), "cells": []}
@@ -387,7 +384,7 @@ def tables(inputs: Inputs) -> dict[str, Any]:
                         "n": f"{r.images}/{r.of_images}", "saves": str(r.test_saves),
                         "bd_quality": fmt(r.bd_quality_db, 2, signed=True),
                         "bd_rate_avg": fmt(r.bd_rate_avg_curve_pct, 1, pct=True, signed=True),
-                        "section": "vs anchor" if r.anchor == s.get("anchor") else "RNN vs codec"})
+                        "section": "vs anchor" if r.anchor == s.anchor else "RNN vs codec"})
     pair_rows = []
     for r in inputs.pairwise:
         if r.metric != "ms_ssim":
@@ -399,22 +396,18 @@ def tables(inputs: Inputs) -> dict[str, Any]:
                           "better": labels.get(r.better, r.better)})
     ranges = []
     for c, pts in by_codec(inputs.curves).items():
-        info = s.get("codecs", {}).get(c, {})
-        seconds = info.get("seconds")
+        info = s.codecs[c]
+        shared = " *" if info.shared_timing else ""
         ranges.append({"codec": labels.get(c, c), "setting": pts[0].setting_name,
                        "settings": ", ".join(f"{p.setting:g}" for p in sorted(pts, key=lambda p: p.setting)),
                        "bpp": f"{min(p.bpp for p in pts):.3f} - {max(p.bpp for p in pts):.3f}",
-                       "encode_ms": f"{1000 * np.mean([p.encode_s for p in pts]):.1f}"
-                                    + (" *" if info.get("shared_timing") else ""),
-                       "decode_ms": f"{1000 * np.mean([p.decode_s for p in pts]):.1f}"
-                                    + (" *" if info.get("shared_timing") else ""),
-                       "images": str(info.get("images", "")),
-                       "seconds": f"{seconds:.0f}" if finite(seconds) else "n/a"})
-    info_of = s.get("codecs", {})
-    settings = [{"codec": labels.get(c, c), "description": info_of[c].get("description", ""),
-                 "config": "; ".join(f"{k}: {v}" for k, v in (info_of[c].get("config") or {}).items()),
-                 "sweep": f"{info_of[c].get('setting')} " + ", ".join(f"{v:g}" for v in info_of[c].get("settings", []))}
-                for c in codecs if c in info_of]
+                       "encode_ms": f"{1000 * np.mean([p.encode_s for p in pts]):.1f}" + shared,
+                       "decode_ms": f"{1000 * np.mean([p.decode_s for p in pts]):.1f}" + shared,
+                       "images": str(info.images), "seconds": f"{info.seconds:.0f}" if finite(info.seconds) else "n/a"})
+    settings = [{"codec": labels.get(c, c), "description": s.codecs[c].description,
+                 "config": "; ".join(f"{k}: {v}" for k, v in s.codecs[c].config.items()),
+                 "sweep": f"{s.codecs[c].setting} " + ", ".join(f"{v:g}" for v in s.codecs[c].settings)}
+                for c in codecs]
     return {"rates": rates, "rate_rows": rate_rows, "avg_rows": avg_rows, "bd_rows": bd_rows, "pair_rows": pair_rows,
             "ranges": ranges, "settings": settings}
 
@@ -430,7 +423,7 @@ CONVENTION = ("Quality at a rate is measured per image: each image's own (bpp, q
 def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, eval_dir: Path) -> dict[str, Any]:
     rp = params.report
     s = inputs.summary
-    labels = s.get("labels", {})
+    labels = s.labels
     acc = inputs.classifier.test_acc if inputs.classifier else None
     classifier_figs = [{"caption": cap, "src": data_uri(classifier_dir / "figures" / name),
                         "path": (classifier_dir / "figures" / name).as_posix()} for name, cap in CLASSIFIER_FIGURES]
@@ -444,10 +437,10 @@ def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, 
             visual.append({"caption": f"{labels.get(codec, codec)}, {e['setting_name']} {e['setting']:g}: "
                                       f"{e['bpp']:.3f} bpp, MS-SSIM {e['ms_ssim']:.4f}, PSNR {e['psnr']:.2f} dB",
                            "src": data_uri(vdir / e["file"])})
-    rnn_subset = (s.get("codecs", {}).get("rnn") or {}).get("subset")
-    scope = (f"all {len(s['images'])} Kodak images at full size" if s.get("all_kodak") else
-             f"a subset of Kodak: {', '.join(s['images'])}" + (f", centre-cropped to {s['crop']} px" if s.get("crop") else "")
-             + f" (profile {s.get('profile')}; the gpu profile evaluates all 24 images at full size)")
+    rnn_subset = s.codecs["rnn"].subset if "rnn" in s.codecs else None
+    scope = (f"all {len(s.images)} Kodak images at full size" if s.all_kodak else
+             f"a subset of Kodak: {', '.join(s.images)}" + (f", centre-cropped to {s.crop} px" if s.crop else "")
+             + f" (profile {s.profile}; the gpu profile evaluates all 24 images at full size)")
     if rnn_subset:
         scope += f"; the RNN codec on {len(rnn_subset)} of them ({', '.join(rnn_subset)})"
     classifier_rows = []
@@ -456,11 +449,11 @@ def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, 
             if any(t in k for t in ("acc", "loss", "time", "images_per_s", "epochs")):
                 classifier_rows.append({"key": k, "value": f"{v:.4g}"})
     durations = [{"what": "evaluate (encoding, decoding and metrics)",
-                  "value": f"{s.get('duration_s', float('nan')):.1f} s for {s.get('encodes', '?')} coded files"}]
-    for c, info in s.get("codecs", {}).items():
-        if finite(info.get("seconds")):
-            durations.append({"what": f"evaluate: {labels.get(c, c)} ({info.get('images')} images, coding and metrics)",
-                              "value": f"{info['seconds']:.1f} s"})
+                  "value": f"{s.duration_s:.1f} s for {s.encodes} coded files"}]
+    for c, info in s.codecs.items():
+        if finite(info.seconds):
+            durations.append({"what": f"evaluate: {labels.get(c, c)} ({info.images} images, coding and metrics)",
+                              "value": f"{info.seconds:.1f} s"})
     if inputs.classifier and finite(inputs.classifier.train_time_s):
         durations.append({"what": "train_classifier (train_time_s)", "value": f"{inputs.classifier.train_time_s:.1f} s"})
     for key, v in _flatten(inputs.compressor or {}).items():
@@ -472,7 +465,7 @@ def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, 
         "accuracy": (f"{acc:.2%}" if acc is not None else "n/a"), "accuracy_key": "test_acc" if acc is not None else None,
         "classifier_rows": classifier_rows, "classifier_figs": classifier_figs, "eval_figs": eval_figs,
         "visual": visual, "visual_info": inputs.visual, "claims": claims, "missing": inputs.missing,
-        "skipped": s.get("skipped", {}), "durations": durations, "convention": CONVENTION, **tables(inputs),
+        "skipped": s.skipped, "durations": durations, "convention": CONVENTION, **tables(inputs),
     }
 
 
@@ -510,7 +503,7 @@ def render_md(ctx: dict[str, Any]) -> str:
             "| A | B | bpp | images | A wins | B wins | mean A-B | 95% CI | better |", "|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['a']} | {r['b']} | {r['bpp']} | {r['n']} | {r['a_wins']} | {r['b_wins']} | {r['diff']} | {r['ci']} | "
             f"{r['better']} |" for r in ctx["pair_rows"]]
-    out += ["", f"### Bjontegaard deltas per image ({ctx['summary'].get('bd_method')}; BD-rate > 0: the test codec needs "
+    out += ["", f"### Bjontegaard deltas per image ({ctx['summary'].bd_method}; BD-rate > 0: the test codec needs "
             "more bits)", "", "| anchor | test | metric | median BD-rate | 95% CI | images | test saves bits on | "
             "median BD-quality (dB) | BD-rate, averaged curves |", "|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['anchor']} | {r['test']} | {r['metric']} | {r['bd_rate']} | {r['ci']} | {r['n']} | {r['saves']} | "
