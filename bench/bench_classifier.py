@@ -28,8 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.classifier.train import (DATA_FILE, CifarData, device_context, keep_freed_memory,  # noqa: E402
-                                       load_arrays, predict_logits, train, uses_channels_last)
+from pipeline.classifier.data import CifarData, load_arrays  # noqa: E402
+from pipeline.classifier.inference import predict_logits  # noqa: E402
+from pipeline.classifier.recipes import make_recipe  # noqa: E402
+from pipeline.classifier.train import PATHS, keep_freed_memory, train  # noqa: E402
 from pipeline.config import deep_merge, parse_override, read_raw, resolve  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.utils import select_device  # noqa: E402
@@ -69,8 +71,9 @@ def load_cfg(params_file: str, profile: str | None, overrides: list[str]):
 
 def run_seed(cfg, data: CifarData, seed: int, device: torch.device, target: float) -> dict:
     res = train(cfg, data, seed, device, checkpoint=None, eval_last=False)
-    levels = predict_logits(res.model, data.x_test, cfg.eval_batch_size, cfg.tta,
-                            device_context(cfg, device), uses_channels_last(cfg, device))
+    recipe = make_recipe(cfg)
+    levels = predict_logits(res.model, data.x_test, cfg.eval_batch_size, cfg.tta, recipe.autocast(device),
+                            recipe.channels_last(device))
     accs = [(lg.argmax(1) == data.y_test).float().mean().item() for lg in levels]
     res.history[-1]["test_acc"] = accs[0]
     reached = next((r["train_time_s"] for r in res.history if r["test_acc"] >= target), None)
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, help="shorthand for --set epochs=E")
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     ap.add_argument("--target", type=float, default=0.94, help="accuracy target (default 0.94)")
-    ap.add_argument("--data", default=str(DATA_FILE))
+    ap.add_argument("--data", default=str(PATHS["data"]))
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: params)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run on CUDA")
     ap.add_argument("--json", help="write the results here")

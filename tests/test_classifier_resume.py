@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from pipeline.classifier.params import TrainClassifierParams
-from pipeline.classifier.train import CifarData, StopTraining, train
+from pipeline.classifier.data import CifarData
+from pipeline.classifier.train import train
+
+
+class StopTraining(Exception):
+    """Raised by an ``on_epoch`` hook to end a run early: a kill after that epoch's checkpoint."""
 
 
 def synthetic(n_train: int = 192, n_test: int = 64, seed: int = 0) -> CifarData:

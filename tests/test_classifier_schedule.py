@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.classifier.params import TrainClassifierParams
-from pipeline.classifier.train import fast_lr_factor, sawtooth
+from pipeline.classifier.recipes import fast_lr_factor, sawtooth
 
 
 def test_sawtooth_values():

@@ -27,12 +27,12 @@ def declared_outputs(workspace: Path) -> list[str]:
 def trained(tiny_workspace: Path) -> Path:
     import os
 
-    from pipeline.classifier.train import main
+    from pipeline.__main__ import main
 
     old = Path.cwd()
     os.chdir(tiny_workspace)
     try:
-        main()
+        assert main(["train_classifier"]) == 0
     finally:
         os.chdir(old)
     return tiny_workspace

@@ -114,8 +114,10 @@ def test_stage_on_tiny_profile(tiny_workspace, monkeypatch):
     from pipeline.compression.codec import load_codec
     from pipeline.config import load_params
 
+    from pipeline.__main__ import main
+
     monkeypatch.chdir(tiny_workspace)
-    tc.main()
+    assert main(["train_compressor"]) == 0
     out = tiny_workspace / "data" / "compressor"
     for name in ("model.pt", "metrics.json", "history.csv"):
         assert (out / name).is_file(), name

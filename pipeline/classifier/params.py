@@ -40,6 +40,7 @@ class FastRecipe(Section):
     label_smoothing: float = Field(0.2, ge=0, lt=1)
     warmup: float = Field(0.23, ge=0, lt=1)  # fraction of steps ramping lr 0.2x -> 1x, then linear decay
     final_lr: float = Field(0.07, ge=0)  # lr multiplier at the last step
+    whiten_samples: int = Field(5000, ge=1)  # random training images the whitening conv is initialised from
     whiten_bias_epochs: float = Field(3, ge=0)  # whitening-conv bias trains this many epochs, then freezes
     lookahead_every: int = Field(5, ge=1)  # steps between lookahead (EMA) syncs
     lookahead_decay: float = Field(0.95, ge=0, lt=1)  # per-step EMA decay, ramped in by (t/T)^3

@@ -24,6 +24,7 @@ class TrainCompressorParams(Section):
     lr_warmup: float = Field(0.02, ge=0, lt=1)  # fraction of all steps with linear warm-up
     lr_milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: fractions of the run where lr *= lr_gamma
     lr_gamma: float = Field(0.5, gt=0, le=1)  # multistep: decay factor
+    lr_floor: float = Field(0.02, ge=0, le=1)  # cosine: lr multiplier at the end of the decay
     weight_decay: float = Field(0.0, ge=0)  # Adam (L2) weight decay
     grad_clip: float | None = Field(1.0, gt=0)  # clip the global gradient norm; null: off
     loss: Literal["l1", "l2"] = "l1"  # mean absolute (l1) or squared (l2) residual, averaged over iterations

@@ -5,8 +5,10 @@ a per-step schedule. The patches live on the training device as uint8 and are ba
 runs under bf16 autocast with channels_last. Every epoch: validation on held-out patches (PSNR and
 SSIM at several iteration counts), a row of history.csv, MLflow metrics and a resumable checkpoint in
 data/checkpoints/train_compressor/ (a killed run resumes from its last epoch when params and data are
-unchanged). Outputs: data/compressor/{model.pt,metrics.json,history.csv}; the model is logged to
-MLflow and registered as ``rnn-compressor``.
+unchanged): the loop, checkpoints, DDP launch and model logging are the training frame's
+(``pipeline/training.py``); this module brings the model, its recipe and its validation. Outputs:
+data/compressor/{model.pt,metrics.json,history.csv}; the model is logged to MLflow and registered as
+``rnn-compressor``.
 
 ``nproc > 1``: the stage re-runs itself under torchrun with DistributedDataParallel (pipeline.distributed).
 ``batch_size`` stays the global batch: every rank draws the same permutation and trains on its shard
@@ -18,13 +20,8 @@ MLflow; the epoch loss is summed over ranks first.
 
 from __future__ import annotations
 
-import csv
 import functools
-import hashlib
-import io
-import json
 import math
-import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,17 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, training
 from pipeline.compression.codec import MODEL_FORMAT, model_fingerprint, save_model
 from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor, count_parameters, forward_flops
 from pipeline.compression.params import TrainCompressorParams
 from pipeline.errors import PipelineError
-from pipeline.utils import (atomic_path, atomic_write_text, file_digest, log, progress, save_json, seed_everything,
-                            select_device)
+from pipeline.utils import atomic_path, atomic_write_text, file_digest, log, progress, save_json, seed_everything
 
 STAGE = "train_compressor"
-PATCHES = Path("data/prepared/patches.npz")
-OUT_DIR = Path("data/compressor")
+#: the stage's inputs and output (pipeline/stage.py); dvc.yaml's cmd passes them. ``init`` (the warm
+#: start) is params (train_compressor.init), not a path option.
+PATHS = {"patches": "data/prepared/patches.npz", "out": "data/compressor"}
+SECTIONS = (STAGE,)
 CKPT_DIR = Path("data/checkpoints") / STAGE
 REGISTERED_NAME = "rnn-compressor"
 
@@ -50,7 +48,7 @@ REGISTERED_NAME = "rnn-compressor"
 # ----------------------------------------------------------------------------------------- data
 
 
-def load_patches(path: Path = PATCHES) -> tuple[np.ndarray, np.ndarray]:
+def load_patches(path: Path = Path(PATHS["patches"])) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) uint8 arrays (N, S, S, 3), S a multiple of 16."""
     if not path.is_file():
         raise PipelineError(f"{path}: missing; run `python -m pipeline augment` first")
@@ -84,7 +82,7 @@ def lr_factor(p: TrainCompressorParams, total_steps: int):
             return (step + 1) / warm
         frac = (step - warm) / max(1, total_steps - warm)
         if p.lr_schedule == "cosine":
-            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+            return p.lr_floor + (1 - p.lr_floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
         if p.lr_schedule == "multistep":
             return p.lr_gamma ** sum(step >= m * total_steps for m in p.lr_milestones)
         return 1.0
@@ -231,9 +229,8 @@ def run_key(p: TrainCompressorParams, seed: int, data_hash: str, init_hash: str 
     ``nproc`` and ``cpu_threads`` are left out: a run may resume with another number of processes or
     threads (the state is global).
     """
-    blob = json.dumps({"params": p.model_dump(mode="json", exclude={"nproc", "cpu_threads"}), "seed": seed,
-                       "data": data_hash, **({"init": init_hash} if init_hash else {})}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return training.params_key(p, exclude={"nproc", "cpu_threads"}, left_out_at_default={"lr_floor": 0.02},
+                               seed=seed, data=data_hash, **({"init": init_hash} if init_hash else {}))
 
 
 def save_snapshot(path: Path, model: RNNCompressor, ema: EMA, row: dict[str, float], train_seconds: float,
@@ -249,26 +246,135 @@ def save_snapshot(path: Path, model: RNNCompressor, ema: EMA, row: dict[str, flo
                    tmp)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a damaged checkpoint is ignored, not fatal
-        log(f"[{STAGE}] ignoring unreadable checkpoint {path} ({type(err).__name__}); starting afresh")
-        return None
-    if not isinstance(state, dict) or state.get("key") != key:
-        log(f"[{STAGE}] checkpoint {path} is from other params or data; starting afresh")
-        return None
-    return state
-
-
 # ----------------------------------------------------------------------------------------- training
+
+
+class CompressorTask:
+    """The codec's part of the training frame: model, Adam with a per-step schedule, EMA, validation."""
+
+    def __init__(self, p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, seed: int,
+                 device: torch.device, d: distributed.Dist, snapshots: Path | None):
+        self.p, self.train_u8, self.seed, self.device, self.d, self.snapshots = p, train_u8, seed, device, d, snapshots
+        if d.world_size > p.batch_size:
+            raise PipelineError(f"{STAGE}: batch_size {p.batch_size} is smaller than nproc {d.world_size}")
+        self.cuda = cuda = device.type == "cuda"
+        if cuda:  # fixed shapes: let cuDNN pick the fastest kernels; TF32 where autocast leaves fp32
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        seed_everything(seed)
+        if device.type == "cpu" and p.cpu_threads:
+            torch.set_num_threads(p.cpu_threads)
+        self.cfg = ModelConfig.from_params(p)
+        model = RNNCompressor(self.cfg)
+        if p.init:
+            load_init(model, p.init)
+        model = model.to(device)
+        model.stochastic_binarizer = p.binarizer == "stochastic"
+        if cuda and p.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.opt = torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        self.n_epoch = min(p.patches_per_epoch or len(train_u8), len(train_u8))
+        self.steps_per_epoch = math.ceil(self.n_epoch / p.batch_size)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(p, self.steps_per_epoch * p.epochs))
+        self.ema = EMA(model, p.ema_decay)
+        self.train_seconds = 0.0
+        self.fwd = self.train_dev = None  # built by the first epoch (after a resume)
+        self.val_dev = torch.from_numpy(val_u8[: p.val_patches] if p.val_patches else val_u8) if d.is_main else None
+
+    def state(self) -> dict[str, Any]:
+        model = self.model
+        return {"format": MODEL_FORMAT + "-train", "config": self.cfg.to_dict(), "model": model.state_dict(),
+                "state_dict": model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if self.cuda else None,
+                "train_seconds": self.train_seconds, "ema": self.ema.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.ema.load_state_dict(state.get("ema"))
+        torch.set_rng_state(state["rng_cpu"])
+        if self.cuda and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        self.train_seconds = state["train_seconds"]
+
+    def _start(self) -> None:
+        """DDP for the training forward/backward; validation and checkpoints use ``model`` itself.
+
+        With one iteration the ConvLSTMs' hidden convolutions get no gradient: DDP must be told.
+        """
+        p, d, model = self.p, self.d, self.model
+        net = distributed.wrap(model, d, self.device, find_unused_parameters=self.cfg.iterations == 1) \
+            if d.enabled else model
+        self.fwd = torch.compile(net) if p.compile else net
+        self.train_dev = torch.from_numpy(self.train_u8).to(self.device)  # the whole set, uint8, on the device
+        if d.is_main:
+            self.val_dev = self.val_dev.to(self.device)
+            ranks = f" ({d.world_size} processes, DDP)" if d.enabled else ""
+            log(f"[{STAGE}] {count_parameters(model):,} parameters, {self.cfg.iterations} iterations, {self.n_epoch} "
+                f"of {len(self.train_u8)} patches x {p.epochs} epochs on {self.device}{ranks}")
+        model.train()
+
+    def train_epoch(self, epoch: int) -> torch.Tensor:
+        if self.fwd is None:
+            self._start()
+        p, d = self.p, self.d
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_u8), generator=gen)[:self.n_epoch].to(self.device)
+        if d.enabled:  # the binarizer's noise: its own stream per rank, reproducible on resume
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_009 + d.rank + 1)
+        loss_sum = torch.zeros((), device=self.device)
+        bar = progress(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="step", leave=False,
+                       **({} if d.is_main else {"disable": True}))
+        for step in bar:
+            idx = order[step * p.batch_size: (step + 1) * p.batch_size]
+            if d.enabled:
+                idx, weight = shard_indices(idx, d)
+            x = to_input(self.train_dev[idx], self.cuda and p.channels_last)
+            with autocast(self.device, p.amp):
+                recon = self.fwd(x)
+            loss = residual_loss(x, recon, p.loss)
+            if d.enabled:  # DDP averages gradients over ranks: weight = world * (shard / global batch)
+                loss = loss * weight
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            self.ema.update()
+            loss_sum += loss.detach()
+            if step % 25 == 24 and not bar.disable:  # the loop's only host sync, for the progress bar
+                bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}")
+        bar.close()
+        if d.enabled:  # sum of the ranks' weighted losses = world x the global batch losses
+            loss_sum = d.all_reduce_sum(loss_sum) / d.world_size
+        return loss_sum
+
+    def end_epoch(self, epoch: int, loss_sum: torch.Tensor, seconds: float, cpu_seconds: float):
+        self.train_seconds += seconds
+        if not self.d.is_main:
+            return None
+        p = self.p
+        with self.ema.applied():  # validated in float32, as the codec runs
+            val = evaluate(self.model, self.val_dev, p, self.device, amp=self.cuda and p.amp)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / self.steps_per_epoch,
+               "lr": self.opt.param_groups[0]["lr"], "patches_per_s": self.n_epoch / seconds, "epoch_seconds": seconds,
+               **{f"val_{k}": v for k, v in val.items()}}
+        kmax = max(p.val_iterations)
+        log(f"[{STAGE}] epoch {epoch + 1}/{p.epochs}: loss {row['train_loss']:.4f}, val PSNR@{kmax} "
+            f"{row[f'val_psnr_k{kmax}']:.2f} dB, SSIM@{kmax} {row[f'val_ssim_k{kmax}']:.4f}, "
+            f"{row['patches_per_s']:.1f} patches/s")
+        return row
+
+    def after_checkpoint(self, epoch: int, row: dict[str, float]) -> None:
+        every = self.p.snapshot_every
+        if every and (epoch + 1) % every == 0 and self.snapshots is not None:
+            save_snapshot(self.snapshots / f"epoch_{epoch + 1:05d}.pt", self.model, self.ema, row, self.train_seconds,
+                          (epoch + 1) * self.steps_per_epoch, (epoch + 1) * self.n_epoch)
 
 
 def train(p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, *, seed: int = 0,
@@ -276,137 +382,21 @@ def train(p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, *,
           on_epoch=None, dist: distributed.Dist | None = None) -> dict[str, Any]:
     """Train (resuming from ``ckpt_path`` when it matches ``key``). Returns model, history, timings.
 
-    ``on_epoch(row)`` is called after each epoch with that epoch's history row (MLflow logging).
-    ``dist``: this process's rank under torchrun (``distributed.setup``); every rank loads the
-    checkpoint, only rank 0 validates, saves checkpoints and calls ``on_epoch`` (other ranks return
-    an empty history for the epochs they ran).
+    ``on_epoch(row)`` is called after each epoch with that epoch's history row (MLflow logging),
+    and first once per row of a resumed run. ``dist``: this process's rank under torchrun
+    (``distributed.setup``); every rank loads the checkpoint, only rank 0 validates, saves
+    checkpoints and calls ``on_epoch`` (other ranks return an empty history for the epochs they ran).
     """
+    from pipeline.utils import select_device
+
     d = dist or distributed.Dist()
-    if d.world_size > p.batch_size:
-        raise PipelineError(f"{STAGE}: batch_size {p.batch_size} is smaller than nproc {d.world_size}")
     device = device or select_device(p.device)
-    cuda = device.type == "cuda"
-    if cuda:  # fixed shapes: let cuDNN pick the fastest kernels; TF32 where autocast leaves fp32
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    seed_everything(seed)
-    if device.type == "cpu" and p.cpu_threads:
-        torch.set_num_threads(p.cpu_threads)
-    cfg = ModelConfig.from_params(p)
-    model = RNNCompressor(cfg)
-    if p.init:
-        load_init(model, p.init)
-    model = model.to(device)
-    model.stochastic_binarizer = p.binarizer == "stochastic"
-    if cuda and p.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    n_epoch = min(p.patches_per_epoch or len(train_u8), len(train_u8))
-    steps_per_epoch = math.ceil(n_epoch / p.batch_size)
-    total = steps_per_epoch * p.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(p, total))
-    ema = EMA(model, p.ema_decay)
-    history: list[dict[str, float]] = []
-    start_epoch, train_seconds = 0, 0.0
-
-    state = load_checkpoint(ckpt_path, key) if ckpt_path else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state.get("ema"))
-        torch.set_rng_state(state["rng_cpu"])
-        if cuda and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
-        if d.is_main:
-            log(f"[{STAGE}] resuming from {ckpt_path} after epoch {start_epoch}/{p.epochs}")
-        if on_epoch and d.is_main:
-            for row in history:
-                on_epoch(row)
-
-    # DDP for the training forward/backward; validation and checkpoints use ``model`` itself.
-    # With one iteration the ConvLSTMs' hidden convolutions get no gradient: DDP must be told.
-    net = distributed.wrap(model, d, device, find_unused_parameters=cfg.iterations == 1) if d.enabled else model
-    fwd = torch.compile(net) if p.compile else net
-    train_dev = torch.from_numpy(train_u8).to(device)  # the whole set, uint8, on the device
-    val_dev = torch.from_numpy(val_u8[: p.val_patches] if p.val_patches else val_u8).to(device) if d.is_main \
-        else None
-    if d.is_main:
-        ranks = f" ({d.world_size} processes, DDP)" if d.enabled else ""
-        log(f"[{STAGE}] {count_parameters(model):,} parameters, {cfg.iterations} iterations, {n_epoch} of "
-            f"{len(train_u8)} patches x {p.epochs} epochs on {device}{ranks}")
-
-    model.train()
-    for epoch in range(start_epoch, p.epochs):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(len(train_u8), generator=gen)[:n_epoch].to(device)
-        if d.enabled:  # the binarizer's noise: its own stream per rank, reproducible on resume
-            torch.manual_seed((seed * 1_000_003 + epoch) * 1_009 + d.rank + 1)
-        loss_sum = torch.zeros((), device=device)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{p.epochs}", unit="step", leave=False,
-                       **({} if d.is_main else {"disable": True}))
-        for step in bar:
-            idx = order[step * p.batch_size: (step + 1) * p.batch_size]
-            if d.enabled:
-                idx, weight = shard_indices(idx, d)
-            x = to_input(train_dev[idx], cuda and p.channels_last)
-            with autocast(device, p.amp):
-                recon = fwd(x)
-            loss = residual_loss(x, recon, p.loss)
-            if d.enabled:  # DDP averages gradients over ranks: weight = world * (shard / global batch)
-                loss = loss * weight
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if p.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            opt.step()
-            sched.step()
-            ema.update()
-            loss_sum += loss.detach()
-            if step % 25 == 24 and not bar.disable:  # the loop's only host sync, for the progress bar
-                bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.4f}")
-        bar.close()
-        if d.enabled:  # sum of the ranks' weighted losses = world x the global batch losses
-            loss_sum = d.all_reduce_sum(loss_sum) / d.world_size
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        if not d.is_main:
-            d.barrier()  # rank 0 validates and writes the checkpoint meanwhile
-            continue
-        with ema.applied():  # validated in float32, as the codec runs
-            val = evaluate(model, val_dev, p, device, amp=device.type == "cuda" and p.amp)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch,
-               "lr": opt.param_groups[0]["lr"], "patches_per_s": n_epoch / seconds, "epoch_seconds": seconds,
-               **{f"val_{k}": v for k, v in val.items()}}
-        history.append(row)
-        kmax = max(p.val_iterations)
-        log(f"[{STAGE}] epoch {epoch + 1}/{p.epochs}: loss {row['train_loss']:.4f}, val PSNR@{kmax} "
-            f"{row[f'val_psnr_k{kmax}']:.2f} dB, SSIM@{kmax} {row[f'val_ssim_k{kmax}']:.4f}, "
-            f"{row['patches_per_s']:.1f} patches/s")
-        if ckpt_path:
-            save_checkpoint(ckpt_path, {
-                "format": MODEL_FORMAT + "-train", "key": key, "epoch": epoch + 1, "config": cfg.to_dict(),
-                "model": model.state_dict(), "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if cuda else None, "history": history,
-                "train_seconds": train_seconds, "ema": ema.state_dict()})
-            if p.snapshot_every and (epoch + 1) % p.snapshot_every == 0:
-                save_snapshot(ckpt_path.parent / "snapshots" / f"epoch_{epoch + 1:05d}.pt", model, ema, row,
-                              train_seconds, (epoch + 1) * steps_per_epoch, (epoch + 1) * n_epoch)
-        d.barrier()  # the other ranks wait for the validation and the checkpoint
-        if on_epoch:  # after the checkpoint: a kill from here on loses nothing
-            on_epoch(row)
-    model.eval()
-    ema.copy_to_model()  # publish the averaged weights
-    return {"model": model, "history": history, "train_seconds": train_seconds, "device": device,
-            "patches_seen": n_epoch * p.epochs, "patch_side": int(train_u8.shape[1])}
+    task = CompressorTask(p, train_u8, val_u8, seed, device, d, ckpt_path.parent / "snapshots" if ckpt_path else None)
+    history, _ = training.fit(task, p.epochs, d, training.Checkpoint(ckpt_path, key, STAGE), device, log_row=on_epoch)
+    task.model.eval()
+    task.ema.copy_to_model()  # publish the averaged weights
+    return {"model": task.model, "history": history, "train_seconds": task.train_seconds, "device": device,
+            "patches_seen": task.n_epoch * p.epochs, "patch_side": int(train_u8.shape[1])}
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -434,86 +424,55 @@ def summarize(p: TrainCompressorParams, result: dict[str, Any]) -> dict[str, Any
     return metrics
 
 
-def history_csv(history: list[dict[str, float]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    return buf.getvalue()
-
-
 def write_outputs(out_dir: Path, model: RNNCompressor, metrics: dict[str, Any], history: list[dict[str, float]],
                   meta: dict[str, Any]) -> None:
     save_model(model, out_dir / "model.pt", meta)
-    atomic_write_text(out_dir / "history.csv", history_csv(history))
+    atomic_write_text(out_dir / "history.csv", training.history_csv(history))
     save_json(out_dir / "metrics.json", metrics)
 
 
 def log_to_mlflow(model: RNNCompressor, out_dir: Path, register: bool) -> None:
     import mlflow
-    import mlflow.pytorch
 
     for name in ("metrics.json", "history.csv"):
         mlflow.log_artifact(str(out_dir / name))
-    side = 32
-    example = np.zeros((1, 3, side, side), dtype=np.float32)
-    mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle",
-                             input_example=example,
-                             registered_model_name=REGISTERED_NAME if register else None)
+    example = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    training.log_model(STAGE, model, out_dir, REGISTERED_NAME if register else None, input_example=example)
 
 
-def main() -> None:
-    from pipeline.config import load_params
-
-    params = load_params()
+def run(params, paths) -> None:
+    """The stage (pipeline/stage.py): ``params`` validated, its MLflow run active (rank 0's, under torchrun)."""
     p = params.train_compressor
-    if p.nproc > 1 and select_device(p.device).type == "cuda" and p.nproc > torch.cuda.device_count():
-        raise PipelineError(f"{STAGE}: nproc {p.nproc} exceeds the {torch.cuda.device_count()} CUDA devices")
-    if distributed.relaunch(STAGE, p.nproc):  # nproc > 1: torchrun ran the ranks; nothing left here
-        return
-    train_u8, val_u8 = load_patches(PATCHES)
-    data_hash = file_digest(PATCHES)
+    training.launch(STAGE, p.nproc, p.device, paths.argv(),
+                    lambda device, d: _train_and_publish(params, p, paths, device, d))
+
+
+def _train_and_publish(params, p: TrainCompressorParams, paths, device: torch.device, d: distributed.Dist) -> None:
+    """Every rank trains; rank 0 (or the only process) also logs and writes the outputs."""
+    train_u8, val_u8 = load_patches(paths.patches)
+    data_hash = file_digest(paths.patches)
     if p.init and not Path(p.init).is_file():
         raise PipelineError(f"{STAGE}: init {p.init}: no such model file")
     key = run_key(p, params.seed, data_hash, file_digest(Path(p.init)) if p.init else "")
-    device = select_device(p.device)
-    d = distributed.setup(device)  # a no-op outside torchrun
-    if d.enabled and device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-    try:
-        if not d.is_main:  # trains its shards; rank 0 alone logs, checkpoints and writes outputs
-            train(p, train_u8, val_u8, seed=params.seed, device=device, ckpt_path=CKPT_DIR / "last.pt", key=key,
-                  dist=d)
-            return
-        _train_and_publish(params, p, train_u8, val_u8, data_hash, key, device, d)
-    finally:
-        distributed.teardown(d)
+    checkpoint = CKPT_DIR / "last.pt"
+    if not d.is_main:  # trains its shards; rank 0 alone logs, checkpoints and writes outputs
+        train(p, train_u8, val_u8, seed=params.seed, device=device, ckpt_path=checkpoint, key=key, dist=d)
+        return
+    import mlflow
 
-
-def _train_and_publish(params, p: TrainCompressorParams, train_u8: np.ndarray, val_u8: np.ndarray, data_hash: str,
-                       key: str, device: torch.device, d: distributed.Dist) -> None:
-    """Rank 0 (or the only process): the MLflow run, training, outputs."""
-    from pipeline import tracking
-
-    with tracking.stage_run(STAGE, params):
-        import mlflow
-
-        def on_epoch(row: dict[str, float]) -> None:
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
-        tags = {"model.parameters": count_parameters(RNNCompressor(ModelConfig.from_params(p))),
-                "device": str(device), "data.patches_sha256": data_hash}
-        if d.enabled:
-            tags["ddp.world_size"] = d.world_size
-        mlflow.set_tags(tags)
-        result = train(p, train_u8, val_u8, seed=params.seed, device=device, ckpt_path=CKPT_DIR / "last.pt",
-                       key=key, on_epoch=on_epoch, dist=d)
-        metrics = summarize(p, result)
-        # no run id or time in the model file: the same weights must hash the same (DVC skips downstream)
-        meta = {"profile": params.profile, "seed": params.seed, "run_key": key, "init": p.init,
-                "epochs": metrics["epochs"], "val_psnr": {k: metrics[f"val_psnr_k{k}"] for k in p.val_iterations}}
-        write_outputs(OUT_DIR, result["model"], metrics, result["history"], meta)
-        (CKPT_DIR / "last.pt").unlink(missing_ok=True)  # finished: a forced re-run trains again
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        log_to_mlflow(result["model"], OUT_DIR, params.tracking.register_models)
-    log(f"[{STAGE}] wrote {OUT_DIR}/model.pt (fingerprint {metrics['fingerprint']}), metrics.json, history.csv")
+    tags = {"model.parameters": count_parameters(RNNCompressor(ModelConfig.from_params(p))),
+            "device": str(device), "data.patches_sha256": data_hash}
+    if d.enabled:
+        tags["ddp.world_size"] = d.world_size
+    mlflow.set_tags(tags)
+    result = train(p, train_u8, val_u8, seed=params.seed, device=device, ckpt_path=checkpoint, key=key,
+                   on_epoch=lambda row: training.log_history_row(row, "epoch"), dist=d)
+    metrics = summarize(p, result)
+    # no run id or time in the model file: the same weights must hash the same (DVC skips downstream)
+    meta = {"profile": params.profile, "seed": params.seed, "run_key": key, "init": p.init,
+            "epochs": metrics["epochs"], "val_psnr": {k: metrics[f"val_psnr_k{k}"] for k in p.val_iterations}}
+    write_outputs(paths.out, result["model"], metrics, result["history"], meta)
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    log_to_mlflow(result["model"], paths.out, params.tracking.register_models)
+    checkpoint.unlink(missing_ok=True)  # finished: a forced re-run trains again
+    log(f"[{STAGE}] wrote {paths.out}/model.pt (fingerprint {metrics['fingerprint']}), metrics.json, history.csv")
