@@ -18,7 +18,9 @@ def test_graph_follows_outs_to_deps():
     assert stages["download"].upstream == set()
     assert stages["augment"].upstream == {"download"}
     for stage in stages.values():
-        assert stage.cmd == f"python -m pipeline {stage.name}"  # one entry point for every stage
+        argv = stage.cmd.split()  # one entry point for every stage, then its path options only
+        assert argv[:4] == ["python", "-m", "pipeline", stage.name], stage.cmd
+        assert all(a.startswith("--") for a in argv[4::2]) and len(argv[4:]) % 2 == 0, stage.cmd
 
 
 def test_graph_rules(tmp_path):
