@@ -376,8 +376,11 @@ def save_model(model: RNNCompressor, path: str | os.PathLike, meta: dict | None 
     state = {k: v.detach().to("cpu", dtype).clone() for k, v in model.state_dict().items()}
     ckpt = {"format": MODEL_FORMAT, "version": 1, "config": model.config.to_dict(), "state_dict": state,
             "fingerprint": model_fingerprint(model).hex(), "meta": meta or {}}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # to a file object: torch.save names the zip's folder after a file *name* (here the random
+        # temporary one), so the same weights would hash differently on every run (and DVC re-run
+        # everything downstream); through a file object the folder is always "archive"
+        torch.save(ckpt, f)
 
 
 def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> RNNCompressor:
