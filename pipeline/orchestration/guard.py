@@ -74,6 +74,16 @@ def _stop_group(child: subprocess.Popen, grace_s: float) -> None:
     child.poll()
 
 
+def _say(message: str) -> None:
+    """One line to stderr, if anyone still reads it: when the task process died, stderr is a pipe with
+    no reader, and a BrokenPipeError here would end the guard before it stops the group (the stage
+    then lived on under PID 1 until its own next write failed, and its MLflow run ended FAILED)."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--"]:
@@ -102,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         if received or os.getppid() != parent:
             why = signal.Signals(received[0]).name if received else "parent died"
-            print(f"guard: {why}: stopping {' '.join(args[:4])} (process group {os.getpgrp()})",
-                  file=sys.stderr, flush=True)
+            _say(f"guard: {why}: stopping {' '.join(args[:4])} (process group {os.getpgrp()})")
             _stop_group(child, grace)
             return 128 + (received[0] if received else signal.SIGTERM)
         try:
