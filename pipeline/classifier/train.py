@@ -253,6 +253,7 @@ def evaluate(result: TrainResult, cfg: TrainClassifierParams, data: CifarData,
         "epochs": cfg.epochs,
         "tta": cfg.tta,
         "parameters": sum(p.numel() for p in result.model.parameters()),
+        "test_size": int(y.numel()),
     }
     return metrics, probs.cpu().numpy(), y.cpu().numpy()
 
@@ -262,6 +263,7 @@ def write_outputs(out_dir: Path, result: TrainResult, metrics: dict[str, Any], p
     """model.pt, metrics.json, history.csv and figures/, all appearing at once (temp dir, rename)."""
     from pipeline.classifier import figures
     from pipeline.classifier.model import save_classifier
+    from pipeline.records import ClassifierMetrics
     from pipeline.utils import save_json
 
     names = result.model.label_names
@@ -270,7 +272,7 @@ def write_outputs(out_dir: Path, result: TrainResult, metrics: dict[str, Any], p
         (tmp / "figures").mkdir(parents=True)
         save_classifier(tmp / "model.pt", result.model, result.config, fingerprint=result.fingerprint,
                         test_acc=metrics["test_acc"])
-        save_json(tmp / "metrics.json", metrics)
+        save_json(tmp / "metrics.json", ClassifierMetrics(**metrics).model_dump())  # the report reads this record
         (tmp / "history.csv").write_text(training.history_csv(result.history, HISTORY_FIELDS))
         figures.accuracy_curves(result.history, tmp / "figures" / "fig1_1_accuracy.png",
                                 f"Figure 1.1: accuracy per epoch ({title})")
