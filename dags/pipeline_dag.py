@@ -30,9 +30,9 @@ from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, Asset, AssetAny, Param, task
 
 from pipeline.orchestration.dvcgraph import descendants, load_stages, model_outputs
+from pipeline.schema import PROFILES  # the one list of profile names
 
 WORKSPACE = Path(os.environ.get("PIPELINE_WORKSPACE") or Path(__file__).resolve().parents[1]).resolve()
-PROFILES = ["cpu", "gpu", "coursework", "tiny"]
 DVC_POOL = os.environ.get("PIPELINE_DVC_POOL", "dvc_workspace")
 #: wall-clock limit of one stage task (hours); a GPU-profile training run may need raising it
 STAGE_TIMEOUT_H = float(os.environ.get("PIPELINE_STAGE_TIMEOUT_H", "12"))

@@ -15,6 +15,7 @@ import sys
 
 from pipeline.errors import run_cli
 from pipeline.stage import STAGES, StagePaths, is_function_stage, option
+from pipeline.schema import PROFILES
 
 
 def _configure(args: argparse.Namespace) -> None:
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in STAGES.items():
         sub.add_parser(name, help=f"run stage {name} ({module}); {name} --help: its path options")
     conf = sub.add_parser("configure", help="set the profile and KEY=VALUE overrides in params.yaml")
-    conf.add_argument("--profile", choices=["cpu", "gpu", "coursework", "tiny"])
+    conf.add_argument("--profile", choices=PROFILES)
     conf.add_argument("--set", action="append", metavar="KEY=VALUE")
     conf.add_argument("--params", help="params file (default: params.yaml)")
     show = sub.add_parser("params", help="print the resolved params (profile applied)")

@@ -45,7 +45,7 @@ SECTIONS: dict[str, type[Section]] = {
 
 
 class Params(Section):
-    profile: Literal["cpu", "gpu", "coursework", "tiny"] = "cpu"
+    profile: Literal[PROFILES] = "cpu"  # type: ignore[valid-type]  (the tuple in pipeline.schema)
     seed: int = Field(0, ge=0)
     data: DataParams
     augment: AugmentParams

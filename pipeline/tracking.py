@@ -46,6 +46,27 @@ def _mlflow():
     return mlflow
 
 
+def is_model_uri(spec: str) -> bool:
+    """``models:/…``, ``runs:/…`` or any ``scheme://…``: an MLflow model, not a file path."""
+    return spec.startswith(("models:/", "runs:/")) or "://" in spec
+
+
+def load_logged_model(uri: str, kind: type, what: str, error: type[Exception] | None = None):
+    """The PyTorch model logged at an MLflow URI, on the CPU in eval mode. Errors are one line, raised as
+    ``error`` (default PipelineError): the URI does not resolve or load, or holds something other than ``kind``."""
+    from pipeline.errors import PipelineError
+
+    error = error or PipelineError
+    try:
+        model = _mlflow().pytorch.load_model(uri, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types for a bad URI; all are the user's input
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise error(f"model {uri}: cannot load from MLflow: {first}") from None
+    if not isinstance(model, kind):
+        raise error(f"model {uri}: is a {type(model).__name__}, not {what}")
+    return model.float().eval()
+
+
 def experiment_id(name: str) -> str:
     """Get or create the experiment; locally its artifacts go to ``<project>/mlartifacts``."""
     mlflow = _mlflow()

@@ -85,7 +85,10 @@ def test_mlflow_run_and_registered_model(trained: Path):
     assert {f"figures/{n}" for n in FIGURES} <= artifacts
     versions = client.search_model_versions("name = 'cifar10-classifier'")
     assert versions
-    model = mlflow.pytorch.load_model(f"models:/cifar10-classifier/{max(int(v.version) for v in versions)}")
+    from pipeline.classifier.predict import load_model  # the predict CLI's loader: URI -> Classifier
+
+    model = load_model(f"models:/cifar10-classifier/{max(int(v.version) for v in versions)}")
+    assert model.label_names[3] == "cat"
     out = model(__import__("torch").from_numpy(np.zeros((2, 3, 32, 32), np.float32)))
     assert tuple(out.shape) == (2, 10)
 

@@ -36,17 +36,11 @@ def load_image(path: str | os.PathLike, size: int = 32) -> np.ndarray:
 
 def load_model(spec: str):
     """A model.pt path, or an MLflow model URI (needs the tracking server/DB it lives in)."""
-    if "://" in spec or spec.startswith(("models:/", "runs:/")):
-        from pipeline import tracking
+    from pipeline import tracking
+    from pipeline.classifier.model import Classifier, load_classifier
 
-        mlflow = tracking._mlflow()
-        try:
-            model = mlflow.pytorch.load_model(spec, map_location="cpu")
-        except Exception as err:  # noqa: BLE001 - any failure to resolve/load the URI is the user's input
-            raise PipelineError(f"{spec}: cannot load MLflow model ({type(err).__name__}: {err})") from None
-        return model.eval()
-    from pipeline.classifier.model import load_classifier
-
+    if tracking.is_model_uri(spec):
+        return tracking.load_logged_model(spec, Classifier, "a CIFAR-10 classifier")
     return load_classifier(spec)
 
 

@@ -416,19 +416,9 @@ def load_model(source: str | os.PathLike | None = None) -> RNNCompressor:
 
 
 def _load_mlflow(uri: str) -> RNNCompressor:
-    try:
-        import mlflow.pytorch
+    from pipeline.tracking import load_logged_model
 
-        from pipeline.tracking import tracking_uri
-
-        mlflow.set_tracking_uri(tracking_uri())
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - MLflow raises many types for a bad URI
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model {uri}: cannot load from MLflow: {first}") from None
-    if not isinstance(model, RNNCompressor):
-        raise ModelError(f"model {uri}: is a {type(model).__name__}, not an RNN codec")
-    return model.float().eval()
+    return load_logged_model(uri, RNNCompressor, "an RNN codec", ModelError)
 
 
 # ----------------------------------------------------------------------------------------- codec
