@@ -55,8 +55,9 @@ services:
 test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The fault-injection tests (kill -9 at many points, the orchestrator killed, the Compose topology run as
-# processes): tens of minutes on 2 cores, so outside `make test` / CI until they fit its time budget.
+# The Compose topology run as processes, with its faults (tests/test_production_stack.py): about 20 minutes
+# on 2 busy cores, so outside `make test` / CI until it fits its time budget. (The kill -9 and
+# orchestrator-kill tests in tests/reliability/ are part of `make test`.)
 test-faults: setup services
 	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
