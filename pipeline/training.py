@@ -17,6 +17,7 @@ evaluation, as the methods of ``Task``. The frame owns what every training stage
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -24,7 +25,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 
@@ -210,18 +211,12 @@ def history_csv(history: list[dict[str, float]], fields: Iterable[str] | None = 
     return buf.getvalue()
 
 
-def log_model(stage: str, model: torch.nn.Module, out_dir: Path, registered_name: str | None,
-              **kwargs: Any) -> None:
-    """Log ``model`` (pickled, on the CPU) to the active MLflow run as ``model``, registered when named.
-
-    The outputs are already written: a tracking failure ends in one line that says so, and the
-    caller keeps its checkpoint (a re-run finds it complete and retrains nothing).
-    """
-    import mlflow.pytorch
-
+@contextlib.contextmanager
+def outputs_kept_if_tracking_fails(stage: str, out_dir: Path) -> Iterator[None]:
+    """Around a stage's MLflow logging, after its outputs are written: a tracking failure ends in one line
+    that says so, and the caller keeps its checkpoint (a re-run finds it complete and retrains nothing)."""
     try:
-        mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle",
-                                 registered_model_name=registered_name, **kwargs)
+        yield
     except Exception as err:  # noqa: BLE001 - tracking failed: the trained weights must not be lost
         if isinstance(err, PipelineError):
             raise
@@ -229,3 +224,14 @@ def log_model(stage: str, model: torch.nn.Module, out_dir: Path, registered_name
         raise PipelineError(f"{stage}: logging to MLflow failed ({type(err).__name__}: {first}); the trained model "
                             f"is in {out_dir} and its checkpoint kept: re-run once tracking works (nothing is "
                             "retrained)") from None
+
+
+def log_model(stage: str, model: torch.nn.Module, out_dir: Path, registered_name: str | None,
+              **kwargs: Any) -> None:
+    """Log ``model`` (pickled, on the CPU) to the active MLflow run as ``model``, registered when named
+    (tracking failures as in ``outputs_kept_if_tracking_fails``)."""
+    import mlflow.pytorch
+
+    with outputs_kept_if_tracking_fails(stage, out_dir):
+        mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle",
+                                 registered_model_name=registered_name, **kwargs)

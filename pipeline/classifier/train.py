@@ -365,6 +365,7 @@ def _train_and_publish(params, cfg: TrainClassifierParams, paths, device: torch.
         f"{100 * metrics['test_acc_no_tta']:.2f}% without; {metrics['train_time_s']:.1f} s training, "
         f"{metrics['images_per_s']:.0f} images/s")
     write_outputs(paths.out, result, metrics, probs, labels, arrays["x_test"], f"{cfg.recipe}, {params.profile}")
-    log_to_mlflow(paths.out, result, metrics, params.tracking.register_models, device)
+    with training.outputs_kept_if_tracking_fails(STAGE, paths.out):
+        log_to_mlflow(paths.out, result, metrics, params.tracking.register_models, device)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # outputs are complete: nothing left to resume

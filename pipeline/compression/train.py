@@ -472,7 +472,8 @@ def _train_and_publish(params, p: TrainCompressorParams, paths, device: torch.de
     meta = {"profile": params.profile, "seed": params.seed, "run_key": key, "init": p.init,
             "epochs": metrics["epochs"], "val_psnr": {k: metrics[f"val_psnr_k{k}"] for k in p.val_iterations}}
     write_outputs(paths.out, result["model"], metrics, result["history"], meta)
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-    log_to_mlflow(result["model"], paths.out, params.tracking.register_models)
+    with training.outputs_kept_if_tracking_fails(STAGE, paths.out):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_to_mlflow(result["model"], paths.out, params.tracking.register_models)
     checkpoint.unlink(missing_ok=True)  # finished: a forced re-run trains again
     log(f"[{STAGE}] wrote {paths.out}/model.pt (fingerprint {metrics['fingerprint']}), metrics.json, history.csv")
