@@ -229,9 +229,11 @@ def outputs_kept_if_tracking_fails(stage: str, out_dir: Path) -> Iterator[None]:
 def log_model(stage: str, model: torch.nn.Module, out_dir: Path, registered_name: str | None,
               **kwargs: Any) -> None:
     """Log ``model`` (pickled, on the CPU) to the active MLflow run as ``model``, registered when named
-    (tracking failures as in ``outputs_kept_if_tracking_fails``)."""
+    (tracking failures as in ``outputs_kept_if_tracking_fails``); requirements: torch of this run, numpy."""
     import mlflow.pytorch
 
+    # stated, not inferred: MLflow's inference runs a subprocess that imports the model (seconds per run)
+    kwargs.setdefault("pip_requirements", [f"torch=={torch.__version__.split('+')[0]}", "numpy"])
     with outputs_kept_if_tracking_fails(stage, out_dir):
         mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle",
                                  registered_model_name=registered_name, **kwargs)

@@ -309,8 +309,7 @@ def log_to_mlflow(out_dir: Path, result: TrainResult, metrics: dict[str, Any], r
     training.log_model(
         STAGE, model, out_dir, "cifar10-classifier" if register else None, signature=signature,
         input_example=example,
-        code_paths=[str(Path(pipeline.__file__).parent)],  # the pickled classes live in the pipeline package
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
+        code_paths=[str(Path(pipeline.__file__).parent)])  # the pickled classes live in the pipeline package
 
 
 def keep_freed_memory() -> None:
