@@ -401,9 +401,11 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> RNNCompress
 
 def load_model(source: str | os.PathLike | None = None) -> RNNCompressor:
     """A checkpoint path (default data/compressor/model.pt) or an MLflow model URI -> model on CPU."""
+    from pipeline.tracking import is_model_uri, load_logged_model
+
     source = str(source if source is not None else DEFAULT_MODEL)
-    if source.startswith(("models:/", "runs:/")) or "://" in source:
-        return _load_mlflow(source)
+    if is_model_uri(source):
+        return load_logged_model(source, RNNCompressor, "an RNN codec", ModelError)
     path = Path(source)
     if not path.is_file():
         raise ModelError(f"model {source}: no such file (train one with `python -m pipeline train_compressor`, "
@@ -413,12 +415,6 @@ def load_model(source: str | os.PathLike | None = None) -> RNNCompressor:
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         raise ModelError(f"model {source}: not a readable checkpoint ({type(err).__name__})") from None
     return model_from_checkpoint(ckpt, f"model {source}")
-
-
-def _load_mlflow(uri: str) -> RNNCompressor:
-    from pipeline.tracking import load_logged_model
-
-    return load_logged_model(uri, RNNCompressor, "an RNN codec", ModelError)
 
 
 # ----------------------------------------------------------------------------------------- codec
