@@ -11,6 +11,7 @@
 #   scripts/train_codec_long.sh            # start or resume, in the foreground
 #   LONGRUN_DIR=/path THREADS=2 scripts/train_codec_long.sh
 #   EPOCHS=40 LR=0.0008 LR_SCHEDULE=cosine LR_WARMUP=0.01 scripts/train_codec_long.sh   # a decay phase
+#   LOSS=l1_ssim EPOCHS=20 LR=0.0004 LR_SCHEDULE=cosine LR_WARMUP=0.02 scripts/train_codec_long.sh  # for MS-SSIM
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=${LONGRUN_DIR:-$ROOT/../longrun}
@@ -20,6 +21,7 @@ EPOCHS=${EPOCHS:-1000}         # the schedule spans this many epochs (cosine: se
 LR=${LR:-0.001}                # peak Adam learning rate
 LR_SCHEDULE=${LR_SCHEDULE:-constant}  # constant | cosine | multistep; a warm start's decay phase: cosine
 LR_WARMUP=${LR_WARMUP:-0.002}  # fraction of steps
+LOSS=${LOSS:-l1}               # l1 | l2 | l1_ssim (train_compressor.loss)
 PY=$ROOT/.venv/bin/python
 if [ -z "${DATA_MIRROR:-}" ] && [ -f "$ROOT/../shared/datasets/SHA256SUMS" ]; then
   export DATA_MIRROR=$ROOT/../shared/datasets
@@ -38,7 +40,7 @@ if [ ! -d "$DIR" ]; then
     --set augment.patches=100000 --set augment.val_patches=1000 --set augment.patch_scale=4 \
     --set train_compressor.batch_size=32 --set train_compressor.lr=$LR \
     --set train_compressor.lr_schedule=$LR_SCHEDULE --set train_compressor.lr_warmup=$LR_WARMUP \
-    --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
+    --set train_compressor.loss=$LOSS --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
     --set train_compressor.amp=true --set train_compressor.epochs=$EPOCHS \
     --set train_compressor.patches_per_epoch=$EPOCH_PATCHES --set train_compressor.val_patches=512 \
     --set train_compressor.snapshot_every=4 --set train_compressor.init=$INIT \

@@ -52,6 +52,18 @@ def test_loss_is_mean_residual_over_iterations():
     assert tc.residual_loss(x, recon, "l2").item() == pytest.approx((0.25 + 0.01) / 2)
 
 
+def test_l1_ssim_loss_mixes_l1_with_ssim_of_each_iteration():
+    # constant images: every SSIM window sees means a, b and no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    x = torch.zeros(2, 3, 16, 16)  # 0.5 in [0, 1]
+    recon = torch.stack([torch.full_like(x, 0.5), torch.full_like(x, 0.1)])  # 1.0 and 0.6
+    c1 = 0.01 ** 2
+    ssims = [(2 * 0.5 * b + c1) / (0.25 + b * b + c1) for b in (1.0, 0.6)]
+    want = 0.84 * (1 - sum(ssims) / 2) + 0.16 * 0.3
+    assert tc.residual_loss(x, recon, "l1_ssim").item() == pytest.approx(want, rel=1e-4)  # float32 variances
+    assert tc.residual_loss(x, recon, "l1_ssim", ssim_weight=0.0).item() == pytest.approx(0.3)
+    assert tc.residual_loss(x, x[None].repeat(3, 1, 1, 1, 1), "l1_ssim").item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_missing_or_bad_patches_give_clear_errors(tmp_path):
     with pytest.raises(PipelineError, match="augment"):
         tc.load_patches(tmp_path / "patches.npz")

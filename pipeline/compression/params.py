@@ -27,7 +27,8 @@ class TrainCompressorParams(Section):
     lr_floor: float = Field(0.02, ge=0, le=1)  # cosine: lr multiplier at the end of the decay
     weight_decay: float = Field(0.0, ge=0)  # Adam (L2) weight decay
     grad_clip: float | None = Field(1.0, gt=0)  # clip the global gradient norm; null: off
-    loss: Literal["l1", "l2"] = "l1"  # mean absolute (l1) or squared (l2) residual, averaged over iterations
+    loss: Literal["l1", "l2", "l1_ssim"] = "l1"  # residual |r| (l1), r^2 (l2), or l1 mixed with 1 - SSIM, per iteration
+    ssim_weight: float = Field(0.84, ge=0, le=1)  # l1_ssim: w (1 - SSIM) + (1 - w) |r| (w = 0.84: Zhao et al. 2017)
     binarizer: Literal["stochastic", "deterministic"] = "stochastic"  # training binarizer (inference: sign)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the weights, validated and published; null: off
     init: str | None = None  # warm start: weights of a model file (same architecture); null: random init
