@@ -56,8 +56,8 @@ test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The Compose topology run as processes, with its faults (tests/test_production_stack.py): about 20 minutes
-# on 2 busy cores, so outside `make test` / CI until it fits its time budget; with it, the kill -9 sequences
-# of train_classifier and train_compressor. (download's kill -9 and the orchestrator kill are in `make test`.)
+# on 2 busy cores, so outside `make test` / CI until it fits its time budget. (Every stage kill -9 sequence and
+# the orchestrator kill are in `make test`.)
 test-faults: setup services
 	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 

@@ -121,12 +121,7 @@ def check_phase(ws: Path, stage: str, point: Point, record: dict, reference: dic
             assert last.is_file() == point.fault.startswith("save-half last.pt 2"), point
 
 
-#: CI (``make test``) runs the download sequence; the two training sequences (about 5 CPU-minutes between them)
-#: run in ``make test-faults``, which keeps ``.ci/run`` well inside its 30 minutes on 2 cores.
-IN_CI = ("download",)
-
-
-@pytest.mark.parametrize("stage", [s if s in IN_CI else pytest.param(s, marks=pytest.mark.faults) for s in POINTS])
+@pytest.mark.parametrize("stage", list(POINTS))
 def test_kill_9_then_rerun_gives_the_uninterrupted_result(pipeline_seed, tmp_path, stage):
     ws = copy_seed(pipeline_seed, tmp_path / "ws")
     env = stage_env(ws, pipeline_seed.mirror)
