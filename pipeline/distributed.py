@@ -14,10 +14,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # torch is imported where it is used: a stage that never trains (download, report) skips it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,14 @@ class Dist:
         return slice(min(self.rank * per, n), min((self.rank + 1) * per, n))
 
     def barrier(self) -> None:
+        import torch.distributed as dist
+
         if self.enabled:
             dist.barrier()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
         if self.enabled:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
@@ -77,6 +83,9 @@ def relaunch(stage: str, nproc: int, argv: list[str] | tuple[str, ...] = ()) -> 
 
 def setup(device: torch.device) -> Dist:
     """Join the process group when running under torchrun (NCCL on CUDA, gloo on CPU)."""
+    import torch
+    import torch.distributed as dist
+
     if not under_torchrun():
         return Dist()
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -100,5 +109,7 @@ def wrap(model: torch.nn.Module, d: Dist, device: torch.device, **ddp_kwargs) ->
 
 
 def teardown(d: Dist) -> None:
+    import torch.distributed as dist
+
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
