@@ -44,9 +44,7 @@ runs the same code path with tiny budgets where there is no GPU (a dry run: slow
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -62,6 +60,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import deep_merge, read_raw, resolve  # noqa: E402
+from pipeline.utils import atomic_write_text  # noqa: E402
 
 #: the long CPU run's recipe (scripts/train_codec_long.sh) over the cpu profile
 LONG_RUN = {"augment": {"patches": 100000, "val_patches": 1000, "patch_scale": 4},
@@ -85,9 +84,7 @@ class Results:
 
     def add(self, key: str, value) -> None:
         self.data[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
         print(f"== {key}: {json.dumps(value, default=str)[:600]}", flush=True)
 
 
@@ -109,18 +106,16 @@ def device_info() -> dict:
 
 def prepare_data(tarball: Path, sums: Path, work: Path, patches: int) -> dict:
     from pipeline.data import augment
-    from pipeline.data.download import CIFAR_DIR, safe_extract_cifar
+    from pipeline.data.download import CIFAR_DIR, read_sums, safe_extract_cifar
+    from pipeline.utils import file_digest
 
     t0 = time.perf_counter()
-    want = next(line.split()[0] for line in sums.read_text().splitlines() if line.endswith("cifar-10-python.tar.gz"))
-    h = hashlib.sha256()
-    with open(tarball, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    if h.hexdigest() != want:
-        raise SystemExit(f"{tarball}: sha256 {h.hexdigest()} != {want}")
-    safe_extract_cifar(tarball, work / "raw")
     params = params_for("cpu", {"augment": {**LONG_RUN["augment"], "patches": patches}})
+    want = read_sums(str(sums.parent), params.data)["cifar-10-python.tar.gz"]  # the mirror's own SHA256SUMS format
+    got = file_digest(tarball)
+    if got != want:
+        raise SystemExit(f"{tarball}: sha256 {got} != {want}")
+    safe_extract_cifar(tarball, work / "raw")
     stats = augment.prepare(params.augment, params.train_classifier.augmentation, params.seed, work / "raw" / CIFAR_DIR,
                             work / "cifar10.npz", work / "patches.npz", work / "preview.png")
     return {"seconds": round(time.perf_counter() - t0, 1), "augment": stats}
