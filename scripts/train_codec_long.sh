@@ -11,6 +11,8 @@
 #   scripts/train_codec_long.sh            # start or resume, in the foreground
 #   LONGRUN_DIR=/path THREADS=2 scripts/train_codec_long.sh
 #   EPOCHS=40 LR=0.0008 LR_SCHEDULE=cosine LR_WARMUP=0.01 scripts/train_codec_long.sh   # a decay phase
+#   PATCH=64 BATCH=16 PATCHES=60000 EPOCH_PATCHES=2400 EPOCHS=27 LR=0.0003 LR_SCHEDULE=cosine LR_WARMUP=0.02 \
+#     scripts/train_codec_long.sh   # phase 4 (session 5): 64-px patches
 #   LOSS=l1_ssim EPOCHS=20 LR=0.0004 LR_SCHEDULE=cosine LR_WARMUP=0.02 scripts/train_codec_long.sh  # tried: worse on Kodak (README)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,6 +24,9 @@ LR=${LR:-0.001}                # peak Adam learning rate
 LR_SCHEDULE=${LR_SCHEDULE:-constant}  # constant | cosine | multistep; a warm start's decay phase: cosine
 LR_WARMUP=${LR_WARMUP:-0.002}  # fraction of steps
 LOSS=${LOSS:-l1}               # l1 | l2 | l1_ssim (train_compressor.loss)
+PATCH=${PATCH:-32}             # patch side in px (64: 4x4 code blocks, from CIFAR-10 upsampled x4 = 128 px)
+BATCH=${BATCH:-32}             # patches per step
+PATCHES=${PATCHES:-100000}     # training patches cut by augment
 PY=$ROOT/.venv/bin/python
 if [ -z "${DATA_MIRROR:-}" ] && [ -f "$ROOT/../shared/datasets/SHA256SUMS" ]; then
   export DATA_MIRROR=$ROOT/../shared/datasets
@@ -37,8 +42,8 @@ if [ ! -d "$DIR" ]; then
   cd "$DIR"
   # the recipe (README "Training the codec on a CPU" has the evidence for each value)
   "$PY" -m pipeline configure --profile cpu \
-    --set augment.patches=100000 --set augment.val_patches=1000 --set augment.patch_scale=4 \
-    --set train_compressor.batch_size=32 --set train_compressor.lr=$LR \
+    --set augment.patches=$PATCHES --set augment.val_patches=1000 --set augment.patch_scale=4 \
+    --set augment.patch_size=$PATCH --set train_compressor.batch_size=$BATCH --set train_compressor.lr=$LR \
     --set train_compressor.lr_schedule=$LR_SCHEDULE --set train_compressor.lr_warmup=$LR_WARMUP \
     --set train_compressor.loss=$LOSS --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
     --set train_compressor.amp=true --set train_compressor.epochs=$EPOCHS \

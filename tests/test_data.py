@@ -135,6 +135,33 @@ def test_patches_are_reproducible_crops():
                    for img in images)
 
 
+def test_patches_larger_than_cifar_images_come_from_upsampled_sources(tiny_workspace, tmp_path):
+    """patch_size 64 (a 4x4 grid of 16-px code blocks, so the ConvLSTMs see interior positions) needs patch_scale >= 2."""
+    from pydantic import ValidationError
+
+    from pipeline.data.augment import prepare
+    from pipeline.data.params import AugmentParams
+
+    with pytest.raises(ValidationError, match="patch_size: 64 px is larger than a CIFAR-10 image upsampled x1"):
+        AugmentParams(patch_size=64, patch_scale=1)
+    with pytest.raises(ValidationError, match="multiple of 16"):
+        AugmentParams(patch_size=40, patch_scale=2)
+    params = AugmentParams(train_limit=20, test_limit=10, patches=12, val_patches=5, patch_size=64, patch_scale=2,
+                           preview_grid=2)
+    out = {k: tmp_path / f"{k}.out" for k in ("cifar", "patches", "preview")}
+    prepare(params, AugmentationParams(), 0, tiny_workspace / "data/raw/cifar-10-batches-py", out["cifar"],
+            out["patches"], out["preview"])
+    patches = np.load(out["patches"])
+    assert patches["train"].shape == (12, 64, 64, 3) and patches["val"].shape == (5, 64, 64, 3)
+    val_source = np.load(out["cifar"])["x_test"]
+    # a val patch (no padding) of a x2 upsampled image, downsampled back by 2x2 means, is close to a source image
+    small = patches["val"].reshape(5, 32, 2, 32, 2, 3).mean(axis=(2, 4))
+    assert all(min(np.abs(s - v.astype(float)).mean() for v in val_source) < 8 for s in small)
+    from PIL import Image
+
+    assert Image.open(out["preview"]).size == ((2 * 34 * 2 + 8) * 3, 2 * 34 * 3)
+
+
 def test_preview_grid_shape():
     tiles = np.zeros((4, 8, 8, 3), np.uint8)
     assert preview_grid(tiles, 2).shape == (20, 20, 3)

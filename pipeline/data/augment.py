@@ -183,7 +183,9 @@ def prepare(params: AugmentParams, augmentation, seed: int, raw: Path, cifar_out
     sample = torch.from_numpy(data["x_train"][: g * g]).permute(0, 3, 1, 2)
     augmented = augment_batch(sample, augmentation, gen).permute(0, 2, 3, 1).numpy()
     patch_view = patches["train"][: g * g]
-    if params.patch_size != 32:
+    if params.patch_size > 32:  # shown at the classifier samples' 32 px (area downsampling)
+        patch_view = np.stack([np.asarray(Image.fromarray(p).resize((32, 32), Image.BOX)) for p in patch_view])
+    elif params.patch_size < 32:
         patch_view = np.pad(patch_view, ((0, 0), (0, 32 - params.patch_size), (0, 32 - params.patch_size), (0, 0)),
                             constant_values=255)
     left, right = preview_grid(augmented, g), preview_grid(patch_view, g)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.schema import Section
 
@@ -23,13 +23,20 @@ class AugmentParams(Section):
     test_limit: int | None = Field(None, ge=10)  # keep the first N test images (None: all 10000)
     patches: int = Field(20000, ge=1)  # compressor training patches (crops of CIFAR-10 train)
     val_patches: int = Field(1000, ge=1)  # held-out patches, cut from CIFAR-10 test images
-    patch_size: int = Field(32, ge=8, le=32)  # side in pixels; a multiple of 16 for the codec
+    patch_size: int = Field(32, ge=16, le=256, multiple_of=16)  # side in pixels (the codec works in 16-px blocks)
     patch_pad: int = Field(4, ge=0)  # reflect padding before the random crop (translation, px)
     patch_flip: bool = True  # random horizontal flips of patches
     patch_scale: int = Field(1, ge=1, le=8)  # bicubic upsampling of the source images before cropping
     patch_source: str = "cifar10"  # cifar10, or a folder of your own photos (random crops; never Kodak)
     patch_min_std: float = Field(0.0, ge=0, le=128)  # photos: re-draw crops whose pixel std is below this
     preview_grid: int = Field(8, ge=1, le=32)  # preview PNG shows grid x grid samples
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentParams":
+        if self.patch_source == "cifar10" and self.patch_size > 32 * self.patch_scale:
+            raise ValueError(f"patch_size: {self.patch_size} px is larger than a CIFAR-10 image upsampled "
+                             f"x{self.patch_scale} ({32 * self.patch_scale} px); raise patch_scale or lower patch_size")
+        return self
 
 
 class AugmentationParams(Section):
