@@ -40,7 +40,15 @@ EXECUTION = os.environ.get("PIPELINE_EXECUTION", "shared")
 if EXECUTION not in ("shared", "remote"):
     raise ValueError(f"PIPELINE_EXECUTION must be 'shared' or 'remote', not {EXECUTION!r}")
 STAGES = load_stages(WORKSPACE / "dvc.yaml")
-ASSETS = {stage: [Asset(uri=f"file://{WORKSPACE / out}", name=f"{stage}:{out}") for out in outs]
+
+
+def asset_uri(out: str) -> str:
+    """The Airflow Asset of one DVC output. shared: the file in the workspace; remote: the DVC-tracked
+    output itself, one URI whichever worker's working copy (at whatever path) produced it."""
+    return f"file://{WORKSPACE / out}" if EXECUTION == "shared" else f"x-dvc://pipeline/{out}"
+
+
+ASSETS = {stage: [Asset(uri=asset_uri(out), name=f"{stage}:{out}") for out in outs]
           for stage, outs in model_outputs(STAGES).items()}
 
 DEFAULT_ARGS = {

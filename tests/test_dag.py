@@ -125,6 +125,10 @@ def test_remote_mode_routes_gpu_stages_and_passes_locks(airflow_db, monkeypatch)
         for up in stage.upstream:
             assert f"xcom_pull(task_ids='{up}')" in task.env["PIPELINE_UPSTREAM_LOCKS"]
     assert any(s.meta.get("queue") == "gpu" for s in module.STAGES.values())
+    # the model Assets do not name this checkout's path: every worker's copy declares the same URIs
+    uris = {a.uri for assets in module.ASSETS.values() for a in assets}
+    assert uris and all(u.startswith("x-dvc://pipeline/") and str(module.WORKSPACE) not in u for u in uris)
+    assert module.asset_uri("data/compressor/model.pt") == "x-dvc://pipeline/data/compressor/model.pt"
 
 
 def test_failure_callback_marks_parent_run(airflow_db, tmp_path, monkeypatch):

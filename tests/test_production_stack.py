@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.orchestration.dvcgraph import load_stages, model_outputs
 from tests.conftest import REPO, make_workspace
 
 _spec = importlib.util.spec_from_file_location("prod_stack", REPO / "scripts" / "prod_stack.py")
@@ -243,6 +244,14 @@ def test_pipeline_dag_on_the_production_stack_with_faults(stack, mirror, tmp_pat
     failed_attempt = _read_log(st, run_id, "evaluate", 1)
     assert "error: dvc push evaluate failed" in failed_attempt, failed_attempt[-3000:]
     assert tis["evaluate"]["try_number"] >= 2
+
+    # --- the model Assets: each training task's outlet events reached the Assets the DAG declares ------
+    # (remote mode names them x-dvc://pipeline/<out>: the same URI in every worker's copy, whatever its path)
+    events = st.api("GET", "/api/v2/assets/events?source_dag_id=pipeline&source_run_id="
+                           f"{urllib.parse.quote(run_id)}&limit=100")["asset_events"]
+    outlets = {(e["source_task_id"], e["uri"]) for e in events}
+    models = model_outputs(load_stages(REPO / "dvc.yaml"))
+    assert outlets == {(stage, f"x-dvc://pipeline/{out}") for stage, outs in models.items() for out in outs}, outlets
 
     # --- what the tasks handed downstream: each stage's dvc.lock entry (XCom) --------------------------
     locks = {}
