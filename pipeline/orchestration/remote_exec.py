@@ -7,7 +7,9 @@
    worker that ran it; the DAG passes them through XCom) into the local ``dvc.lock``, so DVC knows
    which versions of the inputs to fetch;
 2. ``dvc repro --pull --single-item STAGE``: pull the inputs from the remote, run the stage if changed;
-3. ``dvc push STAGE``: send its outputs to the remote;
+3. ``dvc push STAGE``: send its outputs to the remote. If that fails, this attempt's MLflow run of the
+   stage is marked FAILED (tag ``unpublished``); if a retry then finds the stage up to date and only
+   pushes, that run is FINISHED again (tag ``published_on_retry``): one finished run per result;
 4. print the stage's own ``dvc.lock`` entry as one JSON line (the last line: Airflow's XCom).
 
 No shared disk is needed between workers: only the DVC remote (MinIO/S3 in the Compose stack).
@@ -20,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -67,6 +70,18 @@ def dvc(*args: str) -> None:
         raise SystemExit(f"error: dvc {' '.join(args)} failed (exit {proc.returncode})")
 
 
+def _track(action: str, stage: str, started_ms: int, note: str) -> None:
+    """Keep the stage's MLflow runs true to what reached the remote (pipeline.tracking.mark_unpublished /
+    republish_skipped): one FINISHED run per published result. Best effort: a push's error, or the task's
+    success, is not changed by a tracking server that is unreachable too."""
+    try:
+        from pipeline import tracking
+
+        getattr(tracking, action)(stage, started_ms, note)
+    except Exception as err:  # noqa: BLE001
+        print(f"warning: MLflow: {action} for {stage} failed ({type(err).__name__}: {err})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage")
@@ -86,8 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         targets = upstream_inputs(args.stage, entries)
         if targets:
             dvc("pull", "--force", *targets)
+    started_ms = int(time.time() * 1000)
     dvc("repro", "--pull", "--single-item", args.stage)
-    dvc("push", args.stage)
+    try:
+        dvc("push", args.stage)
+    except SystemExit:
+        _track("mark_unpublished", args.stage, started_ms, f"dvc push {args.stage} failed: the outputs never "
+               "reached the DVC remote; the task's retry holds the result")
+        raise
+    if os.environ.get("AIRFLOW_CTX_TRY_NUMBER") != "1":  # a retry (or outside Airflow): an earlier attempt's run?
+        _track("republish_skipped", args.stage, started_ms, "the outputs of this run were pushed by a later "
+               "attempt of the task (dvc skipped the stage as up to date)")
     print(json.dumps({args.stage: lock_entry(args.stage)}, sort_keys=True))
     return 0
 

@@ -75,6 +75,50 @@ def test_only_runs_whose_process_is_gone_are_closed(store, request):
     assert client.get_run(ids["parent"]).info.status == "RUNNING"
 
 
+def test_a_stage_run_whose_push_failed_is_marked_failed_and_only_that_one(store, request):
+    """remote_exec: when `dvc push STAGE` fails, the run that attempt's stage finished is FAILED (tag
+    `unpublished`), so the retry's run is the only FINISHED one; older, other-stage, other-workspace and
+    still-running runs are left alone."""
+    import time
+
+    from pipeline import tracking
+
+    home, client = store
+    exp = client.create_experiment(request.node.name)
+    mine = {**tracking.process_tags(), "dvc_stage": "evaluate"}
+    since = int(time.time() * 1000)
+    made = {
+        "this_attempt": (mine, since + 5, "FINISHED"),
+        "earlier": (mine, since - 60_000, "FINISHED"),
+        "other_stage": ({**mine, "dvc_stage": "report"}, since + 5, "FINISHED"),
+        "other_copy": ({**mine, "pipeline.workspace": "/another/copy"}, since + 5, "FINISHED"),
+        "running": (mine, since + 1, "RUNNING"),
+    }
+    ids = {}
+    for name, (tags, start, status) in made.items():
+        ids[name] = client.create_run(exp, run_name=name, tags=tags, start_time=start).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(ids[name], status)
+    assert tracking.mark_unpublished("evaluate", since, "dvc push evaluate failed", exp) == [ids["this_attempt"]]
+    status = {name: client.get_run(i).info.status for name, i in ids.items()}
+    assert status == {"this_attempt": "FAILED", "earlier": "FINISHED", "other_stage": "FINISHED",
+                      "other_copy": "FINISHED", "running": "RUNNING"}
+    assert client.get_run(ids["this_attempt"]).data.tags["unpublished"] == "dvc push evaluate failed"
+
+    # the retry re-ran the stage (a newer run of this copy): the unpublished run stays FAILED
+    retry = client.create_run(exp, run_name="retry", tags=mine, start_time=since + 10_000).info.run_id
+    client.set_terminated(retry, "FINISHED")
+    assert tracking.republish_skipped("evaluate", since + 9_000, "pushed later", exp) is None
+    assert client.get_run(ids["this_attempt"]).info.status == "FAILED"
+    # the retry found the stage up to date and only pushed: the newest run of this copy is the result again
+    client.delete_run(retry)
+    assert tracking.republish_skipped("evaluate", since + 9_000, "pushed later", exp) == ids["this_attempt"]
+    run = client.get_run(ids["this_attempt"])
+    assert run.info.status == "FINISHED" and run.data.tags["published_on_retry"] == "pushed later"
+    assert "unpublished" not in run.data.tags
+    assert tracking.republish_skipped("evaluate", since + 9_000, "pushed later", exp) is None  # nothing left to do
+
+
 def test_a_killed_orchestrators_parent_and_stage_runs_are_closed(store, request):
     """The next DAG run's ``start`` closes the parent of a DAG run that is over, and the stage run its
     killed orchestrator left open, whichever stage it was (the new run may not run that stage)."""
