@@ -160,7 +160,8 @@ def test_archive_checksum_or_size_mismatch_keeps_nothing(tmp_path, monkeypatch, 
     source.write_bytes(bytes(served))
     dest = tmp_path / "cache" / "photos" / DIV2K
     remote = download.Remote(str(source), dest, "sha256", params.photos_sha256, params.photos_size)
-    with pytest.raises(PipelineError, match=f"{'checksum' if corrupt == 'byte' else 'size'} mismatch.*nothing was kept"):
+    what = "checksum" if corrupt == "byte" else "size"
+    with pytest.raises(PipelineError, match=f"{what} mismatch.*nothing was kept"):
         download.ensure(remote, params)
     assert not any(dest.parent.iterdir())  # no archive, no temporary
     source.write_bytes(archive.read_bytes())  # the right bytes: kept, and reused without a transfer
@@ -183,6 +184,30 @@ def test_nested_folders_are_kept_below_the_top_one(tmp_path):
     assert download.safe_extract_photos(archive, tmp_path / "out") == 2
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()) \
         == ["a/1.PNG", "b/2.png"]
+
+
+def test_hidden_members_are_skipped(tmp_path):
+    """A zip made on macOS carries __MACOSX/ and ._name.png resource forks: not images, and not another top folder."""
+    archive = _zip(tmp_path / "a.zip", {"set/0001.png": b"x", "set/._0001.png": b"fork",
+                                        "__MACOSX/set/._0001.png": b"fork"})
+    assert download.safe_extract_photos(archive, tmp_path / "out") == 1
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["0001.png"]
+
+
+def test_stale_temporaries_of_any_archive_are_found(tmp_path, monkeypatch):
+    """A killed run's half-downloaded archive (whatever data.photos named then) is removed by the next run."""
+    from pipeline.cleanup import remove_stale_temps
+
+    monkeypatch.chdir(tmp_path)
+    assert download._photo_cache_targets() == []  # no cache yet
+    cache = download.CACHE / "photos"
+    cache.mkdir(parents=True)
+    (cache / f".{DIV2K}.k3x_9a2q.tmp").write_bytes(b"half")
+    (cache / ".other.zip.abcdefgh.tmp").write_bytes(b"half")
+    (cache / DIV2K).write_bytes(b"verified")  # a complete download stays
+    assert sorted(download._photo_cache_targets()) == [cache / DIV2K, cache / "other.zip"]
+    assert remove_stale_temps(*download._photo_cache_targets()) == 2
+    assert [p.name for p in cache.iterdir()] == [DIV2K]
 
 
 @pytest.mark.parametrize("members,links,why", [
@@ -272,7 +297,7 @@ def test_gpu_profile_downloads_the_photos_and_augment_crops_them(tmp_path, monke
     def source_of(patch):
         for name, img in images.items():
             windows = np.lib.stride_tricks.sliding_window_view(img, (32, 32, 3))
-            if (windows == patch).all(axis=(-3, -2, -1)).any() or (windows == patch[:, ::-1]).all(axis=(-3, -2, -1)).any():
+            if any((windows == p).all(axis=(-3, -2, -1)).any() for p in (patch, patch[:, ::-1])):  # flipped or not
                 return name
         return None
 

@@ -234,7 +234,7 @@ def photo_members(archive: Path) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]
     """The PNG images of a zip archive, each with its path below the target folder (the single top folder
     that holds them all, ``DIV2K_train_HR/``, dropped). Any member that would land outside the target
     (absolute path, drive letter, ``..``), a link or another non-regular file makes the whole archive
-    refused; other regular files (not ``.png``) are skipped."""
+    refused; other regular files (not ``.png``, or hidden: ``.name``, ``__MACOSX/``) are skipped."""
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
@@ -252,7 +252,8 @@ def photo_members(archive: Path) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # 0: no type recorded (DOS attributes, writestr)
             raise PipelineError(f"{archive}: refusing member {info.filename!r} (not a regular file)")
         parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-        if parts and parts[-1].lower().endswith(".png"):
+        hidden = any(part.startswith(".") or part == "__MACOSX" for part in parts)  # e.g. macOS's ._0001.png
+        if parts and parts[-1].lower().endswith(".png") and not hidden:
             pngs.append((info, parts))
     if not pngs:
         raise PipelineError(f"{archive}: holds no PNG image")
