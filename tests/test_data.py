@@ -98,6 +98,7 @@ def test_download_outputs_and_rerun_transfers_nothing(tiny_workspace):
     raw = tiny_workspace / "data" / "raw"
     assert sorted(p.name for p in (raw / "cifar-10-batches-py").iterdir()) == sorted(download.CIFAR_MEMBERS)
     assert len(list((raw / "kodak").glob("kodim*.png"))) == 24
+    assert (raw / "photos").is_dir() and not any((raw / "photos").iterdir())  # data.photos null: declared, empty
     sums = download.read_sums(str(download_mirror()), DataParams())
     for png in (raw / "kodak").iterdir():
         assert file_digest(png, "sha256") == sums[f"kodak/{png.name}"]

@@ -1,24 +1,30 @@
-"""Stage ``download``: CIFAR-10 (python tarball) and the 24 Kodak PNGs, verified before use.
+"""Stage ``download``: CIFAR-10 (python tarball), the 24 Kodak PNGs and, when ``data.photos`` names one,
+a high-resolution photo set (a .zip of PNGs, e.g. DIV2K's training images), verified before use.
 
 Sources: the official URLs in params.yaml, or a mirror (``data.mirror`` or env ``DATA_MIRROR``): a
-directory or URL holding ``SHA256SUMS``, ``cifar-10-python.tar.gz`` and ``kodak/kodimNN.png``.
+directory or URL holding ``SHA256SUMS``, ``cifar-10-python.tar.gz``, ``kodak/kodimNN.png`` and, for
+the photo set, ``photos/<archive name>`` (``photos/DIV2K_train_HR.zip``).
 Every file is downloaded to a temporary name in ``.cache/downloads`` and renamed only once its
-checksum matches; the tarball is verified before it is unpacked, and unpacked into a temporary
+checksum matches; archives are verified before they are unpacked, and unpacked into a temporary
 folder that is renamed into ``data/raw`` at the end. A re-run finds the verified files in the cache
-and transfers nothing.
+and transfers nothing. ``data/raw/photos`` is written on every run (empty when ``data.photos`` is
+null), so dvc.yaml declares it for every profile.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import stat
 import tarfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pipeline.cleanup import remove_stale_temps
 from pipeline.data.params import DataParams
@@ -26,11 +32,12 @@ from pipeline.errors import PipelineError
 from pipeline.utils import atomic_path, file_digest, log, progress
 
 #: the stage's outputs (pipeline/stage.py); dvc.yaml's cmd passes them
-PATHS = {"cifar": "data/raw/cifar-10-batches-py", "kodak": "data/raw/kodak"}
+PATHS = {"cifar": "data/raw/cifar-10-batches-py", "kodak": "data/raw/kodak", "photos": "data/raw/photos"}
 SECTIONS = ("data",)
 CACHE = Path(".cache/downloads")  # verified downloads, reused by a re-run (not a DVC output)
 CIFAR_TARBALL = "cifar-10-python.tar.gz"
 CIFAR_DIR = "cifar-10-batches-py"
+PHOTOS = "photos"  # the photo archive's folder in the cache and in a mirror
 CIFAR_MEMBERS = ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
 #: sha256 of the official kodimNN.png files (the well-known 768x512 / 512x768 PNGs)
 KODAK_SHA256 = {
@@ -69,6 +76,7 @@ class Remote:
     dest: Path
     algo: str  # "md5" | "sha256"
     digest: str
+    size: int | None = None  # bytes, when known in advance (checked before the checksum)
 
 
 def _is_url(source: str) -> bool:
@@ -130,6 +138,9 @@ def ensure(remote: Remote, params: DataParams) -> int:
     remote.dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(remote.dest) as tmp:
         _fetch(remote.url, tmp, params)
+        if remote.size is not None and tmp.stat().st_size != remote.size:
+            raise PipelineError(f"size mismatch for {remote.url}: {tmp.stat().st_size} bytes, "
+                                f"expected {remote.size}; nothing was kept")
         got = file_digest(tmp, remote.algo)
         if got != remote.digest:
             raise PipelineError(f"checksum mismatch for {remote.url}: {remote.algo} is {got}, "
@@ -155,19 +166,39 @@ def read_sums(mirror: str, params: DataParams) -> dict[str, str]:
     return sums
 
 
+def photos_entry(params: DataParams) -> str:
+    """The photo archive's path in a mirror and in the cache: ``photos/DIV2K_train_HR.zip``."""
+    return f"{PHOTOS}/{params.photos_archive}"
+
+
 def plan(params: DataParams, mirror: str | None) -> list[Remote]:
-    """The files to fetch, with the checksum each must match."""
+    """The files to fetch, with the checksum each must match: CIFAR-10, the Kodak images, then the
+    photo archive when ``params.photos`` names one."""
     kodak = [f"kodim{i:02d}.png" for i in range(1, params.kodak_images + 1)]
+    photos = photos_entry(params) if params.photos else None
     if mirror:
         sums = read_sums(mirror, params)
         wanted = [CIFAR_TARBALL, *(f"kodak/{k}" for k in kodak)]
         missing = [w for w in wanted if w not in sums]
         if missing:
             raise PipelineError(f"mirror {mirror}: SHA256SUMS has no entry for {missing[0]}")
-        return [Remote(_join(mirror, w), CACHE / w, "sha256", sums[w]) for w in wanted]
-    return [Remote(params.cifar_url, CACHE / CIFAR_TARBALL, "md5", params.cifar_md5)] + [
+        remotes = [Remote(_join(mirror, w), CACHE / w, "sha256", sums[w]) for w in wanted]
+        if photos:
+            if photos not in sums:
+                raise PipelineError(f"mirror {mirror}: SHA256SUMS has no entry for {photos} (data.photos: "
+                                    f"{params.photos}); add the archive and its line, or set data.photos: null")
+            if sums[photos] != params.photos_sha256:
+                raise PipelineError(f"mirror {mirror}: SHA256SUMS gives {sums[photos]} for {photos}, but "
+                                    f"data.photos_sha256 is {params.photos_sha256}")
+            remotes.append(Remote(_join(mirror, photos), CACHE / photos, "sha256", params.photos_sha256,
+                                  params.photos_size))
+        return remotes
+    remotes = [Remote(params.cifar_url, CACHE / CIFAR_TARBALL, "md5", params.cifar_md5)] + [
         Remote(params.kodak_url.format(index=i), CACHE / "kodak" / f"kodim{i:02d}.png", "sha256",
                KODAK_SHA256[i]) for i in range(1, params.kodak_images + 1)]
+    if photos:
+        remotes.append(Remote(params.photos_url, CACHE / photos, "sha256", params.photos_sha256, params.photos_size))
+    return remotes
 
 
 def safe_extract_cifar(tarball: Path, dest: Path) -> None:
@@ -193,12 +224,91 @@ def safe_extract_cifar(tarball: Path, dest: Path) -> None:
         raise PipelineError(f"{tarball}: cannot unpack: {err}") from None
 
 
-def fetch(params: DataParams, mirror: str | None, cifar_dir: Path, kodak_dir: Path) -> dict[str, float]:
-    """Download (or find in the cache) and verify everything, then publish ``cifar_dir`` and ``kodak_dir``."""
+def _unsafe(name: str) -> bool:
+    """An archive member name that would land outside the target folder (absolute, drive, ``..``)."""
+    posix = name.replace("\\", "/")
+    return posix.startswith("/") or bool(re.match(r"^[A-Za-z]:", posix)) or ".." in PurePosixPath(posix).parts
+
+
+def photo_members(archive: Path) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+    """The PNG images of a zip archive, each with its path below the target folder (the single top folder
+    that holds them all, ``DIV2K_train_HR/``, dropped). Any member that would land outside the target
+    (absolute path, drive letter, ``..``), a link or another non-regular file makes the whole archive
+    refused; other regular files (not ``.png``, or hidden: ``.name``, ``__MACOSX/``) are skipped."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise PipelineError(f"{archive}: not a readable zip archive: {err}") from None
+    pngs = []
+    for info in infos:
+        if _unsafe(info.filename):
+            raise PipelineError(f"{archive}: refusing zip member {info.filename!r} (outside the target)")
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise PipelineError(f"{archive}: refusing link member {info.filename!r}")
+        if info.is_dir():
+            continue
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # 0: no type recorded (DOS attributes, writestr)
+            raise PipelineError(f"{archive}: refusing member {info.filename!r} (not a regular file)")
+        parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+        hidden = any(part.startswith(".") or part == "__MACOSX" for part in parts)  # e.g. macOS's ._0001.png
+        if parts and parts[-1].lower().endswith(".png") and not hidden:
+            pngs.append((info, parts))
+    if not pngs:
+        raise PipelineError(f"{archive}: holds no PNG image")
+    tops = {parts[0] for _, parts in pngs}
+    if len(tops) == 1 and all(len(parts) > 1 for _, parts in pngs):  # flatten DIV2K_train_HR/0001.png
+        pngs = [(info, parts[1:]) for info, parts in pngs]
+    return pngs
+
+
+def safe_extract_photos(archive: Path, dest: Path) -> int:
+    """Unpack the PNG images of ``archive`` into ``dest`` (a new folder), refusing unsafe members
+    (``photo_members``); zipfile checks each member's CRC as it is read. Returns the number of images."""
+    members = photo_members(archive)
+    need = sum(info.file_size for info, _ in members)
+    free = shutil.disk_usage(dest.parent).free
+    if need > free:
+        raise PipelineError(f"{archive}: unpacking needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free "
+                            f"in {dest.parent}")
+    dest.mkdir(parents=True)
+    root = dest.resolve()
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info, parts in progress(members, desc=f"unpacking {archive.name}", unit="image"):
+                target = dest.joinpath(*parts)
+                if root not in target.resolve().parents:  # belt and braces: checked by name above
+                    raise PipelineError(f"{archive}: refusing zip member {info.filename!r} (outside the target)")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "xb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+    except FileExistsError as err:
+        raise PipelineError(f"{archive}: two members unpack to {err.filename}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as err:
+        raise PipelineError(f"{archive}: cannot unpack: {err}") from None
+    return len(members)
+
+
+def fetch(params: DataParams, mirror: str | None, cifar_dir: Path, kodak_dir: Path,
+          photos_dir: Path) -> dict[str, float]:
+    """Download (or find in the cache) and verify everything, then publish ``cifar_dir``, ``kodak_dir`` and
+    ``photos_dir`` (the photo set's PNGs; empty when ``params.photos`` is null)."""
     start = time.perf_counter()
     remotes = plan(params, mirror)
-    log(f"[download] source: {mirror or 'official URLs'}")
-    transferred = sum(ensure(r, params) for r in progress(remotes, desc="files", unit="file"))
+    photos = remotes.pop() if params.photos else None
+    log(f"[download] source: {mirror or 'official URLs'}"
+        + (f"; photos: {params.photos} ({photos.url})" if photos else ""))
+    if photos and photos.size and not (photos.dest.is_file() and photos.dest.stat().st_size == photos.size):
+        photos.dest.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(photos.dest.parent).free
+        if photos.size > free:
+            raise PipelineError(f"{photos.url}: {photos.size / 1e9:.2f} GB to download, only {free / 1e9:.2f} GB "
+                                f"free in {photos.dest.parent}")
+    transferred = sum(ensure(r, params) for r in progress(remotes + [photos] * bool(photos), desc="files",
+                                                          unit="file"))
+    if photos:
+        photo_members(photos.dest)  # refuse an unsafe archive before anything is published
     cifar_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cifar_dir) as tmp:
         safe_extract_cifar(remotes[0].dest, tmp)
@@ -210,9 +320,27 @@ def fetch(params: DataParams, mirror: str | None, cifar_dir: Path, kodak_dir: Pa
         tmp.mkdir()
         for remote in remotes[1:]:
             shutil.copyfile(remote.dest, tmp / remote.dest.name)
-    log(f"[download] CIFAR-10 in {cifar_dir}, {len(remotes) - 1} Kodak images in {kodak_dir} "
-        f"({transferred / 1e6:.1f} MB transferred)")
-    return {"transferred_bytes": transferred, "files": len(remotes), "seconds": time.perf_counter() - start}
+    images = 0
+    photos_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(photos_dir) as tmp:  # empty when no photo set is named (declared for every profile)
+        if photos:
+            images = safe_extract_photos(photos.dest, tmp)
+        else:
+            tmp.mkdir()
+    log(f"[download] CIFAR-10 in {cifar_dir}, {len(remotes) - 1} Kodak images in {kodak_dir}"
+        + (f", {images} {params.photos} images in {photos_dir}" if photos else "")
+        + f" ({transferred / 1e6:.1f} MB transferred)")
+    return {"transferred_bytes": transferred, "files": len(remotes) + bool(photos), "photos": images,
+            "seconds": time.perf_counter() - start}
+
+
+def _photo_cache_targets() -> list[Path]:
+    """The archives whose temporaries a killed run may have left in the cache (whatever data.photos names now)."""
+    folder = CACHE / PHOTOS
+    if not folder.is_dir():
+        return []
+    return [folder / p.name[1:].rsplit(".", 2)[0] for p in folder.iterdir()
+            if p.name.startswith(".") and p.name.endswith(".tmp")]
 
 
 def run(params, paths) -> None:
@@ -220,12 +348,14 @@ def run(params, paths) -> None:
     import mlflow
 
     mirror = os.environ.get("DATA_MIRROR") or params.data.mirror
-    remove_stale_temps(paths.cifar, paths.kodak, CACHE / CIFAR_TARBALL, CACHE / "mirror-SHA256SUMS",
-                       *(CACHE / "kodak" / f"kodim{i:02d}.png" for i in range(1, 25)), stage="download")
+    remove_stale_temps(paths.cifar, paths.kodak, paths.photos, CACHE / CIFAR_TARBALL, CACHE / "mirror-SHA256SUMS",
+                       *(CACHE / "kodak" / f"kodim{i:02d}.png" for i in range(1, 25)), *_photo_cache_targets(),
+                       stage="download")
     mlflow.set_tag("data_source", mirror or "official")
+    mlflow.set_tag("photos", params.data.photos or "none")
     try:
-        mlflow.log_metrics(fetch(params.data, mirror, paths.cifar, paths.kodak))
+        mlflow.log_metrics(fetch(params.data, mirror, paths.cifar, paths.kodak, paths.photos))
     finally:  # a failed run leaves no empty folder behind in data/
-        for folder in {paths.cifar.parent, paths.kodak.parent}:
+        for folder in {paths.cifar.parent, paths.kodak.parent, paths.photos.parent}:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+from urllib.parse import urlparse
+
 from pydantic import Field, model_validator
 
 from pipeline.schema import Section
@@ -16,6 +19,27 @@ class DataParams(Section):
     retries: int = Field(4, ge=0)  # network retries, exponential backoff
     backoff_s: float = Field(1.0, ge=0)  # first retry delay, doubled each time
     timeout_s: float = Field(60.0, gt=0)  # socket timeout per request
+    # an optional high-resolution photo set (a .zip of PNGs) unpacked into data/raw/photos for augment.patch_source
+    photos: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")  # its name (e.g. div2k); None: no photos
+    photos_url: str | None = None  # official URL of the .zip; a mirror serves it as photos/<its file name>
+    photos_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    photos_size: int | None = Field(None, ge=1)  # bytes, checked before the checksum and against free disk space
+
+    @model_validator(mode="after")
+    def _check_photos(self) -> "DataParams":
+        if self.photos is None:
+            return self
+        for key in ("photos_url", "photos_sha256"):
+            if getattr(self, key) is None:
+                raise ValueError(f"{key}: required when photos is set ({self.photos!r})")
+        if not self.photos_archive.endswith(".zip"):
+            raise ValueError(f"photos_url: {self.photos_url!r} does not name a .zip archive (the only kind unpacked)")
+        return self
+
+    @property
+    def photos_archive(self) -> str:
+        """The archive's file name (the last part of ``photos_url``): ``DIV2K_train_HR.zip``."""
+        return PurePosixPath(urlparse(self.photos_url or "").path).name
 
 
 class AugmentParams(Section):

@@ -27,7 +27,7 @@ from tests.conftest import make_workspace
 FAULT_DIR = Path(__file__).resolve().parent / "fault"
 #: outputs compared with the uninterrupted run (metrics and history without timings)
 COMPARED = {
-    "download": ["data/raw/cifar-10-batches-py", "data/raw/kodak"],
+    "download": ["data/raw/cifar-10-batches-py", "data/raw/kodak", "data/raw/photos"],
     "train_classifier": ["data/classifier/model.pt", "data/classifier/metrics.json",
                          "data/classifier/history.csv"],
     "train_compressor": ["data/compressor/model.pt", "data/compressor/metrics.json",
