@@ -172,24 +172,30 @@ def close_orphaned_stage_runs(exp_id: str, stage: str | None = None) -> list[str
     return closed
 
 
+def _workspace_stage_runs(client, stage: str, exp_id: str | None, query: str = "") -> list:
+    """Runs of ``stage`` that this host and workspace started (newest first), in ``exp_id`` (None: the
+    experiment params.yaml names), among those matching the MLflow filter ``query``."""
+    from pipeline.config import load_params
+
+    exp_id = exp_id or experiment_id(load_params(project_root() / "params.yaml").tracking.experiment)
+    runs = client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                              max_results=1000)
+    return [r for r in runs if r.data.tags.get("dvc_stage") == stage and r.data.tags.get("pipeline.host") ==
+            platform.node() and r.data.tags.get("pipeline.workspace") == str(project_root())]
+
+
 def mark_unpublished(stage: str, since_ms: int, note: str, exp_id: str | None = None) -> list[str]:
     """Mark FAILED, with ``note``, the FINISHED runs of ``stage`` that this workspace started since
     ``since_ms`` (epoch ms): the stage ran, but its outputs never reached the DVC remote (``dvc push``
     failed), so that attempt's run is not a result; the retry's run is. Returns their ids."""
-    from pipeline.config import load_params
-
     client = _mlflow().MlflowClient()
-    exp_id = exp_id or experiment_id(load_params(project_root() / "params.yaml").tracking.experiment)
     query = f"attributes.status = 'FINISHED' and attributes.start_time >= {int(since_ms)}"
     marked = []
-    for run in client.search_runs([exp_id], filter_string=query, max_results=1000):
-        tags = run.data.tags
-        if (tags.get("dvc_stage") == stage and tags.get("pipeline.host") == platform.node()
-                and tags.get("pipeline.workspace") == str(project_root())):
-            client.set_tag(run.info.run_id, "unpublished", note[:5000])
-            client.set_terminated(run.info.run_id, status="FAILED")
-            log(f"[mlflow] run {run.info.run_id} ({stage}) marked FAILED: {note}")
-            marked.append(run.info.run_id)
+    for run in _workspace_stage_runs(client, stage, exp_id, query):
+        client.set_tag(run.info.run_id, "unpublished", note[:5000])
+        client.set_terminated(run.info.run_id, status="FAILED")
+        log(f"[mlflow] run {run.info.run_id} ({stage}) marked FAILED: {note}")
+        marked.append(run.info.run_id)
     return marked
 
 
@@ -198,13 +204,8 @@ def republish_skipped(stage: str, since_ms: int, note: str, exp_id: str | None =
     ``since_ms`` (DVC skipped the stage as up to date, so what was pushed is an earlier attempt's output),
     the newest run of this workspace that :func:`mark_unpublished` failed is FINISHED again, with the
     tag ``published_on_retry``. Returns its id (None: the stage ran again, or nothing was unpublished)."""
-    from pipeline.config import load_params
-
     client = _mlflow().MlflowClient()
-    exp_id = exp_id or experiment_id(load_params(project_root() / "params.yaml").tracking.experiment)
-    runs = [r for r in client.search_runs([exp_id], order_by=["attributes.start_time DESC"], max_results=1000)
-            if r.data.tags.get("dvc_stage") == stage and r.data.tags.get("pipeline.host") == platform.node()
-            and r.data.tags.get("pipeline.workspace") == str(project_root())]
+    runs = _workspace_stage_runs(client, stage, exp_id)
     if not runs or runs[0].info.start_time >= since_ms:
         return None
     newest = runs[0]
