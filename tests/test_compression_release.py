@@ -61,3 +61,47 @@ def test_release_writes_a_small_fp16_model_that_loads_and_codes(tmp_path):
     codec = load_codec(out)
     img = data[0]
     np.testing.assert_array_equal(codec.decompress(codec.compress(img, 1)), codec.reconstruct(img, 1))
+
+
+def test_the_kodak_curve_ends_at_the_published_weights(tmp_path):
+    """Snapshots every 2 epochs of a 3-epoch run: the curve has epoch 2's snapshot and then the published
+    (EMA, fp16-rounded) weights of epoch 3, scored on the given images; a second release reuses the cache."""
+    from PIL import Image
+
+    from tests.conftest import REPO
+
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    set_params(work / "params.yaml", "tiny", ["train_compressor.ema_decay=0.5", "train_compressor.snapshot_every=2",
+                                              "train_compressor.epochs=3"])
+    from pipeline.config import load_params
+
+    p: TrainCompressorParams = load_params(work / "params.yaml").train_compressor
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    ckpt = work / "ckpt" / "last.pt"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_end(row):
+        if row["epoch"] == p.epochs:
+            raise Stop
+
+    with pytest.raises(Stop):
+        tc.train(p, data, data[:8], seed=0, device=torch.device("cpu"), ckpt_path=ckpt, key="k", on_epoch=stop_at_end)
+    kodak = tmp_path / "kodak"
+    kodak.mkdir()
+    for i in (1, 2):  # 5-scale MS-SSIM needs >= 161 px
+        Image.fromarray(rng.integers(0, 256, (176, 192, 3), dtype=np.uint8)).save(kodak / f"kodim{i:02d}.png")
+    out = tmp_path / "models" / "rnnc-test.pt"
+    record = release.release(ckpt, work, out, kodak=kodak, curve_iterations=1)
+    assert [pt["epoch"] for pt in record["kodak_curve"]] == [2, 3]
+    final = record["kodak_curve"][-1]
+    expected = release.kodak_quality(load_model(out).eval(), kodak, 1)
+    assert final["ms_ssim"] == pytest.approx(expected["ms_ssim"], abs=1e-6) and final["images"] == 2
+    assert final["train_hours"] == record["train_hours_total"]
+    cache = json.loads((ckpt.parent / "snapshots" / "kodak_k1.json").read_text())
+    assert set(cache) == {"epoch_00002.pt", "published_epoch_00003"}
+    assert release.release(ckpt, work, out, kodak=kodak, curve_iterations=1)["kodak_curve"] == record["kodak_curve"]

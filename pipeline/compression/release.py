@@ -166,6 +166,16 @@ def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curv
             log(f"[release] {snap.name}: {point['train_hours']:.2f} h, Kodak MS-SSIM@{curve_iterations} "
                 f"{point['ms_ssim']:.4f}, PSNR {point['psnr']:.2f} dB")
             curve.append(point)
+        if not any(int(cache[snap.name]["epoch"]) == epochs for snap in snaps):  # the published weights themselves
+            key = f"published_epoch_{epochs:05d}"
+            if key not in cache:
+                cache[key] = {"train_hours": round(prior_hours + hours, 4), "epoch": epochs,
+                              "iterations": curve_iterations, **kodak_quality(model.eval(), kodak, curve_iterations)}
+                atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+            point = cache[key]
+            log(f"[release] published weights (epoch {epochs}): {point['train_hours']:.2f} h, Kodak "
+                f"MS-SSIM@{curve_iterations} {point['ms_ssim']:.4f}, PSNR {point['psnr']:.2f} dB")
+            curve.append(point)
     record = {
         "file": out.name,
         "how": "python -m pipeline train_compressor (scripts/train_codec_long.sh), then "
