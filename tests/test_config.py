@@ -27,7 +27,7 @@ def test_profile_overrides_apply(raw):
     tiny = resolve({**raw, "profile": "tiny"})
     expected = raw["augment"]["profiles"]["tiny"]["patches"]
     assert tiny.augment.patches == expected != cpu.augment.patches
-    assert tiny.augment.patch_size == cpu.augment.patch_size  # untouched keys keep the base value
+    assert tiny.augment.patch_pad == cpu.augment.patch_pad  # untouched keys keep the base value
 
 
 def test_unknown_key_is_named(raw):
