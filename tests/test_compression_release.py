@@ -17,19 +17,18 @@ from pipeline.config import set_params
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_release_writes_a_small_fp16_model_that_loads_and_codes(tmp_path):
-    # a project folder whose params say what the run used
-    work = tmp_path / "run"
-    work.mkdir()
+def _interrupted_run(tmp_path, overrides: list[str], seed: int):
+    """A project folder whose params say what the run used, and a tiny training run stopped after its last
+    epoch with the checkpoint kept, as an interrupted long run leaves it: (work, params, data, checkpoint)."""
+    from pipeline.config import load_params
     from tests.conftest import REPO
 
+    work = tmp_path / "run"
+    work.mkdir()
     (work / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    set_params(work / "params.yaml", "tiny", ["train_compressor.ema_decay=0.5", "train_compressor.snapshot_every=1"])
-    from pipeline.config import load_params
-
+    set_params(work / "params.yaml", "tiny", overrides)
     p: TrainCompressorParams = load_params(work / "params.yaml").train_compressor
-    rng = np.random.default_rng(0)
-    data = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    data = np.random.default_rng(seed).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
     ckpt = work / "ckpt" / "last.pt"
 
     class Stop(Exception):
@@ -39,8 +38,14 @@ def test_release_writes_a_small_fp16_model_that_loads_and_codes(tmp_path):
         if row["epoch"] == p.epochs:
             raise Stop
 
-    with pytest.raises(Stop):  # keep the checkpoint, as an interrupted long run does
+    with pytest.raises(Stop):
         tc.train(p, data, data[:8], seed=0, device=torch.device("cpu"), ckpt_path=ckpt, key="k", on_epoch=stop_at_end)
+    return work, p, data, ckpt
+
+
+def test_release_writes_a_small_fp16_model_that_loads_and_codes(tmp_path):
+    work, p, data, ckpt = _interrupted_run(
+        tmp_path, ["train_compressor.ema_decay=0.5", "train_compressor.snapshot_every=1"], seed=0)
     state = torch.load(ckpt, weights_only=True)
     out = tmp_path / "models" / "rnnc-test.pt"
     record = release.release(ckpt, work, out, kodak=None, curve_iterations=1)
@@ -68,29 +73,10 @@ def test_the_kodak_curve_ends_at_the_published_weights(tmp_path):
     (EMA, fp16-rounded) weights of epoch 3, scored on the given images; a second release reuses the cache."""
     from PIL import Image
 
-    from tests.conftest import REPO
-
-    work = tmp_path / "run"
-    work.mkdir()
-    (work / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    set_params(work / "params.yaml", "tiny", ["train_compressor.ema_decay=0.5", "train_compressor.snapshot_every=2",
-                                              "train_compressor.epochs=3"])
-    from pipeline.config import load_params
-
-    p: TrainCompressorParams = load_params(work / "params.yaml").train_compressor
+    work, p, data, ckpt = _interrupted_run(tmp_path, ["train_compressor.ema_decay=0.5",
+                                                      "train_compressor.snapshot_every=2",
+                                                      "train_compressor.epochs=3"], seed=1)
     rng = np.random.default_rng(1)
-    data = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
-    ckpt = work / "ckpt" / "last.pt"
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_end(row):
-        if row["epoch"] == p.epochs:
-            raise Stop
-
-    with pytest.raises(Stop):
-        tc.train(p, data, data[:8], seed=0, device=torch.device("cpu"), ckpt_path=ckpt, key="k", on_epoch=stop_at_end)
     kodak = tmp_path / "kodak"
     kodak.mkdir()
     for i in (1, 2):  # 5-scale MS-SSIM needs >= 161 px
