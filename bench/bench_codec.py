@@ -1,5 +1,5 @@
 """Benchmark the RNN codec: encode and decode seconds per megapixel, peak memory, and what the
-entropy coding of .rnnc v2 saves over the raw bits, iteration by iteration, on Kodak.
+entropy coding of .rnnc v3 (v2 for a model without a fitted context model) saves over the raw bits, iteration by iteration, on Kodak.
 
     python bench/bench_codec.py                          # cpu-profile-sized model, 768x512, all iterations
     python bench/bench_codec.py --size 4000x3000         # a large photo: time and peak RSS
@@ -7,7 +7,7 @@ entropy coding of .rnnc v2 saves over the raw bits, iteration by iteration, on K
 
 With --kodak DIR (the folder of kodim01.png ... kodim24.png) the timed image is kodim01 (768x512)
 and the entropy coding is measured on --images of them: per iteration, the raw bytes of the bits
-against the coded payload bytes, and per iteration count k the whole v2 file against the v1 (raw) file
+against the coded payload bytes, and per iteration count k the whole v3 (and v2) file against the v1 (raw) file
 of the same bits -- the same bits decode to the same image, so this is the saving at equal quality.
 
 Without --model the network is built untrained with the widths of the active params.yaml profile
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.compression.codec import (  # noqa: E402
-    DEFAULT_TILE, RNNCodec, _pack_v1, _pack_v2, bits_per_pixel, load_model, truncate,
+    DEFAULT_TILE, RNNCodec, _pack_coded, _pack_v1, bits_per_pixel, load_model, truncate,
 )
 from pipeline.compression.model import ModelConfig, RNNCompressor, count_parameters  # noqa: E402
 
@@ -94,45 +94,52 @@ def kodak_images(folder: str, n: int) -> list[tuple[str, np.ndarray]]:
 
 
 def entropy_saving(codec: RNNCodec, images: list[tuple[str, np.ndarray]], iterations: int) -> dict:
-    """Raw vs coded bytes per iteration, and v2 vs v1 file sizes per iteration count, over the images."""
+    """Raw vs coded bytes per iteration, and coded vs v1 (raw) file sizes per iteration count, over the
+    images, for the version the codec writes (3 with a fitted context model) and, when that is 3, for
+    version 2 as well."""
+    table = codec.context_table
+    versions = [3, 2] if table is not None else [2]
     raw = np.zeros(iterations)
-    coded = np.zeros(iterations)
     v1_sizes = np.zeros(iterations)
-    v2_sizes = np.zeros(iterations)
-    ratios = []  # per image and k: v2 size / v1 size
+    coded = {v: np.zeros(iterations) for v in versions}
+    sizes_by_k = {v: np.zeros(iterations) for v in versions}
+    ratios = {v: [] for v in versions}  # per image and k: coded size / v1 size
     code_s = decode_s = 0.0
     for name, img in images:
         codes = codec.encode(img, iterations)
         header = codec.header_for(img, iterations)
-        t0 = time.perf_counter()
-        v2, sizes = _pack_v2(header, codes)
-        code_s += time.perf_counter() - t0
         v1 = _pack_v1(header, codes)
-        t0 = time.perf_counter()
-        codec._codes(v2, None)  # entropy decoding alone (parse, CRCs, the context model, the range decoder)
-        decode_s += time.perf_counter() - t0
         raw += header.iteration_bytes
-        coded += np.array(sizes)
-        img_ratios = []
         for k in range(1, iterations + 1):
-            a, b = len(truncate(v1, k)), len(truncate(v2, k))
-            v1_sizes[k - 1] += a
-            v2_sizes[k - 1] += b
-            img_ratios.append(b / a)
-        ratios.append(img_ratios)
-        print(f"  {name}: v2/v1 file size at k=1..{iterations}: " + " ".join(f"{r:.3f}" for r in img_ratios),
-              flush=True)
-    ratios = np.array(ratios)
-    return {
-        "images": [n for n, _ in images], "iterations": iterations,
-        "raw_bytes_per_iteration": raw.tolist(), "coded_bytes_per_iteration": coded.tolist(),
-        "saving_per_iteration": (1 - coded / raw).tolist(),
-        "v1_file_bytes_by_k": v1_sizes.tolist(), "v2_file_bytes_by_k": v2_sizes.tolist(),
-        "file_saving_by_k": (1 - v2_sizes / v1_sizes).tolist(),
-        # equal quality at every k (same bits): the BD-rate is the mean log size ratio
-        "bd_rate_v2_vs_v1": float(np.exp(np.log(ratios).mean()) - 1),
-        "entropy_code_s_per_image": code_s / len(images), "entropy_decode_s_per_image": decode_s / len(images),
-    }
+            v1_sizes[k - 1] += len(truncate(v1, k))
+        for v in versions:
+            t0 = time.perf_counter()
+            data, sizes = _pack_coded(header, codes, table if v == 3 else None)
+            if v == versions[0]:
+                code_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                codec._codes(data, None)  # entropy decoding alone (parse, CRCs, the context model, the range decoder)
+                decode_s += time.perf_counter() - t0
+            coded[v] += np.array(sizes)
+            img_ratios = []
+            for k in range(1, iterations + 1):
+                b = len(truncate(data, k))
+                sizes_by_k[v][k - 1] += b
+                img_ratios.append(b / len(truncate(v1, k)))
+            ratios[v].append(img_ratios)
+            print(f"  {name}: v{v}/v1 file size at k=1..{iterations}: " + " ".join(f"{r:.3f}" for r in img_ratios),
+                  flush=True)
+    out = {"images": [n for n, _ in images], "iterations": iterations, "version": versions[0],
+           "raw_bytes_per_iteration": raw.tolist(), "v1_file_bytes_by_k": v1_sizes.tolist(),
+           "entropy_code_s_per_image": code_s / len(images), "entropy_decode_s_per_image": decode_s / len(images)}
+    for v in versions:
+        out[f"v{v}"] = {
+            "coded_bytes_per_iteration": coded[v].tolist(), "saving_per_iteration": (1 - coded[v] / raw).tolist(),
+            "file_bytes_by_k": sizes_by_k[v].tolist(), "file_saving_by_k": (1 - sizes_by_k[v] / v1_sizes).tolist(),
+            # equal quality at every k (same bits): the BD-rate is the mean log size ratio
+            "bd_rate_vs_v1": float(np.exp(np.log(np.array(ratios[v])).mean()) - 1),
+        }
+    return out
 
 
 def main() -> None:
@@ -181,15 +188,19 @@ def main() -> None:
     print(f"peak RSS of this process: {peak:.0f} MiB")
     saving = None
     if images:
-        print(f"entropy coding (.rnnc v2 vs raw bits) on {len(images)} Kodak image(s), {k} iterations:")
         saving = entropy_saving(RNNCodec(model, tile=args.tile), images, k)
-        print("  iteration  raw bytes  coded bytes  saving   | file v1   file v2   saving (k iterations)")
-        for t in range(k):
-            print(f"  {t + 1:9d}  {saving['raw_bytes_per_iteration'][t]:9.0f}  {saving['coded_bytes_per_iteration'][t]:11.0f}"
-                  f"  {100 * saving['saving_per_iteration'][t]:5.1f} %  | {saving['v1_file_bytes_by_k'][t]:8.0f}"
-                  f"  {saving['v2_file_bytes_by_k'][t]:8.0f}  {100 * saving['file_saving_by_k'][t]:5.1f} %")
-        print(f"  BD-rate of v2 against v1 (equal quality at every k): {100 * saving['bd_rate_v2_vs_v1']:+.1f} %; "
-              f"entropy coding {saving['entropy_code_s_per_image']:.3f} s, decoding "
+        for v in (3, 2):
+            if f"v{v}" not in saving:
+                continue
+            e = saving[f"v{v}"]
+            print(f"entropy coding (.rnnc v{v} vs raw bits) on {len(images)} Kodak image(s), {k} iterations:")
+            print(f"  iteration  raw bytes  coded bytes  saving   | file v1   file v{v}   saving (k iterations)")
+            for t in range(k):
+                print(f"  {t + 1:9d}  {saving['raw_bytes_per_iteration'][t]:9.0f}  {e['coded_bytes_per_iteration'][t]:11.0f}"
+                      f"  {100 * e['saving_per_iteration'][t]:5.1f} %  | {saving['v1_file_bytes_by_k'][t]:8.0f}"
+                      f"  {e['file_bytes_by_k'][t]:8.0f}  {100 * e['file_saving_by_k'][t]:5.1f} %")
+            print(f"  BD-rate of v{v} against v1 (equal quality at every k): {100 * e['bd_rate_vs_v1']:+.1f} %")
+        print(f"entropy coding (v{saving['version']}) {saving['entropy_code_s_per_image']:.3f} s, decoding "
               f"{saving['entropy_decode_s_per_image']:.3f} s per image")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "peak_rss_mib": peak, "entropy": saving},

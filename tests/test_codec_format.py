@@ -44,7 +44,7 @@ def codec(one_thread) -> RNNCodec:
 
 def test_header_golden_bytes():
     h = Header(bits=32, tile=768, fingerprint=bytes(range(8)), height=512, width=768, iterations=3)
-    head = b"RNNC" + bytes([2, 32, 16]) + struct.pack("<H", 768) + bytes(range(8)) \
+    head = b"RNNC" + bytes([3, 32, 16]) + struct.pack("<H", 768) + bytes(range(8)) \
         + struct.pack("<IIB", 512, 768, 3)
     assert h.pack() == head + struct.pack("<I", binascii.crc32(head))
     assert len(h.pack()) == HEADER_SIZE == 30
@@ -300,7 +300,7 @@ RAW = 3 * 4 * 4  # the raw size of one iteration of a 37x53 image (3 x 4 blocks 
     ({"iterations": 0}, "iterations"), ({"height": 0}, "size"), ({"width": 0}, "size"),
     ({"width": (1 << 20) + 1}, "size"), ({"iterations": 5}, "at most 4"), ({"bits": 16}, "another model"),
     ({"fp": bytes(8)}, "another model"), ({"magic": b"RNNX"}, "magic"), ({"version": 0}, "version 0"),
-    ({"version": 3}, "version 3"),
+    ({"version": 4}, "version 4"),
 ])
 def test_header_fields_are_range_checked_behind_valid_crcs(codec, fields, match):
     data = forge(codec, fields, [bytes(RAW)])

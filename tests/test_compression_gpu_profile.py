@@ -50,5 +50,6 @@ def test_cpu_profile_warm_starts_from_the_shipped_model(tiny_workspace, monkeypa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")
     run_stage(ws, "train_compressor")
     tuned = load_model(ws / "data" / "compressor" / "model.pt")
-    for (name, a), b in zip(tuned.state_dict().items(), shipped.state_dict().values()):
+    for (name, a), b in zip(tuned.named_parameters(), shipped.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name  # fine-tuning started from the shipped weights
+    assert tuned.context.any()  # and its entropy model was fitted again to the tuned codec's codes

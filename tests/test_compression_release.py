@@ -10,7 +10,7 @@ import torch
 
 from pipeline.compression import release
 from pipeline.compression import train as tc
-from pipeline.compression.codec import load_codec, load_model
+from pipeline.compression.codec import load_codec, load_model, parse
 from pipeline.compression.params import TrainCompressorParams
 from pipeline.config import set_params
 
@@ -29,6 +29,8 @@ def _interrupted_run(tmp_path, overrides: list[str], seed: int):
     set_params(work / "params.yaml", "tiny", overrides)
     p: TrainCompressorParams = load_params(work / "params.yaml").train_compressor
     data = np.random.default_rng(seed).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    (work / "data" / "prepared").mkdir(parents=True)
+    np.savez(work / "data" / "prepared" / "patches.npz", train=data, val=data[:8])  # the entropy model's fit reads it
     ckpt = work / "ckpt" / "last.pt"
 
     class Stop(Exception):
@@ -66,6 +68,9 @@ def test_release_writes_a_small_fp16_model_that_loads_and_codes(tmp_path):
     codec = load_codec(out)
     img = data[0]
     np.testing.assert_array_equal(codec.decompress(codec.compress(img, 1)), codec.reconstruct(img, 1))
+    # the entropy model was fitted on the run's training patches: the file writes .rnnc v3
+    assert meta["context_model"]["patches"] == len(data) and len(meta["context_model"]["fit_bits_per_bit"]) == p.iterations
+    assert codec.context_table is not None and parse(codec.compress(img, 1))[0].version == 3
 
 
 def test_the_kodak_curve_ends_at_the_published_weights(tmp_path):

@@ -123,7 +123,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, recipe):
 def test_stage_on_tiny_profile(tiny_workspace, monkeypatch):
     import mlflow
 
-    from pipeline.compression.codec import load_codec
+    from pipeline.compression.codec import load_codec, parse
     from pipeline.config import load_params
 
     from pipeline.__main__ import main
@@ -146,6 +146,9 @@ def test_stage_on_tiny_profile(tiny_workspace, monkeypatch):
     img = synthetic_patches(1)[0]
     np.testing.assert_array_equal(codec.decompress(codec.compress(img, p.iterations)),
                                   codec.reconstruct(img, p.iterations))
+    # the entropy model was fitted after training (context_patches): files are .rnnc v3
+    assert p.context_patches > 0 and metrics["context_fit_seconds"] >= 0
+    assert codec.context_table is not None and parse(codec.compress(img, 1))[0].version == 3
     # a finished run leaves no resumable checkpoint behind: `dvc repro -f` must train again
     assert not (tiny_workspace / "data" / "checkpoints" / "train_compressor" / "last.pt").exists()
     assert "mlflow_run_id" not in torch.load(out / "model.pt", weights_only=True)["meta"]

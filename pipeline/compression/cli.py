@@ -127,8 +127,9 @@ def _info(args: argparse.Namespace) -> None:
     data = read_bytes(args.input)
     header, chunks = parse(data)
     raw = header.iteration_bytes
+    model = {2: "adaptive context model", 3: "the model's learned context model"}.get(header.version)
     coding = "raw bits" if header.version == 1 else \
-        f"entropy-coded, {sum(len(c) < raw for c in chunks)}/{len(chunks)} coded"
+        f"entropy-coded with {model}, {sum(len(c) < raw for c in chunks)}/{len(chunks)} iterations coded"
     print(f"{args.input}: .rnnc v{header.version} ({coding}), {header.width}x{header.height}, "
           f"{len(chunks)}/{header.iterations} iterations, {header.bits} bits per {header.block}x{header.block} "
           f"block, tile {header.tile or 'whole image'}, model {header.fingerprint.hex()}, {len(data)} bytes, "

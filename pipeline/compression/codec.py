@@ -1,10 +1,10 @@
 """The ``.rnnc`` file format and the codec API over a trained :class:`RNNCompressor`.
 
-File layout (little-endian). The header is the same in both versions::
+File layout (little-endian). The header is the same in every version::
 
     header (30 bytes)
       magic        4s   b"RNNC"
-      version      u8   2 (1: raw bits, still read)
+      version      u8   3 when the model has a fitted context model, else 2 (1: raw bits; all still read)
       bits         u8   code bits per 16x16 block per iteration (the model's)
       block        u8   16: pixels per code cell side
       tile         u16  side of the coding tiles in pixels (a multiple of 16, 16..2048; 0: one tile,
@@ -15,12 +15,16 @@ File layout (little-endian). The header is the same in both versions::
       iterations   u8   iterations stored, K
       header_crc   u32  CRC-32 of the 26 bytes above
 
-Version 2, then K times, iteration by iteration::
+Versions 2 and 3, then K times, iteration by iteration::
 
       length       u32  n, the payload's bytes: at most R, the raw size of an iteration (below)
-      payload      n    n == R: the raw bits as in version 1; n < R: the bits entropy-coded by
-                        :class:`pipeline.compression.entropy.PlaneCoder` (an adaptive context model
-                        carried over from the iterations before, and a range coder), n a multiple of 4
+      payload      n    n == R: the raw bits as in version 1; n < R: the bits entropy-coded, n a
+                        multiple of 4, by a range coder with -- version 3 -- the model's own learned
+                        context model (:class:`pipeline.compression.context.ContextCoder`: each bit
+                        predicted from the same block's other bits of this and the two previous
+                        iterations and its coded neighbours), or -- version 2 -- an adaptive context
+                        model carried over from the iterations before
+                        (:class:`pipeline.compression.entropy.PlaneCoder`)
       crc          u32  CRC-32 of length and payload
 
 Version 1, then K times::
@@ -68,8 +72,8 @@ from pipeline.errors import PipelineError
 from pipeline.images import bits_per_pixel  # the one bpp formula (also imported from here by bench, tests)
 
 MAGIC = b"RNNC"
-VERSION = 2
-VERSIONS = (1, 2)  # versions this build reads
+VERSION = 3  # what a model with a fitted context model writes (one without writes 2)
+VERSIONS = (1, 2, 3)  # versions this build reads
 _FIELDS = struct.Struct("<4sBBBH8sIIB")
 _CRC = struct.Struct("<I")
 _LENGTH = struct.Struct("<I")
@@ -174,13 +178,13 @@ class Header:
 
 def file_size(height: int, width: int, iterations: int, bits: int = 32) -> int:
     """Exact size in bytes of a version-1 (raw bits) file of ``iterations`` iterations of a height x
-    width image. A version-2 file is at most :func:`max_file_size`, usually much less."""
+    width image. A version-2 or -3 file is at most :func:`max_file_size`, usually much less."""
     h = Header(bits=bits, tile=0, fingerprint=b"\0" * 8, height=height, width=width, iterations=iterations)
     return HEADER_SIZE + iterations * (h.iteration_bytes + CRC_SIZE)
 
 
 def max_file_size(height: int, width: int, iterations: int, bits: int = 32) -> int:
-    """Upper bound of the size of a version-2 file: every iteration stored raw, plus its length."""
+    """Upper bound of the size of a version-2 or -3 file: every iteration stored raw, plus its length."""
     return file_size(height, width, iterations, bits) + iterations * LENGTH_SIZE
 
 
@@ -224,7 +228,7 @@ def parse_header(data: bytes) -> Header:
 
 
 def _records(data: bytes, header: Header) -> list[tuple[int, int]]:
-    """(start, end) of each whole iteration record present, CRCs checked; payload bytes for v2 exclude
+    """(start, end) of each whole iteration record present, CRCs checked; payload bytes for v2 and v3 exclude
     the length field. Fewer whole iterations than the header says is a valid progressive prefix."""
     raw = header.iteration_bytes
     k = header.iterations
@@ -274,7 +278,7 @@ def _records(data: bytes, header: Header) -> list[tuple[int, int]]:
 
 def parse(data: bytes) -> tuple[Header, list[bytes]]:
     """Check a file and split it into its header and the payloads of the iterations present (whole
-    ones only; version 2: raw when a payload is ``iteration_bytes`` long, else entropy-coded).
+    ones only; versions 2 and 3: raw when a payload is ``iteration_bytes`` long, else entropy-coded).
 
     Fewer whole iterations than the header says is a valid progressive prefix; anything else that
     does not add up is a :class:`BitstreamError`.
@@ -293,12 +297,26 @@ def _pack_v1(header: Header, codes: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _pack_v2(header: Header, codes: np.ndarray) -> tuple[bytes, list[int]]:
-    """The version-2 file of codes (K, Hb, Wb, bits), and each iteration's payload size."""
+def _plane_coder(version: int, shape: tuple[int, int, int], table: np.ndarray | None):
+    """The entropy coder of one image's planes for a version-2 or version-3 file."""
+    if version == 3:
+        from pipeline.compression.context import ContextCoder
+
+        if table is None:
+            raise BitstreamError("invalid .rnnc file: version 3 needs the model's context model, and this model "
+                                 "has none")
+        return ContextCoder(*shape, table)
     from pipeline.compression.entropy import PlaneCoder
 
-    coder = PlaneCoder(*codes.shape[1:])
-    parts = [header.replace(version=2).pack()]
+    return PlaneCoder(*shape)
+
+
+def _pack_coded(header: Header, codes: np.ndarray, table: np.ndarray | None = None) -> tuple[bytes, list[int]]:
+    """The version-2 file of codes (K, Hb, Wb, bits) -- version 3 when given the model's context table --
+    and each iteration's payload size."""
+    version = 2 if table is None else 3
+    coder = _plane_coder(version, codes.shape[1:], table)
+    parts = [header.replace(version=version).pack()]
     sizes = []
     for t in range(codes.shape[0]):
         payload = coder.encode(codes[t])
@@ -310,8 +328,8 @@ def _pack_v2(header: Header, codes: np.ndarray) -> tuple[bytes, list[int]]:
     return b"".join(parts), sizes
 
 
-def _unpack(header: Header, chunks: list[bytes], k: int) -> np.ndarray:
-    """Codes (k, Hb, Wb, bits) bool of the first k payloads."""
+def _unpack(header: Header, chunks: list[bytes], k: int, table: np.ndarray | None = None) -> np.ndarray:
+    """Codes (k, Hb, Wb, bits) bool of the first k payloads (version 3: with the model's context table)."""
     hb, wb = header.blocks
     n = hb * wb * header.bits
     codes = np.empty((k, hb, wb, header.bits), dtype=bool)
@@ -319,9 +337,10 @@ def _unpack(header: Header, chunks: list[bytes], k: int) -> np.ndarray:
         for t in range(k):
             codes[t] = np.unpackbits(np.frombuffer(chunks[t], dtype=np.uint8), count=n).reshape(hb, wb, header.bits)
         return codes
-    from pipeline.compression.entropy import EntropyError, PlaneCoder
+    from pipeline.compression.context import ContextError
+    from pipeline.compression.entropy import EntropyError
 
-    coder = PlaneCoder(hb, wb, header.bits)
+    coder = _plane_coder(header.version, (hb, wb, header.bits), table)
     for t in range(k):
         if len(chunks[t]) == header.iteration_bytes:
             codes[t] = np.unpackbits(np.frombuffer(chunks[t], dtype=np.uint8), count=n).reshape(hb, wb, header.bits)
@@ -330,7 +349,7 @@ def _unpack(header: Header, chunks: list[bytes], k: int) -> np.ndarray:
         else:
             try:
                 codes[t] = coder.decode(chunks[t])
-            except EntropyError as err:
+            except (EntropyError, ContextError) as err:
                 raise BitstreamError(f"corrupt .rnnc file: iteration {t + 1}: {err}") from None
     return codes
 
@@ -357,6 +376,8 @@ def model_fingerprint(model: RNNCompressor) -> bytes:
     """8-byte digest of the model's config and weights: files record it, decoders check it."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
+        if name == "context" and not tensor.any():
+            continue  # an unfitted entropy model: the fingerprint of the weights alone, as before it existed
         t = tensor.detach().to("cpu", torch.float32).contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
@@ -442,6 +463,9 @@ class RNNCodec:
         self.model = model.to(self.device).float().eval()
         self.config: ModelConfig = model.config
         self.fingerprint = model_fingerprint(model)
+        from pipeline.compression.context import to_table
+
+        self.context_table = to_table(model.context)  # None: never fitted (files are version 2)
         self.max_iterations: int = self.config.iterations
         self.bits: int = self.config.bits
         self.tile = int(tile)
@@ -525,18 +549,24 @@ class RNNCodec:
                 out[y0:y1, x0:x1] = self._to_uint8(recon)
         return (codes, out[:h, :w]) if reconstruct else codes
 
-    def compress(self, img: np.ndarray, iterations: int, version: int = VERSION) -> bytes:
+    def compress(self, img: np.ndarray, iterations: int, version: int | None = None) -> bytes:
         """The .rnnc file bytes of ``img`` (uint8 HxWx3) coded with ``iterations`` iterations.
 
-        ``version=1`` writes the raw bits (the old format, and the raw-bit baseline of the entropy
-        coder); the default is version 2 (entropy-coded)."""
+        ``version`` None: 3 (the model's learned context model) when the model has one, else 2 (an
+        adaptive context model); 1 writes the raw bits (the old format, and the entropy coders' baseline)."""
+        if version is None:
+            version = 3 if self.context_table is not None else 2
         if version not in VERSIONS:
             raise CodecError(f"version: this build writes versions {VERSIONS} (got {version})")
+        if version == 3 and self.context_table is None:
+            raise CodecError("version 3: this model has no fitted context model (write version 2)")
         codes = self.encode(img, iterations)
         header = self.header_for(img, codes.shape[0])
         if (header.iteration_bytes + CRC_SIZE + LENGTH_SIZE) * codes.shape[0] + HEADER_SIZE > 0xFFFFFFFF:
             raise InputError(f"image {img.shape[1]}x{img.shape[0]} too large for one .rnnc file")
-        return _pack_v1(header, codes) if version == 1 else _pack_v2(header, codes)[0]
+        if version == 1:
+            return _pack_v1(header, codes)
+        return _pack_coded(header, codes, self.context_table if version == 3 else None)[0]
 
     def compress_to_bpp(self, img: np.ndarray, bpp: float) -> tuple[bytes, int]:
         """The file with the most iterations whose size stays within ``bpp`` bits per pixel, header
@@ -571,6 +601,9 @@ class RNNCodec:
     def _checked_header(self, data: bytes) -> Header:
         header = parse_header(data)
         self._check_model(header)
+        if header.version == 3 and self.context_table is None:
+            raise BitstreamError("invalid .rnnc file: version 3 needs the model's context model, and this model "
+                                 "has none")
         limit = default_max_pixels() if self.max_pixels is None else self.max_pixels
         if limit and header.pixels > limit:
             raise BitstreamError(f"image of {header.width}x{header.height} = {header.pixels} pixels is over the "
@@ -588,7 +621,7 @@ class RNNCodec:
             if k > len(chunks):
                 raise CodecError(f"iterations: the file holds {len(chunks)} iteration(s), cannot decode {k}")
         with _memory_guard("decoding", header.tile):
-            return header, _unpack(header, chunks, k)
+            return header, _unpack(header, chunks, k, self.context_table)
 
     def decompress(self, data: bytes, iterations: int | None = None) -> np.ndarray:
         """Decode a .rnnc file (or a prefix of whole iterations) to uint8 HxWx3.

@@ -148,6 +148,17 @@ class RNNCompressor(nn.Module):
         self.decoder = Decoder(cfg)
         # training only (not part of the model file): the binarizer in train mode; eval is always sign(z)
         self.stochastic_binarizer = True
+        # the .rnnc v3 entropy model, fitted to the trained codec's bits (pipeline.compression.context.fit):
+        # per iteration and code channel, logistic weights over 3 * bits + 6 context features; all zero
+        # (never fitted) means files are written as version 2. Not trained by gradient descent.
+        self.register_buffer("context", torch.zeros(cfg.iterations, cfg.bits, 3 * cfg.bits + 6))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # model files and checkpoints from before the context model have no table: load them unfitted
+        state_dict.setdefault(prefix + "context", torch.zeros_like(self.context))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @staticmethod
     def init_states() -> tuple[list[State], list[State]]:

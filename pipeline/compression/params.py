@@ -33,6 +33,8 @@ class TrainCompressorParams(Section):
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the weights, validated and published; null: off
     init: str | None = None  # warm start: weights of a model file (same architecture); null: random init
     snapshot_every: int = Field(0, ge=0)  # keep the published weights every N epochs (0: never), for curves
+    # entropy model (.rnnc v3): training patches whose codes fit the learned context model after training
+    context_patches: int = Field(1000, ge=0)  # 0: none fitted (files are v2); not part of the training run's key
     # --- validation (held-out patches, every epoch) ---
     val_patches: int | None = Field(256, ge=1)  # held-out patches scored per epoch; null: all
     val_iterations: tuple[int, ...] = (1, 2, 4, 8)  # iteration counts reported (PSNR, SSIM, bpp)

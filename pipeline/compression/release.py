@@ -10,7 +10,8 @@ fingerprint, so the file is small (about 4.5 MB for the cpu-size model) and load
 ``augment`` and ``train_compressor`` params), steps, patches seen, training wall time (including the
 sessions it was warm-started from), the git commit of the training code, the validation curve and,
 when ``--kodak`` is given, Kodak MS-SSIM/PSNR at ``--curve-iterations`` iterations for every snapshot
-the run kept (quality against training hours). Both files are replaced in place (temp file + rename).
+the run kept (quality against training hours). The model's .rnnc v3 entropy model is fitted to its codes
+of the run's training patches (``--context-patches``). Both files are replaced in place (temp file + rename).
 """
 
 from __future__ import annotations
@@ -123,7 +124,24 @@ def _git_commit(workdir: Path) -> str | None:
         return None
 
 
-def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curve_iterations: int) -> dict[str, Any]:
+def fit_context(model: RNNCompressor, workdir: Path, n: int) -> dict[str, Any] | None:
+    """Fit the model's .rnnc v3 entropy model on the codes of the run's first ``n`` training patches."""
+    from pipeline.compression import context
+    from pipeline.compression.train import load_patches
+
+    if n <= 0:
+        return None
+    train_u8, _ = load_patches(workdir / "data" / "prepared" / "patches.npz")
+    log(f"[release] fitting the entropy model on the codes of {min(n, len(train_u8))} training patches "
+        f"of {train_u8.shape[1]} px")
+    fitted = context.fit_model(model, train_u8[:n])
+    log(f"[release] entropy model: bits per code bit on its patches by iteration "
+        + " ".join(f"{c:.3f}" for c in fitted["fit_bits_per_bit"]))
+    return fitted
+
+
+def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curve_iterations: int,
+            context_patches: int | None = None) -> dict[str, Any]:
     from pipeline.config import load_params
 
     if not checkpoint.is_file():
@@ -147,6 +165,7 @@ def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curv
     prior_hours = float(prior.get("train_hours_total", 0.0))
     hours = float(state["train_seconds"]) / 3600
     model = to_half(published_weights(state))
+    fitted = fit_context(model, workdir, p.context_patches if context_patches is None else context_patches)
 
     curve = list(prior.get("kodak_curve", []))
     snaps = sorted((checkpoint.parent / "snapshots").glob("epoch_*.pt"))
@@ -194,6 +213,7 @@ def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curv
         "validation_curve": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
                              for row in history],
         "kodak_curve": curve,
+        "context_model": fitted,  # the .rnnc v3 entropy model's fit (None: none; files are v2)
     }
     fp = save_half(model, out, {"release": out.stem, "epochs": epochs, "train_hours_total": record["train_hours_total"]})
     record["fingerprint"] = fp
@@ -211,12 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kodak", type=Path, default=None, help="Kodak folder: score every snapshot on it")
     ap.add_argument("--curve-iterations", type=int, default=2, help="iterations of the Kodak curve (2: 0.25 bpp)")
     ap.add_argument("--figure", type=Path, default=None, help="also plot the Kodak curve to this PNG")
+    ap.add_argument("--context-patches", type=int, default=None,
+                    help="training patches whose codes fit the .rnnc v3 entropy model (default: the run's "
+                         "train_compressor.context_patches; 0: none)")
     ap.add_argument("--reference", action="append", default=[], metavar="NAME=MSSSIM",
                     help="a horizontal reference line (e.g. a codec's Kodak MS-SSIM at the same rate)")
     args = ap.parse_args(argv)
 
     def act() -> None:
-        record = release(args.checkpoint, args.workdir, args.out, args.kodak, args.curve_iterations)
+        record = release(args.checkpoint, args.workdir, args.out, args.kodak, args.curve_iterations,
+                         args.context_patches)
         if args.figure:
             refs = {}
             for item in args.reference:

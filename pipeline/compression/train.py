@@ -248,9 +248,9 @@ def run_key(p: TrainCompressorParams, seed: int, data_hash: str, init_hash: str 
     """What a checkpoint must match to be resumed: the section, the seed, the patches and the init weights.
 
     ``nproc`` and ``cpu_threads`` are left out: a run may resume with another number of processes or
-    threads (the state is global).
+    threads (the state is global); so is ``context_patches``, which acts after training.
     """
-    return training.params_key(p, exclude={"nproc", "cpu_threads"},
+    return training.params_key(p, exclude={"nproc", "cpu_threads", "context_patches"},
                                left_out_at_default={"lr_floor": 0.02, "ssim_weight": 0.84},
                                seed=seed, data=data_hash, **({"init": init_hash} if init_hash else {}))
 
@@ -489,7 +489,18 @@ def _train_and_publish(params, p: TrainCompressorParams, paths, device: torch.de
     mlflow.set_tags(tags)
     result = train(p, train_u8, val_u8, seed=params.seed, device=device, ckpt_path=checkpoint, key=key,
                    on_epoch=lambda row: training.log_history_row(row, "epoch"), dist=d)
+    if p.context_patches:
+        from pipeline.compression import context
+
+        log(f"[{STAGE}] fitting the entropy model (.rnnc v3) on the codes of {min(p.context_patches, len(train_u8))} "
+            "training patches")
+        fitted = context.fit_model(result["model"], train_u8[:p.context_patches], p.eval_batch_size)
+        log(f"[{STAGE}] entropy model: {fitted['seconds']} s, bits per code bit on its patches by iteration "
+            + " ".join(f"{c:.3f}" for c in fitted["fit_bits_per_bit"]))
     metrics = summarize(p, result)
+    if p.context_patches:
+        metrics["context_fit_seconds"] = fitted["seconds"]
+        metrics["context_fit_bits_per_bit"] = float(np.mean(fitted["fit_bits_per_bit"]))
     # no run id or time in the model file: the same weights must hash the same (DVC skips downstream)
     meta = {"profile": params.profile, "seed": params.seed, "run_key": key, "init": p.init,
             "epochs": metrics["epochs"], "val_psnr": {k: metrics[f"val_psnr_k{k}"] for k in p.val_iterations}}

@@ -94,9 +94,9 @@ def mutate(rng: np.random.Generator, seeds: list[bytes]) -> bytes:
         n = int(rng.integers(0, 200))
         buf = bytearray(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
         if rng.random() < 0.5:
-            buf[:5] = b"RNNC" + bytes([int(rng.integers(1, 3))])
+            buf[:5] = b"RNNC" + bytes([int(rng.integers(1, 4))])
     else:  # a plausible header (random size, tile, iterations) over a random payload
-        head = struct.pack("<4sBBBH8sIIB", b"RNNC", int(rng.integers(1, 3)), 32, 16,
+        head = struct.pack("<4sBBBH8sIIB", b"RNNC", int(rng.integers(1, 4)), 32, 16,
                            int(rng.choice([0, 16, 32, 768, 2048])), seeds[0][9:17], int(rng.integers(1, 80)),
                            int(rng.integers(1, 80)), int(rng.integers(1, 6)))
         buf = bytearray(head + bytes(4)) + bytearray(rng.integers(0, 256, int(rng.integers(0, 120)),
@@ -108,17 +108,22 @@ def mutate(rng: np.random.Generator, seeds: list[bytes]) -> bytes:
 
 @pytest.fixture(scope="module")
 def codec(one_thread) -> RNNCodec:
-    return RNNCodec(make_model(), tile=32, max_pixels=MAX_PIXELS)
+    from pipeline.compression.context import fit_model
+
+    model = make_model()
+    fit_model(model, np.stack([make_image(48, 48, seed) for seed in range(16)]))  # writes v3, reads v1-v3
+    return RNNCodec(model, tile=32, max_pixels=MAX_PIXELS)
 
 
 @pytest.fixture(scope="module")
 def seeds(codec) -> list[bytes]:
-    """Valid files: both versions, several sizes and iteration counts, a compressible (flat) image."""
+    """Valid files: every version, several sizes and iteration counts, a compressible (flat) image."""
     files = []
     for (h, w), k, seed in [((16, 16), 1, 0), ((37, 53), 3, 1), ((33, 20), 4, 2), ((48, 64), 2, 3)]:
         img = make_image(h, w, seed)
-        files += [codec.compress(img, k), codec.compress(img, k, version=1)]
-    files.append(codec.compress(np.full((64, 64, 3), 77, dtype=np.uint8), 4))  # entropy-coded records
+        files += [codec.compress(img, k), codec.compress(img, k, version=1), codec.compress(img, k, version=2)]
+    flat = np.full((64, 64, 3), 77, dtype=np.uint8)
+    files += [codec.compress(flat, 4), codec.compress(flat, 4, version=2)]  # entropy-coded records
     return files
 
 

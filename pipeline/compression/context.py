@@ -1,0 +1,324 @@
+"""The .rnnc v3 entropy model: a context model learned with the codec, and a range coder.
+
+The codec's bits are nearly incompressible one by one (after the first iteration a trained model
+uses each bit at close to 1 bit of entropy, and the adaptive model of version 2 saves only 0.3-3.5 %
+per iteration), but they are far from independent of each other: at the same 16x16 block, the 32
+bits of one iteration are correlated with each other and with the bits of the iterations before. A
+logistic model over those bits, fitted on training images' codes once the codec is trained and
+stored with its weights (:func:`fit`), predicts each bit from
+
+- the same block's bits of the previous iteration (``bits`` features) and of the one before that
+  (``bits``), and this iteration's channels already coded at the block (``bits``, zero from the
+  channel itself on);
+- the sum of this channel's already-coded neighbours in this iteration: the 4 diagonal ones for the
+  blocks of phase 1, the 4 direct ones for phases 2-3 (two features; phase 0 has none);
+- the sum of this channel's 4 direct neighbours in the previous iteration;
+- a bias per phase class (0; 1; 2-3);
+
+so ``3 * bits + 6`` features per (iteration, channel), each -1, 0 or +1 (bits as -1/+1, absent as 0)
+or a small sum. Blocks are coded channel by channel and, within a channel, in the four phases of
+version 2's 2x2 lattice ((even, even), (odd, odd), (even, odd), (odd, even)), one vectorised range
+coder call per (channel, phase) group, with ``constriction``'s range coder (as version 2).
+
+Exactness: the weights are stored on a grid of 1/64 within +-16 (exact in float16 and float32), the
+logit is an integer sum (units of 1/64), and P(1) is read from a table of the logistic function at
+multiples of 1/16 within +-12, computed at import with :mod:`decimal` (correctly rounded on every
+platform) in units of 2**-16, so encoder and decoder agree on every machine. The weights are part of
+the model (its ``context`` buffer, covered by the model fingerprint); a model whose table is all zeros
+(never fitted) writes version 2 instead.
+"""
+
+from __future__ import annotations
+
+import decimal
+
+import numpy as np
+
+PROB_BITS = 16
+WEIGHT_SCALE = 64  # weights are multiples of 1/64 ...
+WEIGHT_LIMIT = 16.0  # ... within +-16 (so float16 stores them exactly)
+LUT_STEP = 4  # logit units (1/64) per table step: the table is at multiples of 1/16
+LUT_HALF = 192  # table entries either side of 0: logits within +-12
+EXTRA = 6  # features after the 3 * bits bit features: nb_diagonal, nb_direct, prev_nb_direct, 3 biases
+
+
+def n_features(bits: int) -> int:
+    return 3 * bits + EXTRA
+
+
+def _logistic_table() -> np.ndarray:
+    """P(1) at logit j/16, j = -192..192, in units of 2**-16, clipped to 1..2**16-1 (exact on every platform)."""
+    ctx = decimal.Context(prec=40)
+    out = []
+    for j in range(-LUT_HALF, LUT_HALF + 1):
+        p = ctx.divide(1, ctx.add(1, ctx.exp(decimal.Decimal(-j) / 16)))
+        q = int((p * (1 << PROB_BITS)).to_integral_value(rounding=decimal.ROUND_HALF_EVEN))
+        out.append(min(max(q, 1), (1 << PROB_BITS) - 1))
+    return np.array(out, dtype=np.int64)
+
+
+LUT = _logistic_table()
+
+
+class ContextError(ValueError):
+    """The coded bytes are not a valid coding of a plane of the expected shape."""
+
+
+def quantize(weights: np.ndarray) -> np.ndarray:
+    """Float weights -> integers in units of 1/64, clipped to +-16 (what the model stores, times 64)."""
+    lim = int(WEIGHT_LIMIT * WEIGHT_SCALE)
+    return np.clip(np.round(np.asarray(weights, dtype=np.float64) * WEIGHT_SCALE), -lim, lim).astype(np.int64)
+
+
+def probability(logit64: np.ndarray) -> np.ndarray:
+    """Integer logits (units of 1/64) -> P(1) as float64 multiples of 2**-16 (exact)."""
+    idx = np.clip(np.floor_divide(logit64 + LUT_STEP // 2, LUT_STEP), -LUT_HALF, LUT_HALF) + LUT_HALF
+    return LUT[idx].astype(np.float64) / (1 << PROB_BITS)
+
+
+class Lattice:
+    """The coding order's geometry for planes of (height_blocks, width_blocks): the four phases'
+    positions and each position's neighbours, as flat indices into a plane with a one-block zero border."""
+
+    def __init__(self, h: int, w: int):
+        if h < 1 or w < 1:
+            raise ValueError(f"empty plane shape ({h}, {w})")
+        self.h, self.w = h, w
+        yy, xx = np.mgrid[0:h, 0:w]
+        phase = np.where((yy % 2 == 0) & (xx % 2 == 0), 0,
+                         np.where((yy % 2 == 1) & (xx % 2 == 1), 1, np.where(yy % 2 == 0, 2, 3)))
+        self.phase = phase.reshape(-1)
+        self.where = [np.flatnonzero(self.phase == p) for p in range(4)]
+        self.padded = (np.arange(h * w) // w + 1) * (w + 2) + np.arange(h * w) % w + 1  # position -> padded index
+        step = w + 2
+        self.diagonal = self.padded[:, None] + np.array([-step - 1, -step + 1, step - 1, step + 1])
+        self.direct = self.padded[:, None] + np.array([-step, step, -1, 1])
+
+    def pad(self, plane: np.ndarray) -> np.ndarray:
+        """(h*w, C) -> (C, (h+2)*(w+2)) with a zero border."""
+        out = np.zeros((plane.shape[1], (self.h + 2) * (self.w + 2)), dtype=np.int64)
+        out[:, self.padded] = plane.T
+        return out
+
+
+def plane_features(lattice: Lattice, cur: np.ndarray, prev: np.ndarray | None, prev2: np.ndarray | None):
+    """The features of every bit of a plane, from the whole plane (for fitting; the coder computes the
+    same values from the bits coded so far). cur, prev, prev2: (h*w, bits) in {-1, +1} (prev/prev2
+    None before the second/third iteration). Returns (shared (P, 3*bits): prev, prev2, cur -- the
+    coder masks cur to the channels before each one; local (P, bits, 3): nb_diagonal, nb_direct,
+    prev_nb_direct, each already zero where the phase does not use it; phase class (P,))."""
+    p, bits = cur.shape
+    zeros = np.zeros_like(cur)
+    prev = zeros if prev is None else prev
+    prev2 = zeros if prev2 is None else prev2
+    shared = np.concatenate([prev, prev2, cur], axis=1)
+    padded, padded_prev = lattice.pad(cur), lattice.pad(prev)
+    diag = padded[:, lattice.diagonal].sum(axis=2).T  # (P, bits)
+    direct = padded[:, lattice.direct].sum(axis=2).T
+    prev_direct = padded_prev[:, lattice.direct].sum(axis=2).T
+    ph = lattice.phase[:, None]
+    local = np.stack([np.where(ph == 1, diag, 0), np.where(ph >= 2, direct, 0), prev_direct], axis=2)
+    return shared, local, np.minimum(lattice.phase, 2)
+
+
+class ContextCoder:
+    """Codes the bit planes of one image with a fitted table, in order (iteration 1, 2, ...); one
+    instance per image and direction. ``table``: (iterations, bits, 3*bits+6) integer weights in units
+    of 1/64 (:func:`quantize`); planes past the table's iterations use its last row."""
+
+    def __init__(self, height_blocks: int, width_blocks: int, bits: int, table: np.ndarray):
+        if bits < 1:
+            raise ValueError(f"empty plane shape ({height_blocks}, {width_blocks}, {bits})")
+        table = np.asarray(table, dtype=np.int64)
+        if table.ndim != 3 or table.shape[1:] != (bits, n_features(bits)) or table.shape[0] < 1:
+            raise ValueError(f"context table of shape {table.shape} does not fit {bits} bits")
+        self.shape = (height_blocks, width_blocks, bits)
+        self.lattice = Lattice(height_blocks, width_blocks)
+        self.table = table
+        self.history: list[np.ndarray] = []  # the last two planes, (P, bits) in {-1, +1}
+        self.planes = 0
+
+    def _walk(self, plane: np.ndarray | None, coder) -> np.ndarray:
+        h, w, bits = self.shape
+        lat = self.lattice
+        wt = self.table[min(self.planes, len(self.table) - 1)]  # (bits, F)
+        prev = self.history[-1] if self.history else None
+        prev2 = self.history[-2] if len(self.history) > 1 else None
+        npos = h * w
+        # the logit of every bit from the previous planes, then the channels' contributions as they come
+        logit = np.zeros((npos, bits), dtype=np.int64)
+        if prev is not None:
+            logit += prev @ wt[:, :bits].T
+            padded_prev = lat.pad(prev)
+            logit += padded_prev[:, lat.direct].sum(axis=2).T * wt[:, 3 * bits + 2]
+        if prev2 is not None:
+            logit += prev2 @ wt[:, bits:2 * bits].T
+        cls = np.minimum(lat.phase, 2)
+        logit += wt[:, 3 * bits + 3 + cls].T  # (P, bits) bias of each position's phase class
+        cur = np.zeros((bits, (h + 2) * (w + 2)), dtype=np.int64)  # -1/+1 coded so far, zero elsewhere
+        src = None if plane is None else plane.reshape(npos, bits)
+        family = None
+        if coder is not None:
+            from pipeline.compression.entropy import _constriction
+
+            family = _constriction().stream.model.Bernoulli(perfect=False)
+        for c in range(bits):
+            for p in range(4):
+                where = lat.where[p]
+                z = logit[where, c]
+                if p == 1:
+                    z = z + cur[c][lat.diagonal[where]].sum(axis=1) * wt[c, 3 * bits]
+                elif p >= 2:
+                    z = z + cur[c][lat.direct[where]].sum(axis=1) * wt[c, 3 * bits + 1]
+                if plane is not None:
+                    group = src[where, c].astype(np.int32)
+                    if coder is not None:
+                        coder.encode(group, family, probability(z))
+                else:
+                    try:
+                        group = np.asarray(coder.decode(family, probability(z)), dtype=np.int32)
+                    except Exception as err:  # noqa: BLE001 - constriction reports invalid data as AssertionError
+                        raise ContextError(f"coded bits do not decode ({type(err).__name__})") from None
+                    if group.shape != z.shape or ((group != 0) & (group != 1)).any():
+                        raise ContextError("coded bits do not decode to a plane")
+                cur[c, lat.padded[where]] = 2 * group.astype(np.int64) - 1
+            # channel c is complete: its bits join the later channels' logits
+            logit[:, c + 1:] += np.outer(cur[c, lat.padded], wt[c + 1:, 2 * bits + c])
+        plane_pm = cur[:, lat.padded].T  # (P, bits) in {-1, +1}
+        self.history = (self.history + [plane_pm])[-2:]
+        self.planes += 1
+        return (plane_pm > 0).reshape(h, w, bits)
+
+    def _check_plane(self, plane: np.ndarray) -> np.ndarray:
+        plane = np.asarray(plane)
+        if plane.shape != self.shape:
+            raise ValueError(f"plane shape {plane.shape}, expected {self.shape}")
+        return plane.astype(bool)
+
+    def encode(self, plane: np.ndarray) -> bytes:
+        from pipeline.compression.entropy import _constriction
+
+        encoder = _constriction().stream.queue.RangeEncoder()
+        self._walk(self._check_plane(plane), encoder)
+        return encoder.get_compressed().astype("<u4").tobytes()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        from pipeline.compression.entropy import _constriction
+
+        if len(data) % 4:
+            raise ContextError(f"coded length {len(data)} is not a multiple of 4 bytes")
+        words = np.frombuffer(bytes(data), dtype="<u4").astype(np.uint32)
+        decoder = _constriction().stream.queue.RangeDecoder(words)
+        plane = self._walk(None, decoder)
+        if not decoder.maybe_exhausted():
+            raise ContextError("coded bits continue past the end of the plane")
+        return plane
+
+    def observe(self, plane: np.ndarray) -> None:
+        """Move past a plane that was stored raw rather than coded."""
+        self._walk(self._check_plane(plane), None)
+
+
+# ----------------------------------------------------------------------------------------- fitting
+
+
+def model_codes(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The codec's bits of ``images`` (N, H, W, 3) uint8, H and W multiples of 16, every iteration:
+    (N, iterations, H/16, W/16, bits) bool -- what the codec would code for each as one tile."""
+    import torch
+
+    from pipeline.compression.model import BLOCK
+
+    n, h, w, _ = images.shape
+    if h % BLOCK or w % BLOCK:
+        raise ValueError(f"images of {h}x{w}: sides must be multiples of {BLOCK}")
+    iterations, bits = model.config.iterations, model.config.bits
+    out = np.zeros((n, iterations, h // BLOCK, w // BLOCK, bits), dtype=bool)
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for i in range(0, n, batch):
+                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).to(device)
+                x = x.permute(0, 3, 1, 2).float() / 255.0 - 0.5
+                enc, dec = model.init_states()
+                recon = torch.zeros_like(x)
+                for t in range(iterations):
+                    b, enc = model.encode_step(x - recon, enc)
+                    out[i:i + batch, t] = (b > 0).permute(0, 2, 3, 1).cpu().numpy()
+                    if t < iterations - 1:
+                        delta, dec = model.decode_step(b, dec)
+                        recon = recon + delta
+    finally:
+        model.train(was_training)
+    return out
+
+
+def fit(codes: np.ndarray, steps: int = 60, l2: float = 1e-4) -> tuple[np.ndarray, list[float]]:
+    """Fit the context table to codes (N, iterations, Hb, Wb, bits) bool: one logistic regression per
+    (iteration, channel) by L-BFGS, all channels of an iteration at once. Returns the table as float32
+    weights on the stored grid (multiples of 1/64 within +-16), shape (iterations, bits, 3*bits+6), and
+    per iteration the bits per code bit it spends on the fitting codes (1.0: no saving)."""
+    import torch
+
+    n, iterations, h, w, bits = codes.shape
+    lat = Lattice(h, w)
+    pm = codes.reshape(n, iterations, h * w, bits).astype(np.int64) * 2 - 1
+    mask = torch.ones(bits, 3 * bits)
+    mask[:, 2 * bits:] = torch.tril(torch.ones(bits, bits), diagonal=-1)  # channel c sees channels < c
+    table = np.zeros((iterations, bits, n_features(bits)), dtype=np.float32)
+    cost = []
+    for t in range(iterations):
+        parts = [plane_features(lat, pm[i, t], pm[i, t - 1] if t else None, pm[i, t - 2] if t > 1 else None)
+                 for i in range(n)]
+        shared = torch.from_numpy(np.concatenate([q[0] for q in parts])).float()
+        local = torch.from_numpy(np.concatenate([q[1] for q in parts])).float()
+        cls = torch.from_numpy(np.concatenate([q[2] for q in parts]))
+        target = torch.from_numpy((pm[:, t].reshape(-1, bits) > 0).astype(np.float32))
+        weights = torch.zeros(bits, n_features(bits), requires_grad=True)
+        opt = torch.optim.LBFGS([weights], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+        def logits(wt):
+            z = shared @ (wt[:, :3 * bits] * mask).T + (local * wt[:, 3 * bits:3 * bits + 3]).sum(-1)
+            return z + wt[:, 3 * bits + 3:].T[cls]
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits(weights), target) \
+                + l2 * (weights ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            wt = (weights * torch.cat([mask, torch.ones(bits, EXTRA)], 1)).numpy()
+        table[t] = quantize(wt) / WEIGHT_SCALE
+        with torch.no_grad():
+            z = logits(torch.from_numpy(table[t]))
+            cost.append(float(torch.nn.functional.binary_cross_entropy_with_logits(z, target)) / np.log(2))
+    return table, cost
+
+
+def fit_model(model, images: np.ndarray, batch: int = 32) -> dict:
+    """Fit ``model``'s context table (its ``context`` buffer, in place) to its codes of ``images``
+    (N, H, W, 3) uint8 (training patches; never the test set). Returns what to record."""
+    import time
+
+    import torch
+
+    t0 = time.perf_counter()
+    codes = model_codes(model, images, batch)
+    table, cost = fit(codes)
+    with torch.no_grad():
+        model.context.copy_(torch.from_numpy(table))
+    return {"patches": int(images.shape[0]), "patch_side": int(images.shape[1]),
+            "fit_bits_per_bit": [round(c, 4) for c in cost], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def to_table(buffer) -> np.ndarray | None:
+    """A model's ``context`` buffer -> the integer table :class:`ContextCoder` takes (None if never fitted)."""
+    arr = np.asarray(buffer.detach().cpu().double() if hasattr(buffer, "detach") else buffer, dtype=np.float64)
+    if not arr.size or not arr.any():
+        return None
+    return quantize(arr)

@@ -1,0 +1,184 @@
+"""The .rnnc v3 entropy model (pipeline.compression.context): exact, lossless, learnable, and tied to the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.compression import context as cx
+from pipeline.compression.codec import (
+    BitstreamError, CodecError, RNNCodec, load_model, model_fingerprint, parse, save_model, truncate,
+)
+from tests.test_codec_format import CFG, forge, make_image, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+BITS = 8
+
+
+def correlated_planes(n_planes: int, h: int, w: int, bits: int = BITS, seed: int = 0, flip: float = 0.05):
+    """Planes whose channels copy channel 0 (each bit flipped with probability ``flip``) and whose
+    channel 0 repeats the previous plane's: what a learned context model should predict well."""
+    rng = np.random.default_rng(seed)
+    base = rng.random((h, w)) < 0.5
+    planes = []
+    for _ in range(n_planes):
+        base = base ^ (rng.random((h, w)) < flip)
+        plane = np.repeat(base[:, :, None], bits, axis=2) ^ (rng.random((h, w, bits)) < flip)
+        planes.append(plane)
+    return np.stack(planes)
+
+
+def random_table(iterations: int = 3, bits: int = BITS, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return cx.quantize(rng.normal(0, 1.5, (iterations, bits, cx.n_features(bits))))
+
+
+def round_trip(planes: np.ndarray, table: np.ndarray) -> list[bytes]:
+    h, w, bits = planes.shape[1:]
+    enc, dec = cx.ContextCoder(h, w, bits, table), cx.ContextCoder(h, w, bits, table)
+    out = []
+    for plane in planes:
+        data = enc.encode(plane)
+        np.testing.assert_array_equal(dec.decode(data), plane)
+        out.append(data)
+    return out
+
+
+def test_logistic_table_is_exact_and_symmetric():
+    lut = cx.LUT
+    assert lut.shape == (2 * cx.LUT_HALF + 1,) and lut[cx.LUT_HALF] == 1 << 15
+    assert (np.diff(lut) >= 0).all() and lut.min() >= 1 and lut.max() <= (1 << 16) - 1
+    inner = np.arange(-150, 151)  # unclipped: p(z) + p(-z) = 1 exactly after correct rounding
+    assert (lut[cx.LUT_HALF + inner] + lut[cx.LUT_HALF - inner] == 1 << 16).all()
+    assert lut[cx.LUT_HALF + 16] == 47911  # 2**16 / (1 + e^-1) = 47910.97: golden value (every platform)
+    np.testing.assert_array_equal(cx.probability(np.array([0, 64, -64, 10 ** 6])) * (1 << 16),
+                                  [32768, 47911, 65536 - 47911, lut[-1]])
+
+
+@pytest.mark.parametrize("kind", ["random", "zeros", "ones", "correlated"])
+def test_round_trip_is_lossless(kind):
+    rng = np.random.default_rng(1)
+    shape = (4, 5, 7, BITS)
+    planes = {"random": rng.random(shape) < 0.5, "zeros": np.zeros(shape, bool), "ones": np.ones(shape, bool),
+              "correlated": correlated_planes(4, 5, 7)}[kind]
+    coded = round_trip(planes, random_table())  # 4 planes with a 3-row table: the last row serves plane 4
+    assert all(len(d) % 4 == 0 for d in coded)
+
+
+def test_one_block_and_one_channel_planes():
+    for h, w, bits in ((1, 1, 1), (1, 9, 3), (6, 1, 2)):
+        planes = np.random.default_rng(h * w).random((3, h, w, bits)) < 0.5
+        round_trip(planes, random_table(2, bits))
+
+
+def test_the_coder_sees_exactly_the_features_the_fit_used():
+    """Probabilities at coding time (from the bits coded so far) equal the fitted logistic model applied to
+    the whole plane's features (plane_features): the fit optimises the code length the coder achieves."""
+    planes = correlated_planes(3, 6, 5)
+    table = random_table()
+    lat = cx.Lattice(6, 5)
+    pm = planes.reshape(3, 30, BITS).astype(np.int64) * 2 - 1
+    coder = cx.ContextCoder(6, 5, BITS, table)
+    for t in range(3):
+        seen = []
+
+        class Capture:
+            def encode(self, group, family, p):
+                seen.append(np.asarray(p))
+
+        coder._walk(planes[t], Capture())
+        shared, local, cls = cx.plane_features(lat, pm[t], pm[t - 1] if t else None, pm[t - 2] if t > 1 else None)
+        wt = table[t]
+        mask = np.concatenate([np.ones((BITS, 2 * BITS)), np.tril(np.ones((BITS, BITS)), -1)], axis=1)
+        z = shared @ (wt[:, :3 * BITS] * mask).T + (local * wt[:, 3 * BITS:3 * BITS + 3]).sum(-1) \
+            + wt[:, 3 * BITS + 3:].T[cls]
+        expected = cx.probability(z.astype(np.int64))
+        i = 0
+        for c in range(BITS):
+            for where in lat.where:
+                np.testing.assert_array_equal(seen[i], expected[where, c])
+                i += 1
+
+
+def test_a_fitted_table_compresses_correlated_bits():
+    codes = np.stack([correlated_planes(3, 8, 8, seed=s) for s in range(40)])  # (N, iterations, h, w, bits)
+    table, cost = cx.fit(codes)
+    assert table.shape == (3, BITS, cx.n_features(BITS)) and table.dtype == np.float32
+    np.testing.assert_array_equal(table * cx.WEIGHT_SCALE, np.round(table * cx.WEIGHT_SCALE))  # on the grid
+    assert np.abs(table).max() <= cx.WEIGHT_LIMIT
+    assert cost[0] < 0.55 and max(cost[1:]) < 0.45  # channels copy channel 0; channel 0 copies the last plane
+    unseen = correlated_planes(3, 8, 8, seed=99)
+    coded = round_trip(unseen, cx.quantize(table))
+    raw = 8 * 8 * BITS / 8
+    assert sum(map(len, coded)) < 0.6 * 3 * raw
+
+
+def test_corrupt_coded_bytes_are_refused():
+    table = random_table()
+    data = cx.ContextCoder(4, 4, BITS, table).encode(np.ones((4, 4, BITS), bool))
+    with pytest.raises(cx.ContextError, match="multiple of 4"):
+        cx.ContextCoder(4, 4, BITS, table).decode(data + b"\0")
+    with pytest.raises(cx.ContextError, match="continue past"):
+        cx.ContextCoder(4, 4, BITS, table).decode(data + b"\xff" * 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        cx.ContextCoder(4, 4, BITS, table[:, :, :-1])
+
+
+# ----------------------------------------------------------------------------------------- with the codec
+
+
+@pytest.fixture(scope="module")
+def fitted(one_thread):
+    model = make_model()
+    images = np.stack([make_image(64, 64, seed=s) for s in range(24)])
+    info = cx.fit_model(model, images)
+    assert info["patches"] == 24 and len(info["fit_bits_per_bit"]) == CFG.iterations
+    return model
+
+
+def test_an_unfitted_model_keeps_its_fingerprint_and_writes_v2():
+    model = make_model()
+    assert not model.context.any()
+    state = {k: v for k, v in model.state_dict().items() if k != "context"}  # a model file from before v3
+    old = make_model(seed=5)
+    old.load_state_dict(state)
+    assert model_fingerprint(old) == model_fingerprint(model)
+    codec = RNNCodec(model, tile=0)
+    assert codec.context_table is None and parse(codec.compress(make_image(32, 48), 2))[0].version == 2
+    with pytest.raises(CodecError, match="no fitted context model"):
+        codec.compress(make_image(32, 48), 2, version=3)
+
+
+def test_fitted_model_writes_v3_that_decodes_and_truncates(fitted, tmp_path):
+    codec = RNNCodec(fitted, tile=32)
+    img = make_image(37, 53, seed=3)
+    data = codec.compress(img, 4)
+    assert parse(data)[0].version == 3
+    np.testing.assert_array_equal(codec.decompress(data), codec.reconstruct(img, 4))
+    for k in (1, 2, 3):
+        assert truncate(data, k) == codec.compress(img, k)  # truncation equals fewer iterations
+        np.testing.assert_array_equal(codec.decompress(data, k), codec.reconstruct(img, k))
+    for version in (1, 2):  # the same model still reads its older versions
+        np.testing.assert_array_equal(codec.decompress(codec.compress(img, 4, version=version)),
+                                      codec.decompress(data))
+    # the table travels in the model file and is in the fingerprint; on its 1/64 grid float16 holds it exactly
+    assert torch.equal(fitted.context.half().float(), fitted.context)
+    save_model(fitted, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    assert torch.equal(loaded.context, fitted.context)
+    assert model_fingerprint(loaded) == codec.fingerprint != model_fingerprint(make_model())
+    np.testing.assert_array_equal(RNNCodec(loaded, tile=32).decompress(data), codec.decompress(data))
+
+
+def test_v3_file_for_a_model_without_a_table_is_refused():
+    codec = RNNCodec(make_model(), tile=32)  # unfitted: its fingerprint, but a version-3 header
+    with pytest.raises(BitstreamError, match="context model"):
+        codec.decompress(forge(codec, {"version": 3}, [bytes(16)]))
+
+
+def test_corrupt_v3_payload_is_a_bitstream_error(fitted):
+    codec = RNNCodec(fitted, tile=32)
+    with pytest.raises(BitstreamError, match="iteration 1"):
+        codec.decompress(forge(codec, {"version": 3}, [b"\xff" * 8]))
