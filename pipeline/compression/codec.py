@@ -337,7 +337,6 @@ def _unpack(header: Header, chunks: list[bytes], k: int, table: np.ndarray | Non
         for t in range(k):
             codes[t] = np.unpackbits(np.frombuffer(chunks[t], dtype=np.uint8), count=n).reshape(hb, wb, header.bits)
         return codes
-    from pipeline.compression.context import ContextError
     from pipeline.compression.entropy import EntropyError
 
     coder = _plane_coder(header.version, (hb, wb, header.bits), table)
@@ -349,7 +348,7 @@ def _unpack(header: Header, chunks: list[bytes], k: int, table: np.ndarray | Non
         else:
             try:
                 codes[t] = coder.decode(chunks[t])
-            except (EntropyError, ContextError) as err:
+            except EntropyError as err:
                 raise BitstreamError(f"corrupt .rnnc file: iteration {t + 1}: {err}") from None
     return codes
 

@@ -34,6 +34,8 @@ import decimal
 
 import numpy as np
 
+from pipeline.compression.entropy import BitPlaneCoder, _constriction
+
 PROB_BITS = 16
 WEIGHT_SCALE = 64  # weights are multiples of 1/64 ...
 WEIGHT_LIMIT = 16.0  # ... within +-16 (so float16 stores them exactly)
@@ -58,10 +60,6 @@ def _logistic_table() -> np.ndarray:
 
 
 LUT = _logistic_table()
-
-
-class ContextError(ValueError):
-    """The coded bytes are not a valid coding of a plane of the expected shape."""
 
 
 def quantize(weights: np.ndarray) -> np.ndarray:
@@ -121,9 +119,9 @@ def plane_features(lattice: Lattice, cur: np.ndarray, prev: np.ndarray | None, p
     return shared, local, np.minimum(lattice.phase, 2)
 
 
-class ContextCoder:
+class ContextCoder(BitPlaneCoder):
     """Codes the bit planes of one image with a fitted table, in order (iteration 1, 2, ...); one
-    instance per image and direction. ``table``: (iterations, bits, 3*bits+6) integer weights in units
+    instance per image and direction (encode, decode, observe: :class:`BitPlaneCoder`). ``table``: (iterations, bits, 3*bits+6) integer weights in units
     of 1/64 (:func:`quantize`); planes past the table's iterations use its last row."""
 
     def __init__(self, height_blocks: int, width_blocks: int, bits: int, table: np.ndarray):
@@ -157,11 +155,7 @@ class ContextCoder:
         logit += wt[:, 3 * bits + 3 + cls].T  # (P, bits) bias of each position's phase class
         cur = np.zeros((bits, (h + 2) * (w + 2)), dtype=np.int64)  # -1/+1 coded so far, zero elsewhere
         src = None if plane is None else plane.reshape(npos, bits)
-        family = None
-        if coder is not None:
-            from pipeline.compression.entropy import _constriction
-
-            family = _constriction().stream.model.Bernoulli(perfect=False)
+        family = _constriction().stream.model.Bernoulli(perfect=False) if coder is not None else None
         for c in range(bits):
             for p in range(4):
                 where = lat.where[p]
@@ -170,17 +164,9 @@ class ContextCoder:
                     z = z + cur[c][lat.diagonal[where]].sum(axis=1) * wt[c, 3 * bits]
                 elif p >= 2:
                     z = z + cur[c][lat.direct[where]].sum(axis=1) * wt[c, 3 * bits + 1]
-                if plane is not None:
-                    group = src[where, c].astype(np.int32)
-                    if coder is not None:
-                        coder.encode(group, family, probability(z))
-                else:
-                    try:
-                        group = np.asarray(coder.decode(family, probability(z)), dtype=np.int32)
-                    except Exception as err:  # noqa: BLE001 - constriction reports invalid data as AssertionError
-                        raise ContextError(f"coded bits do not decode ({type(err).__name__})") from None
-                    if group.shape != z.shape or ((group != 0) & (group != 1)).any():
-                        raise ContextError("coded bits do not decode to a plane")
+                group = None if plane is None else src[where, c].astype(np.int32)
+                if coder is not None:
+                    group = self._code_group(coder, family, group, probability(z))
                 cur[c, lat.padded[where]] = 2 * group.astype(np.int64) - 1
             # channel c is complete: its bits join the later channels' logits
             logit[:, c + 1:] += np.outer(cur[c, lat.padded], wt[c + 1:, 2 * bits + c])
@@ -188,35 +174,6 @@ class ContextCoder:
         self.history = (self.history + [plane_pm])[-2:]
         self.planes += 1
         return (plane_pm > 0).reshape(h, w, bits)
-
-    def _check_plane(self, plane: np.ndarray) -> np.ndarray:
-        plane = np.asarray(plane)
-        if plane.shape != self.shape:
-            raise ValueError(f"plane shape {plane.shape}, expected {self.shape}")
-        return plane.astype(bool)
-
-    def encode(self, plane: np.ndarray) -> bytes:
-        from pipeline.compression.entropy import _constriction
-
-        encoder = _constriction().stream.queue.RangeEncoder()
-        self._walk(self._check_plane(plane), encoder)
-        return encoder.get_compressed().astype("<u4").tobytes()
-
-    def decode(self, data: bytes) -> np.ndarray:
-        from pipeline.compression.entropy import _constriction
-
-        if len(data) % 4:
-            raise ContextError(f"coded length {len(data)} is not a multiple of 4 bytes")
-        words = np.frombuffer(bytes(data), dtype="<u4").astype(np.uint32)
-        decoder = _constriction().stream.queue.RangeDecoder(words)
-        plane = self._walk(None, decoder)
-        if not decoder.maybe_exhausted():
-            raise ContextError("coded bits continue past the end of the plane")
-        return plane
-
-    def observe(self, plane: np.ndarray) -> None:
-        """Move past a plane that was stored raw rather than coded."""
-        self._walk(self._check_plane(plane), None)
 
 
 # ----------------------------------------------------------------------------------------- fitting

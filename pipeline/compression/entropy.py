@@ -60,13 +60,67 @@ def _constriction():
     return constriction
 
 
-class PlaneCoder:
-    """Codes the bit planes of one image, in order; one instance per image and direction.
+class BitPlaneCoder:
+    """Codes the bit planes ``shape`` = (Hb, Wb, bits) of one image, in order, with constriction's range
+    coder and the probabilities of a subclass's model; one instance per image and direction.
 
     ``encode(plane)`` returns the range-coded bytes of the next plane; ``decode(data)`` returns the
     next plane from such bytes; ``observe(plane)`` updates the model with a plane stored otherwise
-    (raw), exactly as coding it would.
+    (raw), exactly as coding it would. Subclasses implement ``_walk(plane, coder)``: one plane through
+    the model, coded (``coder`` an encoder), decoded (``plane`` None, ``coder`` a decoder) or only
+    learned from (``coder`` None), returning the plane.
     """
+
+    shape: tuple[int, int, int]
+
+    def _walk(self, plane: np.ndarray | None, coder) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def _code_group(coder, family, group: np.ndarray | None, probabilities) -> np.ndarray:
+        """Encode ``group`` (0/1 ints) with P(1) = ``probabilities``, or (``group`` None) decode as many
+        bits; a decoder's invalid data is an :class:`EntropyError`."""
+        if group is not None:
+            coder.encode(group, family, probabilities)
+            return group
+        try:
+            group = np.asarray(coder.decode(family, probabilities), dtype=np.int32)
+        except Exception as err:  # noqa: BLE001 - constriction reports invalid data as AssertionError
+            raise EntropyError(f"coded bits do not decode ({type(err).__name__})") from None
+        if group.shape != np.shape(probabilities) or ((group != 0) & (group != 1)).any():
+            raise EntropyError("coded bits do not decode to a plane")
+        return group
+
+    def _check_plane(self, plane: np.ndarray) -> np.ndarray:
+        plane = np.asarray(plane)
+        if plane.shape != self.shape:
+            raise ValueError(f"plane shape {plane.shape}, expected {self.shape}")
+        return plane.astype(bool)
+
+    def encode(self, plane: np.ndarray) -> bytes:
+        """Range-coded bytes of ``plane`` (a multiple of 4 bytes: little-endian 32-bit words)."""
+        encoder = _constriction().stream.queue.RangeEncoder()
+        self._walk(self._check_plane(plane), encoder)
+        return encoder.get_compressed().astype("<u4").tobytes()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """The next plane, (Hb, Wb, bits) bool, from bytes made by :meth:`encode`."""
+        if len(data) % 4:
+            raise EntropyError(f"coded length {len(data)} is not a multiple of 4 bytes")
+        words = np.frombuffer(bytes(data), dtype="<u4").astype(np.uint32)
+        decoder = _constriction().stream.queue.RangeDecoder(words)
+        plane = self._walk(None, decoder)
+        if not decoder.maybe_exhausted():
+            raise EntropyError("coded bits continue past the end of the plane")
+        return plane
+
+    def observe(self, plane: np.ndarray) -> None:
+        """Learn from a plane that was stored rather than coded."""
+        self._walk(self._check_plane(plane), None)
+
+
+class PlaneCoder(BitPlaneCoder):
+    """The version-2 model: adaptive counts per (channel, context), carried from plane to plane."""
 
     def __init__(self, height_blocks: int, width_blocks: int, bits: int):
         if height_blocks < 1 or width_blocks < 1 or bits < 1:
@@ -141,47 +195,11 @@ class PlaneCoder:
         for c in range(bits):
             for p in range(4):
                 ctx = self._context(cur, c, p)
-                if plane is not None:
-                    group = src[c, self._where[p]].astype(np.int32)
-                    if coder is not None:
-                        coder.encode(group, family, self._probabilities(c, ctx))
-                else:
-                    try:
-                        group = np.asarray(coder.decode(family, self._probabilities(c, ctx)), dtype=np.int32)
-                    except Exception as err:  # noqa: BLE001 - constriction reports invalid data as AssertionError
-                        raise EntropyError(f"coded bits do not decode ({type(err).__name__})") from None
-                    if group.shape != ctx.shape or ((group != 0) & (group != 1)).any():
-                        raise EntropyError("coded bits do not decode to a plane")
+                group = None if plane is None else src[c, self._where[p]].astype(np.int32)
+                if coder is not None:
+                    group = self._code_group(coder, family, group, self._probabilities(c, ctx))
                 cur[c, self._padded_where[p]] = group
                 self._update(c, ctx, group.astype(np.int64))
         self.planes += 1
         self._last = cur
         return cur.reshape(bits, h + 2, w + 2)[:, 1:-1, 1:-1].transpose(1, 2, 0).astype(bool)
-
-    def _check_plane(self, plane: np.ndarray) -> np.ndarray:
-        plane = np.asarray(plane)
-        if plane.shape != self.shape:
-            raise ValueError(f"plane shape {plane.shape}, expected {self.shape}")
-        return plane.astype(bool)
-
-    # -- the API
-    def encode(self, plane: np.ndarray) -> bytes:
-        """Range-coded bytes of ``plane`` (a multiple of 4 bytes: little-endian 32-bit words)."""
-        encoder = _constriction().stream.queue.RangeEncoder()
-        self._walk(self._check_plane(plane), encoder)
-        return encoder.get_compressed().astype("<u4").tobytes()
-
-    def decode(self, data: bytes) -> np.ndarray:
-        """The next plane, (Hb, Wb, bits) bool, from bytes made by :meth:`encode`."""
-        if len(data) % 4:
-            raise EntropyError(f"coded length {len(data)} is not a multiple of 4 bytes")
-        words = np.frombuffer(bytes(data), dtype="<u4").astype(np.uint32)
-        decoder = _constriction().stream.queue.RangeDecoder(words)
-        plane = self._walk(None, decoder)
-        if not decoder.maybe_exhausted():
-            raise EntropyError("coded bits continue past the end of the plane")
-        return plane
-
-    def observe(self, plane: np.ndarray) -> None:
-        """Learn from a plane that was stored rather than coded."""
-        self._walk(self._check_plane(plane), None)
