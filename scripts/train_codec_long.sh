@@ -13,6 +13,8 @@
 #   EPOCHS=40 LR=0.0008 LR_SCHEDULE=cosine LR_WARMUP=0.01 scripts/train_codec_long.sh   # a decay phase
 #   PATCH=64 BATCH=16 PATCHES=60000 EPOCH_PATCHES=2400 EPOCHS=27 LR=0.0003 LR_SCHEDULE=cosine LR_WARMUP=0.02 \
 #     scripts/train_codec_long.sh   # phase 4 (session 5): 64-px patches
+#   PATCH=128 BATCH=4 PATCHES=20000 EPOCH_PATCHES=600 EPOCHS=44 LR=0.0002 LR_SCHEDULE=cosine LR_WARMUP=0.02 \
+#     scripts/train_codec_long.sh   # phase 5 (session 6): 128-px patches (8x8 code blocks)
 #   LOSS=l1_ssim EPOCHS=20 LR=0.0004 LR_SCHEDULE=cosine LR_WARMUP=0.02 scripts/train_codec_long.sh  # tried: worse on Kodak (README)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,7 +26,7 @@ LR=${LR:-0.001}                # peak Adam learning rate
 LR_SCHEDULE=${LR_SCHEDULE:-constant}  # constant | cosine | multistep; a warm start's decay phase: cosine
 LR_WARMUP=${LR_WARMUP:-0.002}  # fraction of steps
 LOSS=${LOSS:-l1}               # l1 | l2 | l1_ssim (train_compressor.loss)
-PATCH=${PATCH:-32}             # patch side in px (64: 4x4 code blocks, from CIFAR-10 upsampled x4 = 128 px)
+PATCH=${PATCH:-32}             # patch side in px (64: 4x4 code blocks; 128: the whole x4-upsampled CIFAR-10 image)
 BATCH=${BATCH:-32}             # patches per step
 PATCHES=${PATCHES:-100000}     # training patches cut by augment
 PY=$ROOT/.venv/bin/python
