@@ -137,7 +137,8 @@ def fit_context(model: RNNCompressor, workdir: Path, n: int) -> dict[str, Any] |
     fitted = context.fit_model(model, train_u8[:n])
     log(f"[release] entropy model: bits per code bit on its patches by iteration "
         + " ".join(f"{c:.3f}" for c in fitted["fit_bits_per_bit"]))
-    return fitted
+    # fitted by this code, which may be newer than the training run's
+    return {**fitted, "code_commit": _git_commit(Path(__file__).resolve().parent)}
 
 
 def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curve_iterations: int,
