@@ -34,7 +34,7 @@ import decimal
 
 import numpy as np
 
-from pipeline.compression.entropy import BitPlaneCoder, _constriction
+from pipeline.compression.entropy import BitPlaneCoder, Lattice, _constriction
 
 PROB_BITS = 16
 WEIGHT_SCALE = 64  # weights are multiples of 1/64 ...
@@ -72,31 +72,6 @@ def probability(logit64: np.ndarray) -> np.ndarray:
     """Integer logits (units of 1/64) -> P(1) as float64 multiples of 2**-16 (exact)."""
     idx = np.clip(np.floor_divide(logit64 + LUT_STEP // 2, LUT_STEP), -LUT_HALF, LUT_HALF) + LUT_HALF
     return LUT[idx].astype(np.float64) / (1 << PROB_BITS)
-
-
-class Lattice:
-    """The coding order's geometry for planes of (height_blocks, width_blocks): the four phases'
-    positions and each position's neighbours, as flat indices into a plane with a one-block zero border."""
-
-    def __init__(self, h: int, w: int):
-        if h < 1 or w < 1:
-            raise ValueError(f"empty plane shape ({h}, {w})")
-        self.h, self.w = h, w
-        yy, xx = np.mgrid[0:h, 0:w]
-        phase = np.where((yy % 2 == 0) & (xx % 2 == 0), 0,
-                         np.where((yy % 2 == 1) & (xx % 2 == 1), 1, np.where(yy % 2 == 0, 2, 3)))
-        self.phase = phase.reshape(-1)
-        self.where = [np.flatnonzero(self.phase == p) for p in range(4)]
-        self.padded = (np.arange(h * w) // w + 1) * (w + 2) + np.arange(h * w) % w + 1  # position -> padded index
-        step = w + 2
-        self.diagonal = self.padded[:, None] + np.array([-step - 1, -step + 1, step - 1, step + 1])
-        self.direct = self.padded[:, None] + np.array([-step, step, -1, 1])
-
-    def pad(self, plane: np.ndarray) -> np.ndarray:
-        """(h*w, C) -> (C, (h+2)*(w+2)) with a zero border."""
-        out = np.zeros((plane.shape[1], (self.h + 2) * (self.w + 2)), dtype=np.int64)
-        out[:, self.padded] = plane.T
-        return out
 
 
 def plane_features(lattice: Lattice, cur: np.ndarray, prev: np.ndarray | None, prev2: np.ndarray | None):

@@ -43,10 +43,6 @@ PROB_BITS = 16  # probabilities are multiples of 2**-16, never 0 or 1
 _NLEVEL, _NPREV = 6, 3
 NCONTEXTS = 3 * _NLEVEL * _NPREV * _NPREV  # per channel
 
-_CROSS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
-_DIRECT = ((-1, 0), (1, 0), (0, -1), (0, 1))
-_DIAGONAL = ((-1, -1), (-1, 1), (1, -1), (1, 1))
-
 
 class EntropyError(ValueError):
     """The coded bytes are not a valid coding of a plane of the expected shape."""
@@ -58,6 +54,31 @@ def _constriction():
     except ImportError as err:  # pragma: no cover - a declared dependency
         raise ImportError(f"the .rnnc v2 entropy coder needs the 'constriction' package ({err})") from None
     return constriction
+
+
+class Lattice:
+    """The coding order's geometry for planes of (height_blocks, width_blocks): the four phases'
+    positions and each position's neighbours, as flat indices into a plane with a one-block zero border."""
+
+    def __init__(self, h: int, w: int):
+        if h < 1 or w < 1:
+            raise ValueError(f"empty plane shape ({h}, {w})")
+        self.h, self.w = h, w
+        yy, xx = np.mgrid[0:h, 0:w]
+        phase = np.where((yy % 2 == 0) & (xx % 2 == 0), 0,
+                         np.where((yy % 2 == 1) & (xx % 2 == 1), 1, np.where(yy % 2 == 0, 2, 3)))
+        self.phase = phase.reshape(-1)
+        self.where = [np.flatnonzero(self.phase == p) for p in range(4)]
+        self.padded = (np.arange(h * w) // w + 1) * (w + 2) + np.arange(h * w) % w + 1  # position -> padded index
+        step = w + 2
+        self.diagonal = self.padded[:, None] + np.array([-step - 1, -step + 1, step - 1, step + 1])
+        self.direct = self.padded[:, None] + np.array([-step, step, -1, 1])
+
+    def pad(self, plane: np.ndarray) -> np.ndarray:
+        """(h*w, C) -> (C, (h+2)*(w+2)) with a zero border."""
+        out = np.zeros((plane.shape[1], (self.h + 2) * (self.w + 2)), dtype=np.int64)
+        out[:, self.padded] = plane.T
+        return out
 
 
 class BitPlaneCoder:
@@ -126,19 +147,15 @@ class PlaneCoder(BitPlaneCoder):
         if height_blocks < 1 or width_blocks < 1 or bits < 1:
             raise ValueError(f"empty plane shape ({height_blocks}, {width_blocks}, {bits})")
         self.shape = (height_blocks, width_blocks, bits)
-        h, w = height_blocks, width_blocks
-        yy, xx = np.mgrid[0:h, 0:w]
-        phase = np.where((yy % 2 == 0) & (xx % 2 == 0), 0,
-                         np.where((yy % 2 == 1) & (xx % 2 == 1), 1, np.where(yy % 2 == 0, 2, 3)))
-        self._where = [np.flatnonzero(phase.reshape(-1) == p) for p in range(4)]
-        # the same positions as flat indices into a plane with a one-block zero border
-        self._padded_where = [(wh // w + 1) * (w + 2) + wh % w + 1 for wh in self._where]
-        # the neighbours each phase looks at (all already coded when the phase comes), as flat indices
-        # into a plane with a one-block zero border, and how many of them are inside the image
-        offsets = [_CROSS, _DIAGONAL, _DIRECT, _DIRECT]
-        inside = np.pad(np.ones((h, w), np.int64), 1).reshape(-1)
-        self._neighbours = [self._padded_where[p][:, None] + np.array([dy * (w + 2) + dx for dy, dx in offsets[p]])
-                            for p in range(4)]
+        lat = Lattice(height_blocks, width_blocks)
+        self._where = lat.where
+        self._padded_where = [lat.padded[wh] for wh in lat.where]
+        # the neighbours each phase looks at (all already coded when the phase comes: the block itself and
+        # its direct neighbours in the previous channel; diagonal; direct; direct), and how many of them
+        # are inside the image
+        cross = np.concatenate([lat.padded[:, None], lat.direct], axis=1)
+        self._neighbours = [nb[wh] for nb, wh in zip((cross, lat.diagonal, lat.direct, lat.direct), lat.where)]
+        inside = np.pad(np.ones((height_blocks, width_blocks), np.int64), 1).reshape(-1)
         self._avail = [inside[nb].sum(axis=1) for nb in self._neighbours]
         self.counts = np.zeros((bits, NCONTEXTS, 2), dtype=np.int64)
         self._last = None  # the previous plane, as ``cur`` below
