@@ -29,6 +29,8 @@ LOSS=${LOSS:-l1}               # l1 | l2 | l1_ssim (train_compressor.loss)
 PATCH=${PATCH:-32}             # patch side in px (64: 4x4 code blocks; 128: the whole x4-upsampled CIFAR-10 image)
 BATCH=${BATCH:-32}             # patches per step
 PATCHES=${PATCHES:-100000}     # training patches cut by augment
+VAL_PATCHES=${VAL_PATCHES:-512}  # held-out patches scored every epoch (at 128 px, 512 cost more time than 600 trained)
+INIT_MODEL=${INIT_MODEL:-$ROOT/models/rnnc-cpu.pt}  # the warm start (with its release JSON beside it)
 PY=$ROOT/.venv/bin/python
 if [ -z "${DATA_MIRROR:-}" ] && [ -f "$ROOT/../shared/datasets/SHA256SUMS" ]; then
   export DATA_MIRROR=$ROOT/../shared/datasets
@@ -38,8 +40,8 @@ export DVC_NO_ANALYTICS=1 PIPELINE_NO_PROGRESS=${PIPELINE_NO_PROGRESS:-1}
 if [ ! -d "$DIR" ]; then
   git -C "$ROOT" worktree add --detach "$DIR" HEAD
   INIT=null
-  if [ -f "$ROOT/models/rnnc-cpu.pt" ]; then  # the release's JSON travels too: hours and curve accumulate
-    cp "$ROOT/models/rnnc-cpu.pt" "$DIR/init.pt"; cp "$ROOT/models/rnnc-cpu.json" "$DIR/init.json"; INIT=init.pt
+  if [ -f "$INIT_MODEL" ]; then  # the release's JSON travels too: hours and curve accumulate
+    cp "$INIT_MODEL" "$DIR/init.pt"; cp "${INIT_MODEL%.pt}.json" "$DIR/init.json"; INIT=init.pt
   fi
   cd "$DIR"
   # the recipe (README "Training the codec on a CPU" has the evidence for each value)
@@ -49,12 +51,13 @@ if [ ! -d "$DIR" ]; then
     --set train_compressor.lr_schedule=$LR_SCHEDULE --set train_compressor.lr_warmup=$LR_WARMUP \
     --set train_compressor.loss=$LOSS --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
     --set train_compressor.amp=true --set train_compressor.epochs=$EPOCHS \
-    --set train_compressor.patches_per_epoch=$EPOCH_PATCHES --set train_compressor.val_patches=512 \
+    --set train_compressor.patches_per_epoch=$EPOCH_PATCHES --set train_compressor.val_patches=$VAL_PATCHES \
     --set train_compressor.snapshot_every=4 --set train_compressor.init=$INIT \
     --set tracking.register_models=false
 fi
 cd "$DIR"
 "$PY" -m pipeline configure --set train_compressor.cpu_threads="$THREADS" > /dev/null  # not part of the run key
 [ -f data/raw/cifar-10-batches-py/data_batch_1 ] || "$PY" -m pipeline download
-[ -f data/prepared/patches.npz ] || "$PY" -m pipeline augment
+[ -f data/prepared/patches.npz ] || { [ -n "${PATCHES_FROM:-}" ] && mkdir -p data/prepared && cp "$PATCHES_FROM" data/prepared/patches.npz; } \
+  || "$PY" -m pipeline augment  # PATCHES_FROM: another run's patches.npz cut with the same augment params
 exec "$PY" -m pipeline train_compressor 2>&1
