@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -50,6 +51,33 @@ def test_loss_is_mean_residual_over_iterations():
     recon = torch.stack([torch.full_like(x, 0.5), torch.full_like(x, 0.1)])
     assert tc.residual_loss(x, recon, "l1").item() == pytest.approx(0.3)
     assert tc.residual_loss(x, recon, "l2").item() == pytest.approx((0.25 + 0.01) / 2)
+
+
+def test_iteration_weights_weight_each_iteration_loss():
+    x = torch.zeros(1, 3, 2, 2)
+    recon = torch.stack([torch.full_like(x, 0.5), torch.full_like(x, 0.1)])
+    assert tc.residual_loss(x, recon, "l1", weights=(1.0, 0.0)).item() == pytest.approx(0.5)
+    assert tc.residual_loss(x, recon, "l1", weights=(1.0, 3.0)).item() == pytest.approx((0.5 + 3 * 0.1) / 4)
+    assert tc.residual_loss(x, recon, "l2", weights=(2.0, 2.0)).item() == pytest.approx((0.25 + 0.01) / 2)
+    assert tc.residual_loss(x, recon, "l1_ssim", ssim_weight=0.0, weights=(0.0, 1.0)).item() == pytest.approx(0.1)
+    p = TrainCompressorParams(**{**TINY, "iteration_weights": (1.0, 2.0)})
+    assert tc.task_loss(p, x, recon).item() == pytest.approx((0.5 + 2 * 0.1) / 3)
+    for bad in ((1.0,), (1.0, -1.0), (0.0, 0.0)):
+        with pytest.raises(ValidationError, match="iteration_weights"):
+            TrainCompressorParams(**{**TINY, "iteration_weights": bad})
+
+
+def test_new_fields_at_their_defaults_keep_run_keys():
+    """cell, reconstruction and iteration_weights came after checkpoints were written: at their defaults
+    they leave the run key alone (a checkpoint from before still resumes); off them they change it."""
+    p = TrainCompressorParams(**TINY)
+    key = tc.run_key(p, 0, "data")
+    dump = p.model_dump(mode="json", exclude={"nproc", "cpu_threads", "context_patches", "cell", "reconstruction",
+                                              "iteration_weights", "lr_floor", "ssim_weight"})
+    old = hashlib.sha256(json.dumps({"params": dump, "seed": 0, "data": "data"}, sort_keys=True).encode()).hexdigest()
+    assert key == old[:16]
+    for change in ({"cell": "gru"}, {"reconstruction": "one-shot"}, {"iteration_weights": (1.0, 1.0)}):
+        assert tc.run_key(TrainCompressorParams(**{**TINY, **change}), 0, "data") != key
 
 
 def test_l1_ssim_loss_mixes_l1_with_ssim_of_each_iteration():

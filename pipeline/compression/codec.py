@@ -543,7 +543,7 @@ class RNNCodec:
                 codes[t, y0 // BLOCK: y1 // BLOCK, x0 // BLOCK: x1 // BLOCK] = (b[0] > 0).permute(1, 2, 0).cpu().numpy()
                 if t < k - 1 or reconstruct:  # the last iteration's decoder output only matters to the decoder
                     delta, dec = self.model.decode_step(b, dec)
-                    recon = recon + delta
+                    recon = self.model.reconstruct_step(recon, delta)
             if out is not None:
                 out[y0:y1, x0:x1] = self._to_uint8(recon)
         return (codes, out[:h, :w]) if reconstruct else codes
@@ -656,7 +656,7 @@ class RNNCodec:
                 b = torch.from_numpy(np.ascontiguousarray(c.transpose(2, 0, 1), dtype=np.float32))
                 b = (b * 2 - 1)[None].to(self.device).contiguous()
                 delta, dec = self.model.decode_step(b, dec)
-                recon = recon + delta
+                recon = self.model.reconstruct_step(recon, delta)
                 if every:
                     out[t, y0:y1, x0:x1] = self._to_uint8(recon)
             if not every:

@@ -181,7 +181,7 @@ def model_codes(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
                     out[i:i + batch, t] = (b > 0).permute(0, 2, 3, 1).cpu().numpy()
                     if t < iterations - 1:
                         delta, dec = model.decode_step(b, dec)
-                        recon = recon + delta
+                        recon = model.reconstruct_step(recon, delta)
     finally:
         model.train(was_training)
     return out

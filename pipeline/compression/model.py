@@ -6,6 +6,10 @@ One iteration codes the residual left by the previous ones ("additive reconstruc
     x̂_t = D_t(b_t) + x̂_{t-1}     x̂_0 = 0   (γ = 0 at t = 1, 1 after)
     r_t = x - x̂_t
 
+Two variants of the paper are configurations (``ModelConfig``): ``reconstruction: one-shot`` (γ = 0 at
+every t: the decoder outputs the whole image each iteration, x̂_t = D_t(b_t)) and ``cell: gru``
+(convolutional GRUs instead of LSTMs). The defaults are the coursework's (additive, LSTM).
+
 E: strided 3x3 conv, then three strided ConvLSTMs (16x down in all). B: 1x1 conv, tanh, sign
 (stochastic or deterministic while training, with a straight-through gradient; sign(z) at inference), so each
 16x16 block yields ``bits`` bits per iteration. D: 1x1 conv, four ConvLSTMs each followed by
@@ -36,15 +40,27 @@ class ModelConfig:
     iterations: int = 16  # iterations trained: the most a file may hold
     encoder_hidden_kernel: int = 1  # hidden-to-hidden kernel of the encoder's ConvLSTMs
     decoder_hidden_kernels: tuple[int, ...] = (1, 1, 3, 3)  # the decoder's, per layer
+    cell: str = "lstm"  # recurrent cell of E and D: lstm | gru
+    reconstruction: str = "additive"  # additive (x̂_t = D_t(b_t) + x̂_{t-1}) | one-shot (x̂_t = D_t(b_t))
 
     def __post_init__(self) -> None:
         if len(self.encoder_widths) != 4 or len(self.decoder_widths) != 4 or len(self.decoder_hidden_kernels) != 4:
             raise ValueError("ModelConfig: encoder_widths, decoder_widths and decoder_hidden_kernels need 4 entries")
         if any(w % 4 for w in self.decoder_widths):
             raise ValueError("ModelConfig: decoder widths must be multiples of 4")
+        if self.cell not in CELLS:
+            raise ValueError(f"ModelConfig: cell {self.cell!r} is not one of {sorted(CELLS)}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"ModelConfig: reconstruction {self.reconstruction!r} is not one of {RECONSTRUCTIONS}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """JSON-able fields; the variant fields only when not at their defaults, so that the files and
+        fingerprints of models from before the variants existed stay what they were."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        for name, default in _VARIANT_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -58,7 +74,29 @@ class ModelConfig:
     def from_params(cls, p) -> "ModelConfig":
         """From a ``TrainCompressorParams`` section."""
         return cls(encoder_widths=tuple(p.encoder_widths), decoder_widths=tuple(p.decoder_widths),
-                   bits=p.bits, iterations=p.iterations)
+                   bits=p.bits, iterations=p.iterations, cell=p.cell, reconstruction=p.reconstruction)
+
+
+class ConvGRUCell(nn.Module):
+    """GRU whose gates are convolutions (Toderici et al. 2017's GRU variant). The state is (h, h), the
+    same shape as an LSTM's (h, c), so that E and D treat both cells alike."""
+
+    def __init__(self, cin: int, hidden: int, kernel: int = 3, stride: int = 1, hidden_kernel: int = 1):
+        super().__init__()
+        self.hidden = hidden
+        self.conv_x = nn.Conv2d(cin, 3 * hidden, kernel, stride, kernel // 2)
+        self.conv_h = nn.Conv2d(hidden, 3 * hidden, hidden_kernel, 1, hidden_kernel // 2, bias=False)
+
+    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        xr, xz, xn = self.conv_x(x).chunk(3, dim=1)
+        if state is None:  # t = 1 starts from h = 0
+            z = torch.sigmoid(xz)
+            h = (1 - z) * torch.tanh(xn)
+        else:
+            hr, hz, hn = self.conv_h(state[0]).chunk(3, dim=1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            h = (1 - z) * torch.tanh(xn + r * hn) + z * state[0]
+        return h, (h, h)
 
 
 class ConvLSTMCell(nn.Module):
@@ -105,7 +143,8 @@ class Encoder(nn.Module):
         super().__init__()
         w = cfg.encoder_widths
         self.conv = nn.Conv2d(3, w[0], 3, 2, 1, bias=False)
-        self.rnn = nn.ModuleList(ConvLSTMCell(w[i], w[i + 1], 3, 2, cfg.encoder_hidden_kernel) for i in range(3))
+        cell = CELLS[cfg.cell]
+        self.rnn = nn.ModuleList(cell(w[i], w[i + 1], 3, 2, cfg.encoder_hidden_kernel) for i in range(3))
         self.binarizer = nn.Conv2d(w[3], cfg.bits, 1, bias=False)
 
     def forward(self, r: torch.Tensor, states: list[State]) -> tuple[torch.Tensor, list[State]]:
@@ -124,7 +163,8 @@ class Decoder(nn.Module):
         w = cfg.decoder_widths
         self.conv_in = nn.Conv2d(cfg.bits, w[0], 1, bias=False)
         cins = [w[0]] + [wi // 4 for wi in w[:3]]
-        self.rnn = nn.ModuleList(ConvLSTMCell(cins[i], w[i], 3, 1, cfg.decoder_hidden_kernels[i]) for i in range(4))
+        cell = CELLS[cfg.cell]
+        self.rnn = nn.ModuleList(cell(cins[i], w[i], 3, 1, cfg.decoder_hidden_kernels[i]) for i in range(4))
         self.conv_out = nn.Conv2d(w[3] // 4, 3, 1, bias=False)
 
     def forward(self, b: torch.Tensor, states: list[State]) -> tuple[torch.Tensor, list[State]]:
@@ -171,6 +211,10 @@ class RNNCompressor(nn.Module):
     def decode_step(self, b: torch.Tensor, dec_states: list[State]) -> tuple[torch.Tensor, list[State]]:
         return self.decoder(b, dec_states)
 
+    def reconstruct_step(self, recon: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x̂_t from x̂_{t-1} and the decoder's output D_t(b_t): their sum (additive), or the output (one-shot)."""
+        return out if self.config.reconstruction == "one-shot" else recon + out
+
     def forward(self, x: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
         """x (N,3,H,W) in [-0.5,0.5], H and W multiples of 16 -> reconstructions (T,N,3,H,W), T = iterations."""
         iterations = iterations or self.config.iterations
@@ -180,9 +224,14 @@ class RNNCompressor(nn.Module):
         for _ in range(iterations):
             b, enc = self.encode_step(x - recon, enc)
             delta, dec = self.decode_step(b, dec)
-            recon = recon + delta
+            recon = self.reconstruct_step(recon, delta)
             outs.append(recon)
         return torch.stack(outs)
+
+
+CELLS = {"lstm": ConvLSTMCell, "gru": ConvGRUCell}
+RECONSTRUCTIONS = ("additive", "one-shot")
+_VARIANT_DEFAULTS = {"cell": "lstm", "reconstruction": "additive"}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,6 +15,8 @@ class TrainCompressorParams(Section):
     decoder_widths: tuple[int, int, int, int] = (128, 128, 64, 32)  # channels of the 4 ConvLSTMs (÷4 by depth-to-space)
     bits: int = Field(32, ge=1, le=255)  # binary code channels per 16x16 block per iteration (32 -> 0.125 bpp)
     iterations: int = Field(8, ge=1, le=255)  # residual iterations trained (= most a file can hold)
+    cell: Literal["lstm", "gru"] = "lstm"  # recurrent cell of E and D (Toderici 2017 compares both)
+    reconstruction: Literal["additive", "one-shot"] = "additive"  # x̂_t = D_t(b_t) + x̂_{t-1}, or = D_t(b_t)
     # --- optimisation ---
     epochs: int = Field(8, ge=1)  # passes (of patches_per_epoch patches each)
     patches_per_epoch: int | None = Field(1024, ge=1)  # training patches drawn per epoch; null: all of them
@@ -29,6 +31,7 @@ class TrainCompressorParams(Section):
     grad_clip: float | None = Field(1.0, gt=0)  # clip the global gradient norm; null: off
     loss: Literal["l1", "l2", "l1_ssim"] = "l1"  # residual |r| (l1), r^2 (l2), or l1 mixed with 1 - SSIM, per iteration
     ssim_weight: float = Field(0.84, ge=0, le=1)  # l1_ssim: w (1 - SSIM) + (1 - w) |r| (w = 0.84: Zhao et al. 2017)
+    iteration_weights: tuple[float, ...] | None = None  # loss weight of each iteration (null: all equal)
     binarizer: Literal["stochastic", "deterministic"] = "stochastic"  # training binarizer (inference: sign)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the weights, validated and published; null: off
     init: str | None = None  # warm start: weights of a model file (same architecture); null: random init
@@ -59,6 +62,10 @@ class TrainCompressorParams(Section):
             raise ValueError(f"val_iterations: each must be in 1..iterations ({self.iterations})")
         if self.ssim_window % 2 == 0:
             raise ValueError("ssim_window: must be odd")
+        if self.iteration_weights is not None and (len(self.iteration_weights) != self.iterations
+                                                   or min(self.iteration_weights) < 0
+                                                   or sum(self.iteration_weights) <= 0):
+            raise ValueError(f"iteration_weights: {self.iterations} weights >= 0 (one per iteration), not all 0")
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError("lr_milestones: fractions strictly between 0 and 1")
         return self

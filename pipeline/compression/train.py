@@ -91,30 +91,38 @@ def lr_factor(p: TrainCompressorParams, total_steps: int):
 
 
 def residual_loss(x: torch.Tensor, recon: torch.Tensor, kind: str = "l1", ssim_weight: float = 0.84,
-                  ssim_window: int = 11) -> torch.Tensor:
-    """Mean over iterations of the reconstruction loss of x̂_t (``recon``: iterations first).
+                  ssim_window: int = 11, weights=None) -> torch.Tensor:
+    """Mean over iterations of the reconstruction loss of x̂_t (``recon``: iterations first), or its
+    weighted mean with ``weights`` (one per iteration).
 
     l1: mean |x - x̂_t|; l2: mean (x - x̂_t)^2; l1_ssim: w (1 - SSIM(x̂_t, x)) + (1 - w) mean |x - x̂_t|
     (Zhao et al. 2017's mix, with single-scale SSIM: a 32 px patch is too small for five scales), which
     trains for the structural quality the codec is judged by (MS-SSIM) as well as for the pixels.
     """
     r = x.float()[None] - recon.float()
-    if kind == "l2":
-        return r.square().mean()
-    l1 = r.abs().mean()
-    if kind == "l1":
-        return l1
-    from pytorch_msssim import ssim
-
     t = recon.shape[0]
-    ref = (x.float() + 0.5).expand(t, *x.shape).reshape(-1, *x.shape[1:])
-    s = ssim(recon.float().reshape(-1, *x.shape[1:]) + 0.5, ref, data_range=1.0, win_size=ssim_window)
-    return ssim_weight * (1 - s) + (1 - ssim_weight) * l1
+    if weights is None:
+        if kind == "l2":
+            return r.square().mean()
+        if kind == "l1":
+            return r.abs().mean()
+    per_iteration = (r.square() if kind == "l2" else r.abs()).flatten(1).mean(dim=1)
+    if kind == "l1_ssim":
+        from pytorch_msssim import ssim
+
+        ref = (x.float() + 0.5).expand(t, *x.shape).reshape(-1, *x.shape[1:])
+        s = ssim(recon.float().reshape(-1, *x.shape[1:]) + 0.5, ref, data_range=1.0, win_size=ssim_window,
+                 size_average=False).view(t, -1).mean(dim=1)
+        per_iteration = ssim_weight * (1 - s) + (1 - ssim_weight) * per_iteration
+    if weights is None:
+        return per_iteration.mean()
+    w = torch.as_tensor(weights, dtype=torch.float32, device=x.device)
+    return (per_iteration * w).sum() / w.sum()
 
 
 def task_loss(p: TrainCompressorParams, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """The configured training loss (``p.loss``) of one batch."""
-    return residual_loss(x, recon, p.loss, p.ssim_weight, p.ssim_window)
+    return residual_loss(x, recon, p.loss, p.ssim_weight, p.ssim_window, p.iteration_weights)
 
 
 def shard_indices(idx: torch.Tensor, d: distributed.Dist) -> tuple[torch.Tensor, float]:
@@ -251,7 +259,8 @@ def run_key(p: TrainCompressorParams, seed: int, data_hash: str, init_hash: str 
     threads (the state is global); so is ``context_patches``, which acts after training.
     """
     return training.params_key(p, exclude={"nproc", "cpu_threads", "context_patches"},
-                               left_out_at_default={"lr_floor": 0.02, "ssim_weight": 0.84},
+                               left_out_at_default={"lr_floor": 0.02, "ssim_weight": 0.84, "cell": "lstm",
+                                                    "reconstruction": "additive", "iteration_weights": None},
                                seed=seed, data=data_hash, **({"init": init_hash} if init_hash else {}))
 
 
