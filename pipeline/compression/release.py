@@ -21,7 +21,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -68,8 +68,10 @@ def save_half(model: RNNCompressor, path: Path, meta: dict[str, Any]) -> str:
     return model_fingerprint(model).hex()
 
 
-def kodak_quality(model: RNNCompressor, kodak: Path, iterations: int) -> dict[str, float]:
-    """Mean MS-SSIM (RGB, 5 scales) and PSNR of the model's reconstructions of every Kodak image."""
+def kodak_quality(model: RNNCompressor, kodak: Path, iterations: int,
+                  images: Sequence[str] | None = None) -> dict[str, float]:
+    """Mean MS-SSIM (RGB, 5 scales) and PSNR of the model's reconstructions of every Kodak image (or of the
+    file names in ``images``)."""
     from PIL import Image
 
     from pipeline.compression.codec import RNNCodec
@@ -78,6 +80,8 @@ def kodak_quality(model: RNNCompressor, kodak: Path, iterations: int) -> dict[st
     codec = RNNCodec(model)
     scores, psnrs = [], []
     for path in sorted(kodak.glob("kodim*.png")):
+        if images is not None and path.name not in images:
+            continue
         img = np.asarray(Image.open(path).convert("RGB"))
         q = Reference(img).compare(codec.reconstruct(img, iterations))  # the evaluate stage's metrics
         scores.append(q.ms_ssim)
