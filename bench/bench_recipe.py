@@ -42,6 +42,7 @@ from pipeline.compression.model import count_parameters  # noqa: E402
 from pipeline.compression.params import TrainCompressorParams  # noqa: E402
 from pipeline.compression.release import kodak_quality  # noqa: E402
 from pipeline.compression.train import CompressorTask, lr_factor, load_patches  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
 
 BASE = {"batch_size": 32, "amp": True, "binarizer": "deterministic", "ema_decay": 0.999, "lr": 0.001,
         "lr_schedule": "constant", "lr_warmup": 0.01, "loss": "l1", "iterations": 8, "val_patches": 1,
@@ -126,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     torch.set_num_threads(a.threads)
-    train_u8, _ = load_patches(a.patches)
     images = None if a.images == "all" else [f"kodim{int(n):02d}.png" for n in a.images.split(",")]
+    missing = [name for name in images or [] if not (a.kodak / name).is_file()]
+    if missing:
+        raise SystemExit(f"error: {a.kodak}: no {', '.join(missing)}")
     base = {**BASE, **json.loads(a.base), "cpu_threads": a.threads}
-    print(f"{len(train_u8)} patches of {train_u8.shape[1]} px; {a.minutes} min per variant; {a.threads} thread(s); "
-          f"{platform.processor() or platform.machine()}; torch {torch.__version__}")
     variants = []  # every variant is checked before the first one trains
     for spec in a.variant:
         name, over = parse_variant(spec)
@@ -140,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             variants.append((name, over, TrainCompressorParams(**merged)))
         except ValueError as err:
             raise SystemExit(f"error: variant {name!r}: {err}") from None
+    try:
+        train_u8, _ = load_patches(a.patches)
+    except PipelineError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"{len(train_u8)} patches of {train_u8.shape[1]} px; {a.minutes} min per variant; {a.threads} thread(s); "
+          f"{platform.processor() or platform.machine()}; torch {torch.__version__}")
     for name, over, p in variants:
         print(f"[{name}] {over or 'base recipe'}", flush=True)
         r = train_for(p, train_u8, a.minutes * 60, a.seed)
