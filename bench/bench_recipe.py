@@ -44,7 +44,7 @@ from pipeline.compression.release import kodak_quality  # noqa: E402
 from pipeline.compression.train import CompressorTask, lr_factor, load_patches  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
-BASE = {"batch_size": 32, "amp": True, "binarizer": "deterministic", "ema_decay": 0.999, "lr": 0.001,
+BASE = {"batch_size": 32, "amp": True, "binarizer": "deterministic", "ema_decay": None, "lr": 0.001,
         "lr_schedule": "constant", "lr_warmup": 0.01, "loss": "l1", "iterations": 8, "val_patches": 1,
         "context_patches": 0, "device": "cpu"}
 STEPS_PER_CHECK = 10  # the wall clock is checked every this many steps (one "epoch" of the task)
