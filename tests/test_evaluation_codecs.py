@@ -456,6 +456,8 @@ def test_rnn_wrapper_with_the_real_codec(tmp_path, one_thread):
     """Through pipeline.compression.codec's real file format (untrained tiny model)."""
     codec = C.RNN(C.load_rnn(str(tiny_real_model(tmp_path / "m.pt", 2)), device="cpu"), None)
     assert codec.settings == [1, 2]
+    assert "ConvLSTM, additive" in codec.describe()  # the report says which variant it evaluated
+    assert (codec.config()["cell"], codec.config()["reconstruction"]) == ("lstm", "additive")
     img = make_image(48, 80)  # not a multiple of 16: padded and cropped back by the codec
     one, two = codec.encode(img, 1), codec.encode(img, 2)
     for data in (one, two):
