@@ -15,6 +15,8 @@
 #     scripts/train_codec_long.sh   # phase 4 (session 5): 64-px patches
 #   PATCH=128 BATCH=4 PATCHES=20000 EPOCH_PATCHES=600 EPOCHS=44 LR=0.0002 LR_SCHEDULE=cosine LR_WARMUP=0.02 \
 #     scripts/train_codec_long.sh   # phase 5 (session 6): 128-px patches (8x8 code blocks)
+#   PATCH=64 SCALE=2 BATCH=16 PATCHES=20000 EPOCH_PATCHES=2400 EPOCHS=24 LR=0.0002 LR_SCHEDULE=cosine LR_WARMUP=0.03 \
+#     VAL_PATCHES=64 scripts/train_codec_long.sh   # phase 7 (session 8): x2-upsampled CIFAR-10, sharper detail
 #   LOSS=l1_ssim EPOCHS=20 LR=0.0004 LR_SCHEDULE=cosine LR_WARMUP=0.02 scripts/train_codec_long.sh  # tried: worse on Kodak (README)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,6 +29,7 @@ LR_SCHEDULE=${LR_SCHEDULE:-constant}  # constant | cosine | multistep; a warm st
 LR_WARMUP=${LR_WARMUP:-0.002}  # fraction of steps
 LOSS=${LOSS:-l1}               # l1 | l2 | l1_ssim (train_compressor.loss)
 PATCH=${PATCH:-32}             # patch side in px (64: 4x4 code blocks; 128: the whole x4-upsampled CIFAR-10 image)
+SCALE=${SCALE:-4}              # bicubic upsampling of CIFAR-10 before cropping (augment.patch_scale; 2: sharper detail)
 BATCH=${BATCH:-32}             # patches per step
 PATCHES=${PATCHES:-100000}     # training patches cut by augment
 VAL_PATCHES=${VAL_PATCHES:-512}  # held-out patches scored every epoch (at 128 px, 512 cost more time than 600 trained)
@@ -46,7 +49,7 @@ if [ ! -d "$DIR" ]; then
   cd "$DIR"
   # the recipe (README "Training the codec on a CPU" has the evidence for each value)
   "$PY" -m pipeline configure --profile cpu \
-    --set augment.patches=$PATCHES --set augment.val_patches=1000 --set augment.patch_scale=4 \
+    --set augment.patches=$PATCHES --set augment.val_patches=1000 --set augment.patch_scale=$SCALE \
     --set augment.patch_size=$PATCH --set train_compressor.batch_size=$BATCH --set train_compressor.lr=$LR \
     --set train_compressor.lr_schedule=$LR_SCHEDULE --set train_compressor.lr_warmup=$LR_WARMUP \
     --set train_compressor.loss=$LOSS --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
