@@ -119,3 +119,39 @@ def test_variant_fields_are_stored_only_off_their_defaults():
         dataclasses.replace(CFG, cell="rnn")
     with pytest.raises(ValueError, match="reconstruction"):
         dataclasses.replace(CFG, reconstruction="mixed")
+
+
+def test_priming_runs_extra_first_steps_without_extra_bits():
+    """priming k (Johnston et al. 2018): at t = 1, E runs k extra steps on x and D k extra steps on b_1 before
+    the real ones; the codes of t = 1 and the output shapes are as without priming, the first reconstruction
+    equals replaying the steps by hand, and the weights are the unprimed model's (the same parameters)."""
+    torch.manual_seed(5)
+    plain = RNNCompressor(CFG).eval()
+    primed = RNNCompressor(dataclasses.replace(CFG, priming=2)).eval()
+    primed.load_state_dict(plain.state_dict())
+    assert count_parameters(primed) == count_parameters(plain)
+    x = torch.rand(1, 3, 32, 32) - 0.5
+    with torch.no_grad():
+        out = primed(x)
+        assert out.shape == plain(x).shape
+        enc, dec = plain.init_states()
+        for _ in range(3):  # 2 priming steps, then the real one
+            z, enc = plain.encoder(x, enc)
+        b = torch.where(z >= 0, 1.0, -1.0)
+        for _ in range(3):
+            delta, dec = plain.decoder(b, dec)
+        torch.testing.assert_close(out[0], delta, rtol=0, atol=0)
+        assert not torch.equal(out[0], plain(x)[0])  # the priming changed the first reconstruction
+        # later steps never prime again: the second one continues from the primed states
+        b2, _ = plain.encode_step(x - delta, enc)
+        delta2, _ = plain.decode_step(b2, dec)
+        torch.testing.assert_close(out[1], delta + delta2, rtol=0, atol=0)
+
+
+def test_priming_is_stored_only_when_set_and_bounded():
+    assert "priming" not in CFG.to_dict()
+    primed = dataclasses.replace(CFG, priming=3)
+    assert primed.to_dict()["priming"] == 3 and ModelConfig.from_dict(primed.to_dict()) == primed
+    for bad in (-1, 9, 1.5, "2", True):
+        with pytest.raises(ValueError, match="priming"):
+            dataclasses.replace(CFG, priming=bad)

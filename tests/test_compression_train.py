@@ -68,15 +68,15 @@ def test_iteration_weights_weight_each_iteration_loss():
 
 
 def test_new_fields_at_their_defaults_keep_run_keys():
-    """cell, reconstruction and iteration_weights came after checkpoints were written: at their defaults
+    """cell, reconstruction, iteration_weights and priming came after checkpoints were written: at their defaults
     they leave the run key alone (a checkpoint from before still resumes); off them they change it."""
     p = TrainCompressorParams(**TINY)
     key = tc.run_key(p, 0, "data")
     dump = p.model_dump(mode="json", exclude={"nproc", "cpu_threads", "context_patches", "cell", "reconstruction",
-                                              "iteration_weights", "lr_floor", "ssim_weight"})
+                                              "iteration_weights", "lr_floor", "ssim_weight", "priming"})
     old = hashlib.sha256(json.dumps({"params": dump, "seed": 0, "data": "data"}, sort_keys=True).encode()).hexdigest()
     assert key == old[:16]
-    for change in ({"cell": "gru"}, {"reconstruction": "one-shot"}, {"iteration_weights": (1.0, 1.0)}):
+    for change in ({"cell": "gru"}, {"reconstruction": "one-shot"}, {"iteration_weights": (1.0, 1.0)}, {"priming": 1}):
         assert tc.run_key(TrainCompressorParams(**{**TINY, **change}), 0, "data") != key
 
 

@@ -437,7 +437,7 @@ def test_dvc_plots_list_every_registered_codec():
         assert set(y.values()) == {column}
 
 
-def tiny_real_model(path, iterations: int = 3):
+def tiny_real_model(path, iterations: int = 3, **variant):
     """A tiny randomly initialised RNNCompressor saved in the project's model format."""
     codec_mod = pytest.importorskip("pipeline.compression.codec")
     model_mod = pytest.importorskip("pipeline.compression.model")
@@ -447,7 +447,7 @@ def tiny_real_model(path, iterations: int = 3):
 
     torch.manual_seed(0)
     cfg = TrainCompressorParams(encoder_widths=(8, 16, 16, 16), decoder_widths=(16, 16, 16, 16),
-                                iterations=iterations, val_iterations=(1, iterations))
+                                iterations=iterations, val_iterations=(1, iterations), **variant)
     codec_mod.save_model(model_mod.RNNCompressor(model_mod.ModelConfig.from_params(cfg)), path)
     return path
 
@@ -458,6 +458,9 @@ def test_rnn_wrapper_with_the_real_codec(tmp_path, one_thread):
     assert codec.settings == [1, 2]
     assert "ConvLSTM, additive" in codec.describe()  # the report says which variant it evaluated
     assert (codec.config()["cell"], codec.config()["reconstruction"]) == ("lstm", "additive")
+    assert "priming" not in codec.config() and "priming" not in codec.describe()
+    primed = C.RNN(C.load_rnn(str(tiny_real_model(tmp_path / "p.pt", 2, priming=2)), device="cpu"), None)
+    assert "2 priming steps" in primed.describe() and primed.config()["priming"] == "2 steps"
     img = make_image(48, 80)  # not a multiple of 16: padded and cropped back by the codec
     one, two = codec.encode(img, 1), codec.encode(img, 2)
     for data in (one, two):

@@ -8,7 +8,10 @@ One iteration codes the residual left by the previous ones ("additive reconstruc
 
 Two variants of the paper are configurations (``ModelConfig``): ``reconstruction: one-shot`` (γ = 0 at
 every t: the decoder outputs the whole image each iteration, x̂_t = D_t(b_t)) and ``cell: gru``
-(convolutional GRUs instead of LSTMs). The defaults are the coursework's (additive, LSTM).
+(convolutional GRUs instead of LSTMs); a third is Johnston et al. (2018)'s hidden-state priming
+(``priming: k``: at t = 1, E and D first run k extra steps on the same input, r_0 = x and b_1, their
+outputs discarded, so the recurrent state spreads context before the first bits are used; no extra bits).
+The defaults are the coursework's (additive, LSTM, no priming).
 
 E: strided 3x3 conv, then three strided ConvLSTMs (16x down in all). B: 1x1 conv, tanh, sign
 (stochastic or deterministic while training, with a straight-through gradient; sign(z) at inference), so each
@@ -42,6 +45,7 @@ class ModelConfig:
     decoder_hidden_kernels: tuple[int, ...] = (1, 1, 3, 3)  # the decoder's, per layer
     cell: str = "lstm"  # recurrent cell of E and D: lstm | gru
     reconstruction: str = "additive"  # additive (x̂_t = D_t(b_t) + x̂_{t-1}) | one-shot (x̂_t = D_t(b_t))
+    priming: int = 0  # extra steps of E and D at t = 1 on the same input (Johnston et al. 2018); 0: none
 
     def __post_init__(self) -> None:
         if len(self.encoder_widths) != 4 or len(self.decoder_widths) != 4 or len(self.decoder_hidden_kernels) != 4:
@@ -52,6 +56,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: cell {self.cell!r} is not one of {sorted(CELLS)}")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ValueError(f"ModelConfig: reconstruction {self.reconstruction!r} is not one of {RECONSTRUCTIONS}")
+        if type(self.priming) is not int or not 0 <= self.priming <= MAX_PRIMING:
+            raise ValueError(f"ModelConfig: priming {self.priming!r} is not within 0..{MAX_PRIMING}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields; the variant fields only when not at their defaults, so that the files and
@@ -74,7 +80,8 @@ class ModelConfig:
     def from_params(cls, p) -> "ModelConfig":
         """From a ``TrainCompressorParams`` section."""
         return cls(encoder_widths=tuple(p.encoder_widths), decoder_widths=tuple(p.decoder_widths),
-                   bits=p.bits, iterations=p.iterations, cell=p.cell, reconstruction=p.reconstruction)
+                   bits=p.bits, iterations=p.iterations, cell=p.cell, reconstruction=p.reconstruction,
+                   priming=p.priming)
 
 
 class ConvGRUCell(nn.Module):
@@ -205,10 +212,16 @@ class RNNCompressor(nn.Module):
         return [None] * 3, [None] * 4
 
     def encode_step(self, r: torch.Tensor, enc_states: list[State]) -> tuple[torch.Tensor, list[State]]:
+        if enc_states[0] is None:  # t = 1: priming steps first (their codes are not sent)
+            for _ in range(self.config.priming):
+                _, enc_states = self.encoder(r, enc_states)
         z, enc_states = self.encoder(r, enc_states)
         return binarize(z, self.training and self.stochastic_binarizer), enc_states
 
     def decode_step(self, b: torch.Tensor, dec_states: list[State]) -> tuple[torch.Tensor, list[State]]:
+        if dec_states[0] is None:  # t = 1: priming steps on the same bits (their outputs are dropped)
+            for _ in range(self.config.priming):
+                _, dec_states = self.decoder(b, dec_states)
         return self.decoder(b, dec_states)
 
     def reconstruct_step(self, recon: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -231,7 +244,8 @@ class RNNCompressor(nn.Module):
 
 CELLS = {"lstm": ConvLSTMCell, "gru": ConvGRUCell}
 RECONSTRUCTIONS = ("additive", "one-shot")
-_VARIANT_DEFAULTS = {"cell": "lstm", "reconstruction": "additive"}
+MAX_PRIMING = 8  # a model file's priming is bounded before anything runs it
+_VARIANT_DEFAULTS = {"cell": "lstm", "reconstruction": "additive", "priming": 0}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -260,7 +260,8 @@ def run_key(p: TrainCompressorParams, seed: int, data_hash: str, init_hash: str 
     """
     return training.params_key(p, exclude={"nproc", "cpu_threads", "context_patches"},
                                left_out_at_default={"lr_floor": 0.02, "ssim_weight": 0.84, "cell": "lstm",
-                                                    "reconstruction": "additive", "iteration_weights": None},
+                                                    "reconstruction": "additive", "iteration_weights": None,
+                                                    "priming": 0},
                                seed=seed, data=data_hash, **({"init": init_hash} if init_hash else {}))
 
 

@@ -341,14 +341,17 @@ class RNN(Codec):
             raise PipelineError(f"evaluate.rnn_iterations: none within 1..{top} (the model's max_iterations)")
         super().__init__(settings)
 
-    def _variant(self) -> tuple[str, str]:
-        """(cell, reconstruction) of the model: which of Toderici 2017's variants is evaluated."""
+    def _variant(self) -> tuple[str, str, int]:
+        """(cell, reconstruction, priming) of the model: which of Toderici 2017's (and Johnston 2018's)
+        variants is evaluated."""
         cfg = getattr(getattr(self.codec, "model", None), "config", None)
-        return getattr(cfg, "cell", "lstm"), getattr(cfg, "reconstruction", "additive")
+        return getattr(cfg, "cell", "lstm"), getattr(cfg, "reconstruction", "additive"), getattr(cfg, "priming", 0)
 
     def describe(self) -> str:
-        cell, reconstruction = self._variant()
-        return f"RNN codec (Conv{cell.upper()}, {reconstruction}, up to {self.codec.max_iterations} iterations)"
+        cell, reconstruction, priming = self._variant()
+        primed = f", {priming} priming steps" if priming else ""
+        return (f"RNN codec (Conv{cell.upper()}, {reconstruction}{primed}, "
+                f"up to {self.codec.max_iterations} iterations)")
 
     def encode(self, img, iterations):
         return bytes(self.codec.compress(img, int(iterations)))
@@ -357,8 +360,9 @@ class RNN(Codec):
         return np.asarray(self.codec.decompress(data), dtype=np.uint8)
 
     def config(self):
-        cell, reconstruction = self._variant()
+        cell, reconstruction, priming = self._variant()
         return {"iterations": f"up to {self.codec.max_iterations}", "cell": cell, "reconstruction": reconstruction,
+                **({"priming": f"{priming} steps"} if priming else {}),
                 "sweep": "one encode at the largest count; lower counts are truncations of that file"}
 
     def sweep(self, img: np.ndarray) -> Iterator[Coded]:
