@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.compression.params import MAX_PRIMING
+
 BLOCK = 16  # pixels per code cell side: E downsamples 16x, D upsamples 16x
 
 State = tuple[torch.Tensor, torch.Tensor] | None
@@ -244,7 +246,6 @@ class RNNCompressor(nn.Module):
 
 CELLS = {"lstm": ConvLSTMCell, "gru": ConvGRUCell}
 RECONSTRUCTIONS = ("additive", "one-shot")
-MAX_PRIMING = 8  # a model file's priming is bounded before anything runs it
 _VARIANT_DEFAULTS = {"cell": "lstm", "reconstruction": "additive", "priming": 0}
 
 

@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 
 from pipeline.schema import Section
 
+MAX_PRIMING = 8  # priming steps a params section or a model file may ask for (model.ModelConfig checks files)
+
 
 class TrainCompressorParams(Section):
     # --- architecture (Toderici et al. 2017; the full size is 64-256-512-512 / 512-512-256-128) ---
@@ -17,7 +19,7 @@ class TrainCompressorParams(Section):
     iterations: int = Field(8, ge=1, le=255)  # residual iterations trained (= most a file can hold)
     cell: Literal["lstm", "gru"] = "lstm"  # recurrent cell of E and D (Toderici 2017 compares both)
     reconstruction: Literal["additive", "one-shot"] = "additive"  # x̂_t = D_t(b_t) + x̂_{t-1}, or = D_t(b_t)
-    priming: int = Field(0, ge=0, le=8)  # extra E and D steps at the first iteration (Johnston et al. 2018)
+    priming: int = Field(0, ge=0, le=MAX_PRIMING)  # extra E and D steps at the first iteration (Johnston et al. 2018)
     # --- optimisation ---
     epochs: int = Field(8, ge=1)  # passes (of patches_per_epoch patches each)
     patches_per_epoch: int | None = Field(1024, ge=1)  # training patches drawn per epoch; null: all of them
