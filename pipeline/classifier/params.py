@@ -45,8 +45,9 @@ class FastRecipe(Section):
     lookahead_every: int = Field(5, ge=1)  # steps between lookahead (EMA) syncs
     lookahead_decay: float = Field(0.95, ge=0, lt=1)  # per-step EMA decay, ramped in by (t/T)^3
     alternating_flip: bool = True  # derandomised flip: each image flips every other epoch
-    channels_last: bool = True  # memory format on CUDA (ignored on CPU)
-    autocast: Literal["bf16", "fp16", "off"] = "bf16"  # mixed precision on CUDA (ignored on CPU)
+    channels_last: bool = True  # NHWC memory format (CUDA and CPU)
+    # mixed precision on CUDA; on a CPU only bf16, and only where it is native (AVX512-BF16 / AMX), else off
+    autocast: Literal["bf16", "fp16", "off"] = "bf16"
 
 
 class TrainClassifierParams(Section):

@@ -3,7 +3,7 @@
 - ``Coursework``: plain CNN, Adam, per-epoch sawtooth learning rate, mean cross-entropy.
 - ``Fast``: airbench-style: whitening conv initialised from training images, nesterov SGD with BN
   biases on their own lr, per-step triangle lr, lookahead (EMA), label smoothing on a summed loss,
-  alternating (derandomised) flip, bf16 autocast and channels_last on CUDA.
+  alternating (derandomised) flip, channels_last, bf16 autocast on CUDA and on CPUs with native bf16.
 
 ``make_recipe(cfg, total_steps, n_epochs)`` picks one; the loop in ``pipeline/classifier/train.py``
 calls the hooks below in a fixed order, the same for both.
@@ -20,6 +20,7 @@ import torch
 from pipeline.classifier.model import Classifier
 from pipeline.classifier.params import TrainClassifierParams
 from pipeline.data.params import AugmentationParams
+from pipeline.utils import cpu_has_bf16
 
 
 def sawtooth(lr_max: float, lr_min: float, epochs: int, teeth: int) -> list[float]:
@@ -209,13 +210,15 @@ class Fast(Coursework):
         return loss.detach()
 
     def autocast(self, device: torch.device):
-        """bf16/fp16 autocast on CUDA; nothing on CPU."""
+        """bf16/fp16 autocast on CUDA; bf16 on CPUs that compute it natively (fp16 is not offered there)."""
         if device.type == "cuda" and self.f.autocast != "off":
             return torch.autocast("cuda", dtype=torch.bfloat16 if self.f.autocast == "bf16" else torch.float16)
+        if device.type == "cpu" and self.f.autocast == "bf16" and cpu_has_bf16():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def channels_last(self, device: torch.device) -> bool:
-        return device.type == "cuda" and self.f.channels_last
+        return self.f.channels_last
 
     def state(self) -> dict[str, Any]:
         return {"lookahead": {k: v.detach().cpu() for k, v in self.lookahead.ema.items()}}

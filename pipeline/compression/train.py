@@ -20,7 +20,6 @@ MLflow; the epoch loss is summed over ranks first.
 
 from __future__ import annotations
 
-import functools
 import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -34,7 +33,8 @@ from pipeline.compression.codec import MODEL_FORMAT, model_fingerprint, save_mod
 from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor, count_parameters, forward_flops
 from pipeline.compression.params import TrainCompressorParams
 from pipeline.errors import PipelineError
-from pipeline.utils import atomic_path, atomic_write_text, file_digest, log, progress, save_json, seed_everything
+from pipeline.utils import (atomic_path, atomic_write_text, cpu_has_bf16, file_digest, log, progress, save_json,
+                            seed_everything)
 
 STAGE = "train_compressor"
 #: the stage's inputs and output (pipeline/stage.py); dvc.yaml's cmd passes them. ``init`` (the warm
@@ -172,16 +172,6 @@ def evaluate(model: RNNCompressor, val: torch.Tensor, p: TrainCompressorParams, 
     out = {"loss": (loss_sum / n).item()}
     out.update({k: (v / n).item() for k, v in sums.items()})
     return out
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): elsewhere bf16 is emulated, slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(device: torch.device, amp: bool):
