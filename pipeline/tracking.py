@@ -69,8 +69,13 @@ def load_logged_model(uri: str, kind: type, what: str, error: type[Exception] | 
 
 def experiment_id(name: str) -> str:
     """Get or create the experiment; locally its artifacts go to ``<project>/mlartifacts``."""
+    from pipeline.errors import PipelineError
+
     mlflow = _mlflow()
-    exp = mlflow.get_experiment_by_name(name)
+    try:  # the first call that opens the store: a store MLflow refuses (e.g. a file:// one) fails here
+        exp = mlflow.get_experiment_by_name(name)
+    except mlflow.exceptions.MlflowException as err:
+        raise PipelineError(f"MLflow tracking store {tracking_uri()}: {err.message}") from None
     if exp is not None:
         return exp.experiment_id
     location = None

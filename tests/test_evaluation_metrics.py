@@ -93,6 +93,18 @@ def test_ms_ssim_matches_reference_on_noise():
     assert abs(M.Reference(a).compare(b).ms_ssim - reference_ms_ssim(b, a)) < 1e-4
 
 
+def test_one_pass_equals_the_librarys_ms_ssim_and_ssim():
+    from pytorch_msssim import ms_ssim, ssim
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (171, 197, 3), dtype=np.uint8)  # odd sides: every level pads its pooling
+    b = np.clip(a.astype(np.int16) + rng.integers(-60, 61, a.shape), 0, 255).astype(np.uint8)
+    x, y = M.to_tensor(b), M.to_tensor(a)
+    both = M.ms_ssim_and_ssim(x, y)
+    assert both == pytest.approx((float(ms_ssim(x, y, data_range=255)), float(ssim(x, y, data_range=255))), abs=1e-6)
+    assert 0.2 < both[1] < both[0] < 0.99  # a pair where the two differ
+
+
 def test_identical_images():
     a, _ = _pair()
     q = M.Reference(a).compare(a.copy())

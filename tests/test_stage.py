@@ -87,6 +87,17 @@ def test_unknown_path_option_is_a_usage_error(fake):
     assert err.value.code == 2 and not fake
 
 
+def test_a_store_mlflow_refuses_is_one_error_line_and_nothing_runs(fake, tmp_path, monkeypatch, capsys):
+    from pipeline.__main__ import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())  # a file store: MLflow 3.7+ refuses it
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    code = main(["fake_stage"])
+    err = capsys.readouterr().err
+    assert code == 1 and not fake
+    assert err.startswith("error: MLflow tracking store file://") and "Traceback" not in err
+
+
 def test_torchrun_rank0_joins_the_launchers_run_and_leaves_it_open(fake, tmp_path, monkeypatch):
     """A rank logs into the run its launcher opened (MLFLOW_RUN_ID) and never closes or duplicates it."""
     import mlflow
