@@ -67,3 +67,22 @@ def test_bad_model_files(tmp_path):
     torch.save({"hello": torch.zeros(1)}, foreign)
     with pytest.raises(PipelineError, match="not a classifier"):
         load_classifier(foreign)
+
+
+def test_fast_recipe_precision_on_cpu(monkeypatch):
+    """bf16 autocast on a CPU only where bf16 is native (and asked for); channels_last on any device."""
+    from pipeline.classifier import recipes
+    from pipeline.classifier.params import TrainClassifierParams
+
+    cpu = torch.device("cpu")
+    for native, asked, expected in ((True, "bf16", torch.bfloat16), (False, "bf16", None), (True, "off", None),
+                                    (True, "fp16", None)):
+        monkeypatch.setattr(recipes, "cpu_has_bf16", lambda native=native: native)
+        cfg = TrainClassifierParams(recipe="fast", fast={"autocast": asked})
+        recipe = recipes.make_recipe(cfg, total_steps=4, n_epochs=1)
+        with recipe.autocast(cpu):
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        assert dtype == expected, (native, asked)
+        assert recipe.channels_last(cpu) is True
+    cfg = TrainClassifierParams(recipe="fast", fast={"channels_last": False})
+    assert recipes.make_recipe(cfg, total_steps=4, n_epochs=1).channels_last(cpu) is False
