@@ -100,6 +100,27 @@ def make_workspace(dest: Path, profile: str = "tiny", git: bool = False, src: Pa
     return dest
 
 
+def copy_workspace(src: Path, dest: Path, *skip: str) -> Path:
+    """A copy of the stage workspace ``src`` at ``dest`` for one test, lean on disk (CI machines can be short of
+    it): the download cache (``.cache``, the CIFAR-10 tarball) and the names in ``skip`` stay behind, and the
+    inputs that ``download`` and ``augment`` left in ``data/raw`` and ``data/prepared`` are hard links (the
+    later stages only read them; a re-run of those two replaces its outputs by rename, never writes into a
+    file in place), copies where the file system refuses a link."""
+    shared = (src / "data" / "raw", src / "data" / "prepared")
+
+    def copy(a: str, b: str) -> None:
+        if any(Path(a).is_relative_to(d) for d in shared):
+            try:
+                os.link(a, b)
+                return
+            except OSError:
+                pass
+        shutil.copy2(a, b)
+
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".cache", "__pycache__", *skip), copy_function=copy)
+    return dest
+
+
 def run_stage(workspace: Path, stage: str) -> None:
     """Run ``python -m pipeline <stage>`` in-process inside ``workspace``."""
     from pipeline.__main__ import main

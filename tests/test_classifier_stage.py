@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import copy_workspace
+
 pytestmark = pytest.mark.slow
 
 FIGURES = ("fig1_1_accuracy.png", "fig1_2_predictions.png", "confusion_matrix.png")
@@ -117,7 +119,6 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
 def test_killed_stage_resumes_from_its_checkpoint(tiny_workspace: Path, tmp_path):
     """SIGKILL a real `python -m pipeline train_classifier` after its first checkpoint; rerun it."""
     import os
-    import shutil
     import signal
     import subprocess
     import sys
@@ -126,8 +127,7 @@ def test_killed_stage_resumes_from_its_checkpoint(tiny_workspace: Path, tmp_path
     from pipeline.config import set_params
 
     ws = tmp_path / "ws"
-    shutil.copytree(tiny_workspace, ws, ignore=shutil.ignore_patterns("classifier", "checkpoints", "mlartifacts",
-                                                                      "mlflow.db"))
+    copy_workspace(tiny_workspace, ws, "classifier", "checkpoints", "mlartifacts", "mlflow.db")
     set_params(ws / "params.yaml", None, ["train_classifier.epochs=12", "train_classifier.tta=0"])
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}", "PIPELINE_HOME": str(ws)}
     cmd = [sys.executable, "-m", "pipeline", "train_classifier"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ def _workspace_copy(tiny_workspace: Path, dest: Path, stage: str, out: str,
     from pipeline.config import set_params
 
     ws = dest / "ws"
-    shutil.copytree(tiny_workspace, ws, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "__pycache__"))
+    copy_workspace(tiny_workspace, ws, "mlflow.db", "mlartifacts")
     for gone in (ws / "data" / out, ws / "data" / "checkpoints" / stage):
         shutil.rmtree(gone, ignore_errors=True)
     set_params(ws / "params.yaml", None, [f"{stage}.nproc=2", *overrides])

@@ -4,7 +4,6 @@ fails after training, the trained weights are kept and the re-run retrains nothi
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_stage
+from tests.conftest import copy_workspace, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +38,7 @@ def test_check_reachable_is_fast_and_one_line():
 @pytest.mark.parametrize("stage", ["train_classifier", "train_compressor"])
 def test_stage_fails_fast_before_training(tiny_workspace, tmp_path, stage):
     ws = tmp_path / "ws"
-    shutil.copytree(tiny_workspace, ws, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "checkpoints"))
+    copy_workspace(tiny_workspace, ws, "mlflow.db", "mlartifacts", "checkpoints")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}", "PIPELINE_HOME": str(ws)}
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=ws, env=env, capture_output=True,
@@ -62,7 +61,7 @@ def test_tracking_failure_after_training_keeps_the_weights(tiny_workspace, tmp_p
     from pipeline.classifier import train as classifier_train
 
     ws = tmp_path / "ws"
-    shutil.copytree(tiny_workspace, ws, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "checkpoints"))
+    copy_workspace(tiny_workspace, ws, "mlflow.db", "mlartifacts", "checkpoints")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'mlflow.db'}")
     monkeypatch.setenv("PIPELINE_HOME", str(ws))
     monkeypatch.chdir(ws)

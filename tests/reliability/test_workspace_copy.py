@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_workspace, project_files
+from tests.conftest import REPO, copy_workspace, make_workspace, project_files
 
 RUN_STATE = ["dvc.lock", ".dvc/cache/files/md5/ab/cdef", ".dvc/tmp/rwlock", ".dvc/config.local", "data/raw/x.bin",
              "data/classifier/model.pt", "mlruns/0/meta.yaml", "mlartifacts/1/a.txt", "mlflow.db",
@@ -68,3 +68,21 @@ def test_the_real_checkout_copy_has_no_run_state():
     assert "dvc.yaml" in files and "pipeline/__main__.py" in files
     assert not [f for f in files if f == "dvc.lock" or f.startswith(("data/", ".dvc/cache", ".dvc/tmp", "mlruns/",
                                                                     "tests/artifacts/", "airflow/", ".cache/"))]
+
+
+def test_copy_of_a_stage_workspace_is_lean_and_independent(tmp_path):
+    """``copy_workspace``: no download cache, no skipped names; data/raw and data/prepared shared by hard link,
+    everything else (code, params, outputs a test may change) a real copy."""
+    src = tmp_path / "src"
+    for rel in ("params.yaml", "pipeline/stage.py", ".cache/downloads/cifar-10-python.tar.gz", "data/raw/kodak/a.png",
+                "data/prepared/patches.npz", "data/classifier/model.pt", "mlflow.db"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(f"{rel}\n")
+    ws = copy_workspace(src, tmp_path / "ws", "mlflow.db")
+    assert not (ws / ".cache").exists() and not (ws / "mlflow.db").exists()
+    for rel in ("data/raw/kodak/a.png", "data/prepared/patches.npz"):
+        assert (ws / rel).stat().st_ino == (src / rel).stat().st_ino
+    for rel in ("params.yaml", "pipeline/stage.py", "data/classifier/model.pt"):
+        assert (ws / rel).read_text() == f"{rel}\n" and (ws / rel).stat().st_ino != (src / rel).stat().st_ino
+    (ws / "data/classifier/model.pt").write_text("changed\n")
+    assert (src / "data/classifier/model.pt").read_text() == "data/classifier/model.pt\n"
