@@ -54,14 +54,14 @@ SCHEDULE_RES = 100_000  # the time-based schedule's resolution (lr_factor's step
 class TimeSchedule:
     """Stands in for the task's per-step LambdaLR: lr = peak * lr_factor(fraction of the budget elapsed)."""
 
-    def __init__(self, opt: torch.optim.Optimizer, p: TrainCompressorParams, budget_s: float):
-        self.opt, self.budget_s, self.peak = opt, budget_s, p.lr
+    def __init__(self, opt: torch.optim.Optimizer, p: TrainCompressorParams, budget_s: float, clock=time.perf_counter):
+        self.opt, self.budget_s, self.peak, self.clock = opt, budget_s, p.lr, clock
         self.f = lr_factor(p, SCHEDULE_RES)
-        self.t0 = time.perf_counter()
+        self.t0 = clock()
         self.step()
 
     def step(self) -> None:
-        frac = min(1.0, (time.perf_counter() - self.t0) / self.budget_s)
+        frac = min(1.0, (self.clock() - self.t0) / self.budget_s)
         for g in self.opt.param_groups:
             g["lr"] = self.peak * self.f(min(SCHEDULE_RES - 1, int(frac * SCHEDULE_RES)))
 
@@ -85,19 +85,24 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, out
 
 
-def train_for(p: TrainCompressorParams, train_u8: np.ndarray, budget_s: float, seed: int) -> dict:
-    """Train a fresh model for ``budget_s`` seconds of wall time; returns the published (EMA) model and counts."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def train_for(p: TrainCompressorParams, train_u8: np.ndarray, budget_s: float, seed: int, clock: str = "wall") -> dict:
+    """Train a fresh model for ``budget_s`` seconds of ``clock`` (wall time, or this process's CPU time: fair
+    when other work shares the cores); returns the published (EMA) model and counts."""
     p = p.model_copy(update={"patches_per_epoch": p.batch_size * STEPS_PER_CHECK, "epochs": 1})
     task = CompressorTask(p, train_u8, train_u8[:1], seed, torch.device("cpu"), distributed.Dist(), None)
-    task.sched = TimeSchedule(task.opt, p, budget_s)
-    t0, epoch, losses = time.perf_counter(), 0, []
-    while time.perf_counter() - t0 < budget_s:
+    now = CLOCKS[clock]
+    task.sched = TimeSchedule(task.opt, p, budget_s, now)
+    t0, epoch, losses = now(), 0, []
+    while now() - t0 < budget_s:
         losses.append(task.train_epoch(epoch).item() / task.steps_per_epoch)
         epoch += 1
         if epoch % 50 == 0:
-            print(f"  {time.perf_counter() - t0:6.0f} s  step {epoch * STEPS_PER_CHECK}  loss {np.mean(losses[-50:]):.4f}",
+            print(f"  {now() - t0:6.0f} s  step {epoch * STEPS_PER_CHECK}  loss {np.mean(losses[-50:]):.4f}",
                   flush=True)
-    seconds = time.perf_counter() - t0
+    seconds = now() - t0
     task.model.eval()
     task.ema.copy_to_model()
     steps = epoch * STEPS_PER_CHECK
@@ -109,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", action="append", required=True, help="name[:key=value,...] over --base")
     ap.add_argument("--base", default="{}", help="JSON object over the built-in base recipe")
-    ap.add_argument("--minutes", type=float, default=15.0, help="wall time of each variant's training")
+    ap.add_argument("--minutes", type=float, default=15.0, help="time of each variant's training (see --clock)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (equal compute on shared cores)")
     ap.add_argument("--patches", type=Path, default=Path("data/prepared/patches.npz"))
     ap.add_argument("--kodak", type=Path, required=True, help="folder of kodim*.png")
     ap.add_argument("--images", default="04,07,15,23", help="Kodak image numbers scored ('all': every one)")
@@ -141,14 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         train_u8, _ = load_patches(a.patches)
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"{len(train_u8)} patches of {train_u8.shape[1]} px; {a.minutes} min per variant; {a.threads} thread(s); "
+    print(f"{len(train_u8)} patches of {train_u8.shape[1]} px; {a.minutes} min ({a.clock}) per variant; {a.threads} thread(s); "
           f"{platform.processor() or platform.machine()}; torch {torch.__version__}")
     for name, over, p in variants:
         print(f"[{name}] {over or 'base recipe'}", flush=True)
-        r = train_for(p, train_u8, a.minutes * 60, a.seed)
+        r = train_for(p, train_u8, a.minutes * 60, a.seed, a.clock)
         ks = [k for k in (1, 2, 4, 8) if k <= p.iterations]
         q = {k: kodak_quality(r["model"], a.kodak, k, images) for k in ks}
-        row = {"variant": name, "overrides": over, "recipe": p.model_dump(mode="json"), "minutes": a.minutes,
+        row = {"variant": name, "overrides": over, "recipe": p.model_dump(mode="json"), "minutes": a.minutes, "clock": a.clock,
                "seconds": round(r["seconds"], 1), "steps": r["steps"], "patches_per_s": round(r["patches_per_s"], 1),
                "final_loss": round(r["final_loss"], 5), "parameters": count_parameters(r["model"]),
                "patch_side": int(train_u8.shape[1]), "kodak_images": a.images,

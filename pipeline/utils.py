@@ -109,8 +109,23 @@ def select_device(prefer: str = "auto"):
     if prefer == "auto":
         prefer = "cuda" if torch.cuda.is_available() else "cpu"
     if prefer == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(cpu_threads())
     return torch.device(prefer)
+
+
+def cpu_threads() -> int:
+    """The CPU threads this process may use: OMP_NUM_THREADS when set, else the cores it may run on
+    (``taskset`` and container CPU sets respected, unlike ``os.cpu_count()``)."""
+    try:
+        wanted = int(os.environ.get("OMP_NUM_THREADS", "") or 0)
+    except ValueError:
+        wanted = 0
+    if wanted > 0:
+        return wanted
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def progress(iterable=None, **kwargs):

@@ -32,7 +32,7 @@ class TrainCompressorParams(Section):
     lr_floor: float = Field(0.02, ge=0, le=1)  # cosine: lr multiplier at the end of the decay
     weight_decay: float = Field(0.0, ge=0)  # Adam (L2) weight decay
     grad_clip: float | None = Field(1.0, gt=0)  # clip the global gradient norm; null: off
-    loss: Literal["l1", "l2", "l1_ssim"] = "l1"  # residual |r| (l1), r^2 (l2), or l1 mixed with 1 - SSIM, per iteration
+    loss: Literal["l1", "l2", "l1_ssim", "l1_msssim"] = "l1"  # |r|, r^2, or l1 mixed with 1 - SSIM / MS-SSIM, per iteration
     ssim_weight: float = Field(0.84, ge=0, le=1)  # l1_ssim: w (1 - SSIM) + (1 - w) |r| (w = 0.84: Zhao et al. 2017)
     iteration_weights: tuple[float, ...] | None = None  # loss weight of each iteration (null: all equal)
     binarizer: Literal["stochastic", "deterministic"] = "stochastic"  # training binarizer (inference: sign)

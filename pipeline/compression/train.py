@@ -97,7 +97,9 @@ def residual_loss(x: torch.Tensor, recon: torch.Tensor, kind: str = "l1", ssim_w
 
     l1: mean |x - x̂_t|; l2: mean (x - x̂_t)^2; l1_ssim: w (1 - SSIM(x̂_t, x)) + (1 - w) mean |x - x̂_t|
     (Zhao et al. 2017's mix, with single-scale SSIM: a 32 px patch is too small for five scales), which
-    trains for the structural quality the codec is judged by (MS-SSIM) as well as for the pixels.
+    trains for the structural quality the codec is judged by (MS-SSIM) as well as for the pixels;
+    l1_msssim: the same mix with MS-SSIM over as many of Wang et al.'s scales as the patch holds
+    (``multiscale_ssim``: 3 at 64 px, 4 at 128 px with the 11-px window).
     """
     r = x.float()[None] - recon.float()
     t = recon.shape[0]
@@ -107,17 +109,52 @@ def residual_loss(x: torch.Tensor, recon: torch.Tensor, kind: str = "l1", ssim_w
         if kind == "l1":
             return r.abs().mean()
     per_iteration = (r.square() if kind == "l2" else r.abs()).flatten(1).mean(dim=1)
-    if kind == "l1_ssim":
-        from pytorch_msssim import ssim
-
+    if kind in ("l1_ssim", "l1_msssim"):
         ref = (x.float() + 0.5).expand(t, *x.shape).reshape(-1, *x.shape[1:])
-        s = ssim(recon.float().reshape(-1, *x.shape[1:]) + 0.5, ref, data_range=1.0, win_size=ssim_window,
-                 size_average=False).view(t, -1).mean(dim=1)
-        per_iteration = ssim_weight * (1 - s) + (1 - ssim_weight) * per_iteration
+        out = recon.float().reshape(-1, *x.shape[1:]) + 0.5
+        if kind == "l1_ssim":
+            from pytorch_msssim import ssim
+
+            s = ssim(out, ref, data_range=1.0, win_size=ssim_window, size_average=False)
+        else:
+            s = multiscale_ssim(out, ref, ssim_window)
+        per_iteration = ssim_weight * (1 - s.view(t, -1).mean(dim=1)) + (1 - ssim_weight) * per_iteration
     if weights is None:
         return per_iteration.mean()
     w = torch.as_tensor(weights, dtype=torch.float32, device=x.device)
     return (per_iteration * w).sum() / w.sum()
+
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest scale first
+
+
+def msssim_levels(side: int, window: int) -> int:
+    """Scales of MS-SSIM a ``side``-px image holds with a ``window``-px Gaussian window (at most 5)."""
+    levels = 1
+    while levels < 5 and side // 2 ** levels >= window:
+        levels += 1
+    return levels
+
+
+def multiscale_ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11) -> torch.Tensor:
+    """MS-SSIM of images in [0, 1] (N, C, H, W) -> (N,), over ``msssim_levels`` scales, Wang et al.'s weights
+    of those scales renormalised: pytorch_msssim's ``ms_ssim`` at fewer scales, without its 5-scale size check
+    (a 64-px training patch holds 3 scales of the 11-px window; the evaluation's 5 need 161 px)."""
+    import torch.nn.functional as F
+    from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+
+    levels = msssim_levels(min(x.shape[-2:]), window)
+    w = torch.tensor(MS_SSIM_WEIGHTS[:levels], device=x.device)
+    w = w / w.sum()
+    win = _fspecial_gauss_1d(window, 1.5).repeat([x.shape[1], 1, 1, 1])
+    factors = []
+    for level in range(levels):
+        s, cs = _ssim(x, y, data_range=1.0, win=win, size_average=False)
+        if level < levels - 1:
+            factors.append(torch.relu(cs))
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    factors.append(torch.relu(s))
+    return torch.prod(torch.stack(factors) ** w.view(-1, 1, 1), dim=0).mean(dim=1)
 
 
 def task_loss(p: TrainCompressorParams, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
