@@ -18,25 +18,27 @@ export PYTHONUNBUFFERED := 1
 .PHONY: run test test-faults setup browser services airflow-init up down status clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
-	touch $(STAMP)
+	@echo "setting up $(VENV) (the first time about 2-3 minutes; pip's log: $(VENV)/install.log)"
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	@{ $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -c constraints.txt -e '.[test]'; } \
+	  > $(VENV)/install.log 2>&1 || { tail -n 30 $(VENV)/install.log; echo "set-up failed: see $(VENV)/install.log"; exit 1; }
+	@touch $(STAMP)
 
 setup: $(STAMP)
 
 # Airflow's metadata DB (SQLite in $AIRFLOW_HOME) and the one-slot pool that serialises DVC calls.
 airflow-init: setup
-	mkdir -p $(AIRFLOW_HOME)
-	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/migrate.log; exit 1)
-	$(BIN)/airflow pools set dvc_workspace 1 "one DVC process per workspace" > /dev/null
+	@mkdir -p $(AIRFLOW_HOME)
+	@$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/migrate.log; exit 1)
+	@$(BIN)/airflow pools set dvc_workspace 1 "one DVC process per workspace" >> $(AIRFLOW_HOME)/migrate.log 2>&1 \
+	  || (cat $(AIRFLOW_HOME)/migrate.log; exit 1)
 
 # The main job: the whole pipeline DAG, in-process (no scheduler needed), on params.yaml's profile
 # (or PROFILE=tiny|cpu|gpu|coursework). Outputs: data/, MLflow in mlflow.db + mlartifacts/.
-# local_run: `airflow dags test`, one at a time, after failing runs a killed earlier `make run` left running.
+# local_run: `airflow dags test`, one at a time, after failing runs a killed earlier `make run` left running;
+# the console shows the stages and a summary, Airflow's own log goes to $(AIRFLOW_HOME)/runs/.
 run: airflow-init
-	$(BIN)/python -m pipeline.orchestration.local_run pipeline -c '{"profile": $(if $(PROFILE),"$(PROFILE)",null)}'
-	@echo "Pipeline done. Metrics: $(BIN)/dvc metrics show | runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+	@$(BIN)/python -m pipeline.orchestration.local_run pipeline -c '{"profile": $(if $(PROFILE),"$(PROFILE)",null)}'
 
 # Debian's Chromium for the browser test (never a browser download by a test tool).
 browser:

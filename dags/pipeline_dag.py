@@ -28,7 +28,10 @@ from pathlib import Path
 
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, Asset, AssetAny, Param, task
+from airflow.sdk.exceptions import AirflowFailException
 
+from pipeline import events
+from pipeline.errors import EXIT_PERMANENT
 from pipeline.orchestration.dvcgraph import descendants, load_stages, model_outputs
 from pipeline.schema import PROFILES  # the one list of profile names
 
@@ -72,6 +75,26 @@ def _stage_env() -> dict[str, str]:
     }
 
 
+class StageOperator(BashOperator):
+    """A stage task: ``BashOperator``, except that the exit status ``EXIT_PERMANENT`` (the stage failed for a
+    reason a retry cannot fix: pipeline/errors.py) fails the task at once, without the retries that
+    ``DEFAULT_ARGS`` give a transient failure."""
+
+    def execute(self, context):
+        hook = self.subprocess_hook
+        run_command = hook.run_command
+
+        def run_and_judge(*args, **kwargs):
+            result = run_command(*args, **kwargs)
+            if result.exit_code == EXIT_PERMANENT:
+                raise AirflowFailException(f"stage {self.task_id} failed for a reason a retry cannot fix "
+                                           f"(exit status {EXIT_PERMANENT}): {result.output}")
+            return result
+
+        hook.run_command = run_and_judge
+        return super().execute(context)
+
+
 def record_failure(context) -> None:
     """on_failure_callback: mark the MLflow parent run FAILED and name the failed stage."""
     from pipeline import tracking
@@ -99,7 +122,8 @@ def stage_task(name: str) -> BashOperator:
         extra.update(queue=stage.meta.get("queue", "default"), do_xcom_push=True)
         if stage.meta.get("pool"):
             extra["pool"] = stage.meta["pool"]
-    return BashOperator(
+    env["PIPELINE_TASK"] = name
+    return StageOperator(
         task_id=name,
         bash_command=cmd,
         env=env,
@@ -134,8 +158,6 @@ def start(**context) -> str:
     one line and no retry: retrying cannot fix it.
     """
     os.environ.setdefault("PIPELINE_HOME", str(WORKSPACE))
-    from airflow.sdk.exceptions import AirflowFailException
-
     from pipeline import tracking
     from pipeline.config import check_run_overrides, load_params, set_params
     from pipeline.errors import PipelineError
@@ -147,6 +169,7 @@ def start(**context) -> str:
         changed = set_params(WORKSPACE / "params.yaml", conf.get("profile"), overrides)
         params = load_params(WORKSPACE / "params.yaml")
     except PipelineError as err:
+        events.emit("task_end", task="start", rc=err.exit_code, seconds=0.0, retryable=False, error=f"error: {err}")
         raise AirflowFailException(f"error: {err}") from None
     print(f"params.yaml {'updated' if changed else 'unchanged'}; profile {params.profile}")
     dag_run = context["dag_run"]

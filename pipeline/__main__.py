@@ -93,8 +93,11 @@ def run_stage(name: str, module, paths: StagePaths) -> None:
 
     params = load_params()
     if not under_torchrun():
+        from pipeline import events
+
         with tracking.stage_run(name, params, tuple(module.SECTIONS)):
             module.run(params, paths)
+        events.emit("stage_done", stage=name)  # it ran (DVC did not find it up to date): make run's console
     elif int(os.environ.get("RANK", "0")) == 0 and os.environ.get(tracking.RUN_ID_ENV):
         with tracking.joined_run(os.environ[tracking.RUN_ID_ENV]):
             module.run(params, paths)

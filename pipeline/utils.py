@@ -129,13 +129,33 @@ def cpu_threads() -> int:
 
 
 def progress(iterable=None, **kwargs):
-    """A tqdm progress bar on stderr (quiet when PIPELINE_NO_PROGRESS is set)."""
+    """A tqdm progress bar on stderr (quiet when PIPELINE_NO_PROGRESS is set). Under ``make run``
+    (``PIPELINE_EVENTS`` set) it also reports its position to the console, every few seconds."""
     from tqdm.auto import tqdm
+
+    from pipeline import events
 
     kwargs.setdefault("disable", bool(os.environ.get("PIPELINE_NO_PROGRESS")))
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
+    if events.enabled() and not kwargs["disable"]:
+        kwargs.setdefault("mininterval", 2.0)  # the redraws land in a log file: a few are enough
+        return _reported_bar()(iterable, **kwargs)
     return tqdm(iterable, **kwargs)
+
+
+def _reported_bar():
+    from tqdm.auto import tqdm
+
+    from pipeline import events
+
+    class Reported(tqdm):
+        def display(self, msg=None, pos=None):
+            events.emit("progress", task=os.environ.get("PIPELINE_TASK", ""), desc=self.desc or "", n=self.n,
+                        total=self.total, unit=self.unit)
+            return super().display(msg, pos)
+
+    return Reported
 
 
 def log(msg: str) -> None:

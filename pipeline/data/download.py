@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.cleanup import remove_stale_temps
 from pipeline.data.params import DataParams
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, TransientError
 from pipeline.utils import atomic_path, file_digest, log, progress
 
 #: the stage's outputs (pipeline/stage.py); dvc.yaml's cmd passes them
@@ -77,6 +77,7 @@ class Remote:
     algo: str  # "md5" | "sha256"
     digest: str
     size: int | None = None  # bytes, when known in advance (checked before the checksum)
+    mirror: bool = False  # from a mirror (not the official source): its error hint differs
 
 
 def _is_url(source: str) -> bool:
@@ -101,8 +102,31 @@ def _open(src: str, timeout: float):
     return open(path, "rb"), path.stat().st_size
 
 
-def _fetch(src: str, dest: Path, params: DataParams) -> None:
-    """Copy ``src`` (URL or path) to ``dest`` with a progress bar, retrying network errors."""
+MIRROR_HINT = ("no network? Point the pipeline at a mirror: DATA_MIRROR=/path/or/url make run (or data.mirror in "
+               "params.yaml). A mirror is a folder or URL holding SHA256SUMS, cifar-10-python.tar.gz and "
+               "kodak/kodim01.png .. kodim24.png (this project's CI uses ../shared/datasets)")
+
+
+def _unreachable(err: BaseException) -> bool:
+    """No route to the host at all (name not resolved, network or host unreachable, connection refused):
+    a retry in a few seconds meets the same, unlike a time-out or a dropped connection."""
+    import errno
+    import socket
+
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, socket.gaierror | ConnectionRefusedError):
+        return True
+    return isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH)
+
+
+def _fetch(src: str, dest: Path, params: DataParams, mirror: bool = False) -> None:
+    """Copy ``src`` (URL or path) to ``dest`` with a progress bar, retrying network errors.
+
+    A host that cannot be reached at all is tried once more, then refused for good (a retry cannot bring
+    the network back): the error names the URL, the reason and, for the official sources, how to use a
+    mirror. Time-outs, dropped connections and server errors are retried with exponential back-off and,
+    when they last, end in a ``TransientError`` (the DAG retries the stage later).
+    """
     delay = params.backoff_s
     for attempt in range(params.retries + 1):
         try:
@@ -115,13 +139,20 @@ def _fetch(src: str, dest: Path, params: DataParams) -> None:
                         bar.update(len(chunk))
             return
         except urllib.error.HTTPError as err:
-            if err.code < 500 or attempt == params.retries:
+            if err.code < 500:
                 raise PipelineError(f"download of {src} failed: HTTP {err.code} {err.reason}") from None
+            if attempt == params.retries:
+                raise TransientError(f"download of {src} failed after {attempt + 1} tries: HTTP {err.code} "
+                                     f"{err.reason}") from None
             reason = f"HTTP {err.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+            text = str(getattr(err, "reason", err))
+            if _unreachable(err) and attempt >= min(1, params.retries):
+                where = "check the mirror's address (DATA_MIRROR or data.mirror)" if mirror else MIRROR_HINT
+                raise PipelineError(f"cannot reach {src} ({text}); {where}") from None
             if attempt == params.retries:
-                raise PipelineError(f"download of {src} failed after {attempt + 1} tries: {err}") from None
-            reason = str(err)
+                raise TransientError(f"download of {src} failed after {attempt + 1} tries: {text}") from None
+            reason = text
         log(f"[download] {src}: {reason}; retry {attempt + 1}/{params.retries} in {delay:.1f}s")
         time.sleep(delay)
         delay *= 2
@@ -137,7 +168,7 @@ def ensure(remote: Remote, params: DataParams) -> int:
         return 0
     remote.dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(remote.dest) as tmp:
-        _fetch(remote.url, tmp, params)
+        _fetch(remote.url, tmp, params, remote.mirror)
         if remote.size is not None and tmp.stat().st_size != remote.size:
             raise PipelineError(f"size mismatch for {remote.url}: {tmp.stat().st_size} bytes, "
                                 f"expected {remote.size}; nothing was kept")
@@ -153,7 +184,7 @@ def read_sums(mirror: str, params: DataParams) -> dict[str, str]:
     src = _join(mirror, "SHA256SUMS")
     dest = CACHE / "mirror-SHA256SUMS"
     if _is_url(mirror):
-        _fetch(src, dest, params)
+        _fetch(src, dest, params, mirror=True)
     else:
         if not Path(src).is_file():
             raise PipelineError(f"mirror {mirror}: no SHA256SUMS there (is the path right?)")
@@ -182,7 +213,7 @@ def plan(params: DataParams, mirror: str | None) -> list[Remote]:
         missing = [w for w in wanted if w not in sums]
         if missing:
             raise PipelineError(f"mirror {mirror}: SHA256SUMS has no entry for {missing[0]}")
-        remotes = [Remote(_join(mirror, w), CACHE / w, "sha256", sums[w]) for w in wanted]
+        remotes = [Remote(_join(mirror, w), CACHE / w, "sha256", sums[w], mirror=True) for w in wanted]
         if photos:
             if photos not in sums:
                 raise PipelineError(f"mirror {mirror}: SHA256SUMS has no entry for {photos} (data.photos: "
@@ -191,7 +222,7 @@ def plan(params: DataParams, mirror: str | None) -> list[Remote]:
                 raise PipelineError(f"mirror {mirror}: SHA256SUMS gives {sums[photos]} for {photos}, but "
                                     f"data.photos_sha256 is {params.photos_sha256}")
             remotes.append(Remote(_join(mirror, photos), CACHE / photos, "sha256", params.photos_sha256,
-                                  params.photos_size))
+                                  params.photos_size, mirror=True))
         return remotes
     remotes = [Remote(params.cifar_url, CACHE / CIFAR_TARBALL, "md5", params.cifar_md5)] + [
         Remote(params.kodak_url.format(index=i), CACHE / "kodak" / f"kodim{i:02d}.png", "sha256",

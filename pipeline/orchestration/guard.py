@@ -12,7 +12,11 @@ replaces bash and its parent is the task process. It
   death, sends SIGTERM to the whole group (DVC and the stage process), then SIGKILL after
   ``PIPELINE_KILL_GRACE_S`` seconds (default 10), and exits with 128 + the signal.
 
-Otherwise it exits with CMD's exit status.
+Otherwise it exits with CMD's exit status, except when the stage under it failed for a reason a retry
+cannot fix: the stage says so in the file the guard names in ``PIPELINE_STATUS_FILE``
+(``pipeline.errors.run_cli``), and the guard then exits with ``errors.EXIT_PERMANENT``, which the DAG
+fails without a retry. It also reports the task's start and end to ``make run``'s console
+(``pipeline.events``: the task is ``PIPELINE_TASK``, else CMD's last argument).
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+from pipeline import events
+from pipeline.errors import EXIT_PERMANENT
 
 PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -104,21 +113,47 @@ def main(argv: list[str] | None = None) -> int:
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: received.append(signum))
     grace = float(os.environ.get("PIPELINE_KILL_GRACE_S", "10"))
+    task = os.environ.get("PIPELINE_TASK") or args[-1]
+    fd, status = tempfile.mkstemp(prefix="pipeline-status-", suffix=".json")
+    os.close(fd)
+    os.unlink(status)  # the stage creates it only when it fails
+    started = time.monotonic()
+    events.emit("task_start", task=task)
     try:
-        child = subprocess.Popen(args)
+        child = subprocess.Popen(args, env={**os.environ, events.STATUS_ENV: status})
     except OSError as err:
         print(f"error: cannot run {args[0]}: {err}", file=sys.stderr)
+        events.emit("task_end", task=task, rc=127, seconds=0.0, retryable=False, error=str(err))
         return 127
-    while True:
-        if received or os.getppid() != parent:
-            why = signal.Signals(received[0]).name if received else "parent died"
-            _say(f"guard: {why}: stopping {' '.join(args[:4])} (process group {os.getpgrp()})")
-            _stop_group(child, grace)
-            return 128 + (received[0] if received else signal.SIGTERM)
-        try:
-            return child.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        while True:
+            if received or os.getppid() != parent:
+                why = signal.Signals(received[0]).name if received else "parent died"
+                _say(f"guard: {why}: stopping {' '.join(args[:4])} (process group {os.getpgrp()})")
+                _stop_group(child, grace)
+                rc = 128 + (received[0] if received else signal.SIGTERM)
+                events.emit("task_end", task=task, rc=rc, seconds=time.monotonic() - started, retryable=True,
+                            error=f"stopped ({why})")
+                return rc
+            try:
+                rc = child.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
+            return _finish(task, rc, Path(status), time.monotonic() - started)
+    finally:
+        Path(status).unlink(missing_ok=True)
+
+
+def _finish(task: str, rc: int, status: Path, seconds: float) -> int:
+    """The task's exit status: CMD's, or ``EXIT_PERMANENT`` when the stage failed for good."""
+    said = events.read_status(status) if rc else None
+    retryable = bool(said.get("retryable", True)) if said else True
+    events.emit("task_end", task=task, rc=rc, seconds=seconds, retryable=retryable,
+                error=(said or {}).get("error", ""))
+    if rc and not retryable:
+        _say(f"guard: {task} failed for a reason a retry cannot fix (no retry): {said.get('error', '')}")
+        return EXIT_PERMANENT
+    return rc
 
 
 if __name__ == "__main__":
