@@ -38,7 +38,7 @@ PATHS = {"classifier": "data/classifier", "compressor": "data/compressor", "eval
 SECTIONS = ("report",)  # and tracking.experiment, to find the stages' MLflow runs (not a result param)
 CLASSIFIER_DIR, COMPRESSOR_DIR = Path(PATHS["classifier"]), Path(PATHS["compressor"])
 EVAL_DIR, OUT_DIR = Path(PATHS["evaluation"]), Path(PATHS["out"])
-KODAK_DIR = Path("data/raw/kodak")  # hashed for the provenance only
+KODAK_DIR = Path("data/raw/kodak")  # hashed for the provenance only (or the evaluated set's folder)
 TEMPLATE = Path(__file__).with_name("template.html")
 CLASSIFIER_FIGURES = [
     ("fig1_1_accuracy.png", "Figure 1.1: train and test accuracy per epoch"),
@@ -327,7 +327,11 @@ def provenance(params, run_id: str | None, classifier_dir: Path, eval_dir: Path,
             runs = mlflow_runs(params.tracking.experiment, run_id)
         except Exception as err:  # the report must not fail because the tracking store is unreachable
             runs_note = f"MLflow lookup failed: {type(err).__name__}: {err}"
-    hashes = data_hashes([KODAK_DIR, compressor_dir / "model.pt", classifier_dir / "model.pt",
+    try:  # the evaluated image set's folder (summary.json records it)
+        image_dir = Path(EvaluationSummary.read(eval_dir / "summary.json").dataset_folder)
+    except PipelineError:
+        image_dir = KODAK_DIR
+    hashes = data_hashes([image_dir, compressor_dir / "model.pt", classifier_dir / "model.pt",
                           classifier_dir / "metrics.json", compressor_dir / "metrics.json",
                           eval_dir / "per_image.csv", eval_dir / "curves.csv", eval_dir / "bd.csv",
                           eval_dir / "metrics.json", Path("params.yaml"), Path("dvc.yaml")])
@@ -349,6 +353,57 @@ def _ci(row: AtRate | None, q: str, digits: int) -> str:
     return f"[{fmt(lo, digits)}, {fmt(hi, digits)}]" if finite(lo) and finite(hi) else ""
 
 
+def _rate_cell(p: AtRate | None, of: int | None) -> dict[str, str]:
+    n = p.images if p else 0
+    return {"ms_ssim": fmt(getattr(p, "ms_ssim", None), 4), "ms_ssim_ci": _ci(p, "ms_ssim", 4),
+            "ms_ssim_db": fmt(getattr(p, "ms_ssim_db", None), 2),
+            "psnr": fmt(getattr(p, "psnr", None), 2), "psnr_ci": _ci(p, "psnr", 2), "n": f"{n}/{of or n}"}
+
+
+def _bd_rows(bd: list[BDRate], labels: dict[str, str], anchor: str) -> list[dict[str, str]]:
+    rows = []
+    for r in bd:
+        ci = f"[{fmt(r.bd_rate_lo, 1, True, True)}, {fmt(r.bd_rate_hi, 1, True, True)}]" if finite(r.bd_rate_lo) else ""
+        rows.append({"anchor": labels.get(r.anchor, r.anchor), "test": labels.get(r.test, r.test),
+                     "metric": {"ms_ssim_db": "MS-SSIM dB", "psnr": "PSNR"}.get(r.metric, r.metric),
+                     "bd_rate": fmt(r.bd_rate_pct, 1, pct=True, signed=True), "ci": ci,
+                     "n": f"{r.images}/{r.of_images}", "saves": str(r.test_saves),
+                     "bd_quality": fmt(r.bd_quality_db, 2, signed=True),
+                     "bd_rate_avg": fmt(r.bd_rate_avg_curve_pct, 1, pct=True, signed=True),
+                     "section": "vs anchor" if r.anchor == anchor else "RNN vs codec"})
+    return rows
+
+
+def set_name(s: EvaluationSummary) -> str:
+    """The evaluated set, as headings name it: ``Kodak``, or the set's name and folder."""
+    return "Kodak" if s.dataset == "kodak" else f"{s.dataset} ({s.dataset_folder})"
+
+
+def extra_sets(eval_dir: Path, s: EvaluationSummary) -> list[dict[str, Any]]:
+    """The headline tables of each extra set (``sets/<name>/`` of the evaluation): quality at the rates and
+    the per-image BD-rates, computed on that set alone."""
+    out = []
+    for name in s.extra_datasets:
+        d = eval_dir / "sets" / name
+        if not (d / "set.json").is_file():
+            out.append({"name": name, "scope": f"missing: {d}", "rate_rows": [], "bd_rows": []})
+            continue
+        info = load_json(d / "set.json")
+        at = {(r.codec, r.bpp): r for r in read_table(d / "at_rates.csv", AtRate)}
+        per_image = read_table(d / "per_image.csv", Measurement)
+        of = {c: len({m.image for m in per_image if m.codec == c}) for c in s.order}
+        rows = [{"codec": s.labels.get(c, c), "cells": [_rate_cell(at.get((c, float(r))), of.get(c)) for r in s.rates]}
+                for c in s.order]
+        mp = info.get("megapixels") or 0
+        out.append({"name": name, "rate_rows": rows, "bd_rows": _bd_rows(read_table(d / "bd.csv", BDRate), s.labels,
+                                                                          s.anchor),
+                    "scope": f"{info['describe']} in {info['folder']}"
+                             + (f", centre-cropped to {info['crop']} px" if info.get("crop") else "")
+                             + f"; {info['duration_s']:.0f} s for {info['encodes']} coded files"
+                             + (f" ({info['duration_s'] / mp:.1f} s per megapixel)" if mp else "")})
+    return out
+
+
 def tables(inputs: Inputs) -> dict[str, Any]:
     s = inputs.summary
     labels = s.labels
@@ -363,11 +418,7 @@ def tables(inputs: Inputs) -> dict[str, Any]:
         arow = {"codec": labels.get(c, c), "cells": []}
         for rate in rates:
             p = at.get((c, float(rate)))
-            n = p.images if p else 0
-            row["cells"].append({"ms_ssim": fmt(getattr(p, "ms_ssim", None), 4), "ms_ssim_ci": _ci(p, "ms_ssim", 4),
-                                 "ms_ssim_db": fmt(getattr(p, "ms_ssim_db", None), 2),
-                                 "psnr": fmt(getattr(p, "psnr", None), 2), "psnr_ci": _ci(p, "psnr", 2),
-                                 "n": f"{n}/{of.get(c) or n}"})
+            row["cells"].append(_rate_cell(p, of.get(c)))
             a = avg.get((c, float(rate)))
             diff = p.ms_ssim - a.ms_ssim if a and p else float("nan")
             pdiff = p.psnr - a.psnr if a and p else float("nan")
@@ -375,16 +426,7 @@ def tables(inputs: Inputs) -> dict[str, Any]:
                                   "diff": fmt(diff, 4, signed=True), "psnr_diff": fmt(pdiff, 2, signed=True)})
         rate_rows.append(row)
         avg_rows.append(arow)
-    bd_rows = []
-    for r in inputs.bd:
-        ci = f"[{fmt(r.bd_rate_lo, 1, True, True)}, {fmt(r.bd_rate_hi, 1, True, True)}]" if finite(r.bd_rate_lo) else ""
-        bd_rows.append({"anchor": labels.get(r.anchor, r.anchor), "test": labels.get(r.test, r.test),
-                        "metric": {"ms_ssim_db": "MS-SSIM dB", "psnr": "PSNR"}.get(r.metric, r.metric),
-                        "bd_rate": fmt(r.bd_rate_pct, 1, pct=True, signed=True), "ci": ci,
-                        "n": f"{r.images}/{r.of_images}", "saves": str(r.test_saves),
-                        "bd_quality": fmt(r.bd_quality_db, 2, signed=True),
-                        "bd_rate_avg": fmt(r.bd_rate_avg_curve_pct, 1, pct=True, signed=True),
-                        "section": "vs anchor" if r.anchor == s.anchor else "RNN vs codec"})
+    bd_rows = _bd_rows(inputs.bd, labels, s.anchor)
     pair_rows = []
     for r in inputs.pairwise:
         if r.metric != "ms_ssim":
@@ -420,6 +462,34 @@ CONVENTION = ("Quality at a rate is measured per image: each image's own (bpp, q
               "curve; it favours codecs whose rate varies from image to image where the curve is steep.")
 
 
+TTA_NAMES = {0: "none", 1: "horizontal flip", 2: "flip and 1-px shifts"}
+
+
+def classifier_summary(params, m: ClassifierMetrics | None) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The classifier's section: (what, value) rows (recipe, length, accuracy with its interval, time) and
+    the per-class accuracies, for both report.html and report.md."""
+    if m is None:
+        return [], []
+    cfg = params.train_classifier
+    n = m.test_size or CIFAR10_TEST_SIZE
+    lo, hi = wilson(m.test_acc, n)
+    tta = TTA_NAMES.get(m.tta, str(m.tta)) if m.tta is not None else "?"
+    rows = [("recipe", f"{cfg.recipe} (profile {params.profile})"),
+            ("epochs, batch size", f"{m.epochs if m.epochs is not None else cfg.epochs:g}, {cfg.batch_size}"),
+            ("test accuracy", f"{m.test_acc:.2%} (95% CI [{lo:.2%}, {hi:.2%}], {n} test images; TTA: {tta})")]
+    if m.test_acc_no_tta is not None:
+        rows.append(("test accuracy without TTA", f"{m.test_acc_no_tta:.2%}"))
+    if m.train_acc is not None:
+        rows.append(("final training accuracy", f"{m.train_acc:.2%}"))
+    if m.train_time_s is not None and finite(m.train_time_s):
+        speed = f", {m.images_per_s:,.0f} images/s" if m.images_per_s and finite(m.images_per_s) else ""
+        rows.append(("training time", f"{m.train_time_s:,.0f} s ({m.train_time_s / 60:.1f} min){speed}"))
+    if m.parameters:
+        rows.append(("parameters", f"{m.parameters:,}"))
+    per_class = [{"name": name, "acc": f"{acc:.1%}"} for name, acc in m.per_class_acc.items() if finite(acc)]
+    return [{"key": k, "value": v} for k, v in rows], per_class
+
+
 def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, eval_dir: Path) -> dict[str, Any]:
     rp = params.report
     s = inputs.summary
@@ -438,18 +508,24 @@ def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, 
                                       f"{e['bpp']:.3f} bpp, MS-SSIM {e['ms_ssim']:.4f}, PSNR {e['psnr']:.2f} dB",
                            "src": data_uri(vdir / e["file"])})
     rnn_subset = s.codecs["rnn"].subset if "rnn" in s.codecs else None
-    scope = (f"all {len(s.images)} Kodak images at full size" if s.all_kodak else
-             f"a subset of Kodak: {', '.join(s.images)}" + (f", centre-cropped to {s.crop} px" if s.crop else "")
-             + f" (profile {s.profile}; the gpu profile evaluates all 24 images at full size)")
+    if s.dataset != "kodak":
+        from pipeline.evaluation.datasets import describe_sizes
+
+        sizes = [tuple(wh) for wh in s.sizes]
+        scope = (f"the image set {s.dataset} in {s.dataset_folder}: {describe_sizes(sizes)}"
+                 + (f" (the first {s.limit} by file name)" if s.limit else "")
+                 + (f", centre-cropped to {s.crop} px" if s.crop else "") + f" (profile {s.profile})")
+    else:
+        scope = (f"all {len(s.images)} Kodak images at full size" if s.all_kodak else
+                 f"a subset of Kodak: {', '.join(s.images)}" + (f", centre-cropped to {s.crop} px" if s.crop else "")
+                 + f" (profile {s.profile}; the gpu profile evaluates all 24 images at full size)")
     if rnn_subset:
         scope += f"; the RNN codec on {len(rnn_subset)} of them ({', '.join(rnn_subset)})"
-    classifier_rows = []
-    if inputs.classifier:
-        for k, v in inputs.classifier.scalars().items():
-            if any(t in k for t in ("acc", "loss", "time", "images_per_s", "epochs")):
-                classifier_rows.append({"key": k, "value": f"{v:.4g}"})
+    classifier_rows, per_class = classifier_summary(params, inputs.classifier)
     durations = [{"what": "evaluate (encoding, decoding and metrics)",
-                  "value": f"{s.duration_s:.1f} s for {s.encodes} coded files"}]
+                  "value": f"{s.duration_s:.1f} s for {s.encodes} coded files"
+                           + (f", {s.duration_s / s.megapixels:.1f} s per megapixel of {set_name(s)}"
+                              if s.megapixels else "")}]
     for c, info in s.codecs.items():
         if finite(info.seconds):
             durations.append({"what": f"evaluate: {labels.get(c, c)} ({info.images} images, coding and metrics)",
@@ -463,8 +539,10 @@ def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, 
     return {
         "title": rp.title, "prov": prov, "summary": s, "labels": labels, "scope": scope,
         "accuracy": (f"{acc:.2%}" if acc is not None else "n/a"), "accuracy_key": "test_acc" if acc is not None else None,
-        "classifier_rows": classifier_rows, "classifier_figs": classifier_figs, "eval_figs": eval_figs,
+        "classifier_rows": classifier_rows, "per_class": per_class, "classifier_figs": classifier_figs,
+        "eval_figs": eval_figs,
         "visual": visual, "visual_info": inputs.visual, "claims": claims, "missing": inputs.missing,
+        "set_name": set_name(s), "extra_sets": extra_sets(eval_dir, s),
         "skipped": s.skipped, "durations": durations, "convention": CONVENTION, **tables(inputs),
     }
 
@@ -483,9 +561,16 @@ def render_md(ctx: dict[str, Any]) -> str:
            "Figures and the visual comparison are in report.html (self-contained).", "",
            "## Claims of the coursework, checked", "", "| claim | metric | our numbers | verdict |", "|---|---|---|---|"]
     out += [f"| {c.claim} | {c.metric} | {c.evidence} | **{c.verdict}** |" for c in ctx["claims"]]
-    out += ["", "## Classifier", "", f"Test accuracy: **{ctx['accuracy']}**" +
+    out += ["", "## Classifier (CIFAR-10)", "", f"Test accuracy: **{ctx['accuracy']}**" +
             (f" (`{ctx['accuracy_key']}`)" if ctx["accuracy_key"] else ""), ""]
-    out += ["## Compression on Kodak", "", f"Evaluated on {ctx['scope']}.", "", ctx["convention"], "",
+    if ctx["classifier_rows"]:
+        out += ["| | |", "|---|---|"] + [f"| {r['key']} | {r['value']} |" for r in ctx["classifier_rows"]] + [""]
+    if ctx["per_class"]:
+        out += ["Accuracy per class (with TTA):", "", "| " + " | ".join(c["name"] for c in ctx["per_class"]) + " |",
+                "|" + "---|" * len(ctx["per_class"]), "| " + " | ".join(c["acc"] for c in ctx["per_class"]) + " |", ""]
+    out += ["Figures (in report.html, and as files): " + "; ".join(
+        f"{f['caption']} (`{f['path']}`{'' if f['src'] else ', missing'})" for f in ctx["classifier_figs"]) + ".", ""]
+    out += [f"## Compression on {ctx['set_name']}", "", f"Evaluated on {ctx['scope']}.", "", ctx["convention"], "",
             "### Quality at fixed rates (primary: per-image interpolation)", "",
             "Mean over the images that reach the rate, 95% bootstrap interval, n/N images; n/a: no image reaches it.", ""]
     head = "| codec | " + " | ".join(f"MS-SSIM @{r:g} | PSNR @{r:g} | n @{r:g}" for r in ctx["rates"]) + " |"
@@ -508,6 +593,16 @@ def render_md(ctx: dict[str, Any]) -> str:
             "median BD-quality (dB) | BD-rate, averaged curves |", "|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['anchor']} | {r['test']} | {r['metric']} | {r['bd_rate']} | {r['ci']} | {r['n']} | {r['saves']} | "
             f"{r['bd_quality']} | {r['bd_rate_avg']} |" for r in ctx["bd_rows"]]
+    for x in ctx["extra_sets"]:
+        out += ["", f"### Also evaluated: {x['name']}", "", f"{x['scope']}. The same codecs and settings; quality at "
+                "the rates (primary convention) and per-image BD-rates, on this set alone.", ""]
+        out += ["| codec | " + " | ".join(f"MS-SSIM @{r:g} | n @{r:g}" for r in ctx["rates"]) + " |",
+                "|---|" + "---|" * (2 * len(ctx["rates"]))]
+        out += [f"| {row['codec']} | " + " | ".join(f"{c['ms_ssim']} {c['ms_ssim_ci']} | {c['n']}" for c in row["cells"])
+                + " |" for row in x["rate_rows"]]
+        out += ["", "| anchor | test | metric | median BD-rate | 95% CI | images |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['anchor']} | {r['test']} | {r['metric']} | {r['bd_rate']} | {r['ci']} | {r['n']} |"
+                for r in x["bd_rows"]]
     out += ["", "### Codec settings", "", "| codec | implementation | fixed settings | sweep |", "|---|---|---|---|"]
     out += [f"| {r['codec']} | {r['description']} | {r['config']} | {r['sweep']} |" for r in ctx["settings"]]
     out += ["", "## Provenance", "", f"- git commit: `{p['git_commit']}` ({p['git_date']})",
