@@ -6,7 +6,9 @@ A stage module (``STAGES`` below names them) declares, at module level::
     SECTIONS: tuple[str, ...]      # the params sections it reads (logged to its MLflow run)
     def run(params: Params, paths: StagePaths) -> None
 
-and nothing else about its plumbing. ``python -m pipeline <stage> [--<name> PATH ...]``
+and, optionally, ``DATASETS: dict[str, str]`` (a ``PATHS`` name -> the dataset's name, e.g.
+``{"data": "CIFAR-10"}``): the data inputs logged to its MLflow run as dataset inputs, with DVC's hash
+as digest (``tracking.log_datasets``). Nothing else about its plumbing. ``python -m pipeline <stage> [--<name> PATH ...]``
 (``pipeline/__main__.py``), in this order:
 
 1. parses one ``--<name> PATH`` option per ``PATHS`` entry (``-`` in the option for ``_`` in the

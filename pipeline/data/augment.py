@@ -24,6 +24,7 @@ from pipeline.utils import atomic_path, log, progress
 #: the stage's input and outputs (pipeline/stage.py); dvc.yaml's cmd passes them
 PATHS = {"raw": "data/raw/cifar-10-batches-py", "cifar": "data/prepared/cifar10.npz",
          "patches": "data/prepared/patches.npz", "preview": "data/prepared/preview.png"}
+DATASETS = {"raw": "CIFAR-10"}  # logged to MLflow as the run's dataset input (pipeline/stage.py)
 #: params it reads: its section, and the classifier's augmentation (shown in preview.png)
 SECTIONS = ("augment", "train_classifier.augmentation")
 KODAK = Path("data/raw/kodak")  # refused as a patch source (it is the codec's test set)
