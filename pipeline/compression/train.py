@@ -495,11 +495,8 @@ def log_to_mlflow(model: RNNCompressor, out_dir: Path, register: bool) -> None:
 
     for name in ("metrics.json", "history.csv"):
         mlflow.log_artifact(str(out_dir / name))
-    from mlflow.models import infer_signature
-
-    signature = infer_signature(np.zeros((1, 3, 32, 32), dtype=np.float32))  # an image batch in [0, 1]
-    training.log_model(STAGE, out_dir / "model.pt", "rnn-compressor", out_dir, REGISTERED_NAME if register else None,
-                       signature)
+    example = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    training.log_model(STAGE, model, out_dir, REGISTERED_NAME if register else None, input_example=example)
 
 
 def run(params, paths) -> None:
