@@ -3,8 +3,10 @@
 ``python -m pipeline <stage> --help`` lists the stage's path options; the contract between this
 entry point and a stage is written in ``pipeline/stage.py``.
 
-Also ``python -m pipeline configure [--profile P] [--set KEY=VALUE ...]`` (write params.yaml)
-and ``python -m pipeline params`` (print the resolved params as YAML).
+Also ``python -m pipeline configure [--profile P] [--set KEY=VALUE ...]`` (write params.yaml),
+``python -m pipeline params`` (print the resolved params as YAML) and ``python -m pipeline log-model
+MODEL.pt [--register NAME]`` (log a model file to MLflow as weights: re-logs a model that an earlier
+version logged as a pickle, which is never loaded).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from pipeline.errors import run_cli
 from pipeline.stage import STAGES, StagePaths, is_function_stage, option
@@ -33,6 +36,37 @@ def _show(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(load_params(args.params or PARAMS_FILE).model_dump(mode="json"), sort_keys=False))
 
 
+def _log_model(args: argparse.Namespace) -> None:
+    """Log a model.pt of either stage, checked by its own loader (weights only), in a run of its own."""
+    import torch
+
+    from pipeline import tracking
+    from pipeline.config import PARAMS_FILE, load_params
+    from pipeline.errors import PipelineError
+
+    experiment = load_params(args.params or PARAMS_FILE).tracking.experiment
+    path = Path(args.model)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such model file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise PipelineError(f"{path}: not a readable model file ({type(err).__name__})") from None
+    if isinstance(blob, dict) and blob.get("format") == "cifar10-classifier/1":
+        from pipeline.classifier.model import load_classifier
+
+        kind = "cifar10-classifier"
+        load_classifier(path)
+    else:
+        from pipeline.compression.codec import model_from_checkpoint
+
+        kind = "rnn-compressor"
+        model_from_checkpoint(blob, str(path))
+    run_id = tracking.log_model_file(path, kind, experiment, args.register)
+    print(f"{args.model}: logged as a {kind} checkpoint in run {run_id}"
+          + (f", registered as {args.register}" if args.register else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--params", help="params file (default: params.yaml)")
     show = sub.add_parser("params", help="print the resolved params (profile applied)")
     show.add_argument("--params", help="params file (default: params.yaml)")
+    logm = sub.add_parser("log-model", help="log a model file to MLflow as weights (e.g. to re-log one an "
+                                            "earlier version logged as a pickle)")
+    logm.add_argument("model", metavar="MODEL.pt", help="a model.pt of train_compressor or train_classifier")
+    logm.add_argument("--register", metavar="NAME", help="register it in the Model Registry under NAME")
+    logm.add_argument("--params", help="params file naming the MLflow experiment (default: params.yaml)")
     return parser
 
 
@@ -64,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "configure":
             return run_cli(lambda: _configure(args))
+        if args.command == "log-model":
+            return run_cli(lambda: _log_model(args))
         return run_cli(lambda: _show(args))
     name = argv[0]
     module = importlib.import_module(STAGES[name])
@@ -95,7 +136,8 @@ def run_stage(name: str, module, paths: StagePaths) -> None:
     if not under_torchrun():
         from pipeline import events
 
-        with tracking.stage_run(name, params, tuple(module.SECTIONS)):
+        datasets = {label: paths[key] for key, label in getattr(module, "DATASETS", {}).items()}
+        with tracking.stage_run(name, params, tuple(module.SECTIONS), datasets):
             module.run(params, paths)
         events.emit("stage_done", stage=name)  # it ran (DVC did not find it up to date): make run's console
     elif int(os.environ.get("RANK", "0")) == 0 and os.environ.get(tracking.RUN_ID_ENV):

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError
@@ -22,7 +22,7 @@ from pipeline.data.params import AugmentParams, DataParams
 from pipeline.errors import ParamsError
 from pipeline.evaluation.params import EvaluateParams
 from pipeline.report.params import ReportParams
-from pipeline.schema import PROFILES, Section
+from pipeline.schema import PROFILES, SOURCE, Section, is_source
 
 PARAMS_FILE = "params.yaml"
 
@@ -47,13 +47,13 @@ SECTIONS: dict[str, type[Section]] = {
 class Params(Section):
     profile: Literal[PROFILES] = "cpu"  # type: ignore[valid-type]  (the tuple in pipeline.schema)
     seed: int = Field(0, ge=0)
-    data: DataParams
+    data: Annotated[DataParams, SOURCE]  # where the data comes from and what it must hash to
     augment: AugmentParams
     train_classifier: TrainClassifierParams
     train_compressor: TrainCompressorParams
     evaluate: EvaluateParams
     report: ReportParams
-    tracking: TrackingParams
+    tracking: Annotated[TrackingParams, SOURCE]  # where runs and models are recorded
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of every resolved value (what MLflow logs)."""
@@ -173,27 +173,56 @@ def _effective_keys(doc: dict, keys: list[str], profile: str) -> list[str]:
     return [keys[0], "profiles", profile, *keys[1:]]
 
 
-#: What a DAG run's conf (``overrides``) may change: training and evaluation knobs. Where data, code
-#: and models come from (``data.*``: mirror, URLs and checksums; ``evaluate.rnn_model``; ``tracking.*``)
-#: stays as params.yaml says: a run conf that could name them could make a stage unpickle anything.
-RUN_CONF_SECTIONS = ("profile", "seed", "augment", "train_classifier", "train_compressor", "evaluate", "report")
-RUN_CONF_REFUSED = ("evaluate.rnn_model",)
+def _field_sections(annotation: Any) -> list[type[Section]]:
+    """The params sections a field's type holds (``X``, ``X | None``, ``Annotated[X, ...]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return [annotation]
+    return [s for arg in get_args(annotation) for s in _field_sections(arg)]
+
+
+def source_keys(schema: type[Section] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of ``schema`` (default: Params) whose type is marked ``Source`` (a path, URI or
+    model reference: ``pipeline.schema``), a marked section as ``section.*``."""
+    keys = []
+    for name, field in (schema or Params).model_fields.items():
+        if is_source(field.annotation, field.metadata):
+            keys.append(f"{prefix}{name}" + (".*" if _field_sections(field.annotation) else ""))
+        else:
+            for section in _field_sections(field.annotation):
+                keys.extend(source_keys(section, f"{prefix}{name}."))
+    return keys
 
 
 def check_run_overrides(overrides: list[str]) -> None:
-    """Refuse (ParamsError) a DAG-run override outside the run-conf allowlist, naming the key."""
+    """Refuse (ParamsError, naming the key) a DAG-run override of a key whose type marks it a source
+    (``pipeline.schema.Source``: a path, URI or model reference, or a section of them), of a section or
+    profile block that holds one, or of a key the params do not have. Decided from the params' types, so
+    a source key added later is refused too; what a run conf may set are the training and evaluation
+    knobs (``profile``, ``seed``, ``train_classifier.epochs``...). Nothing is read or requested."""
     for item in overrides:
         keys, _ = parse_override(item)
         plain = list(keys)
-        if len(plain) > 3 and plain[1] == "profiles":  # train_classifier.profiles.tiny.epochs -> .epochs
-            plain = [plain[0], *plain[3:]]
-        dotted = ".".join(plain)
-        if plain[0] not in RUN_CONF_SECTIONS or any(dotted == r or dotted.startswith(r + ".")
-                                                    for r in RUN_CONF_REFUSED):
-            raise ParamsError(
-                f"run conf may not set {'.'.join(keys)}: a DAG run changes training and evaluation knobs "
-                f"({', '.join(RUN_CONF_SECTIONS)}), not where data, code or models come from "
-                f"(data.*, {', '.join(RUN_CONF_REFUSED)}, tracking.*): edit params.yaml instead")
+        if len(plain) > 1 and plain[1] == "profiles":  # train_classifier.profiles.tiny.epochs -> .epochs
+            plain = [plain[0], *plain[3:]]  # (.profiles or .profiles.tiny alone: the whole section)
+        why, schema = None, Params
+        for i, key in enumerate(plain):
+            field = schema.model_fields.get(key) if schema is not None else None
+            if field is None:
+                why = "the params have no such key"
+                break
+            if is_source(field.annotation, field.metadata):
+                why = (f"{'.'.join(plain[:i + 1])}.* says where data or models come from or results go"
+                       if _field_sections(field.annotation) else "it is a path, URI or model reference")
+                break
+            sections = _field_sections(field.annotation)
+            if i == len(plain) - 1 and sections:
+                held = source_keys(sections[0], ".".join(plain) + ".")
+                if held:
+                    why = f"it holds {held[0]}, a path, URI or model reference"
+            schema = sections[0] if sections else None
+        if why:
+            raise ParamsError(f"run conf may not set {'.'.join(keys)}: {why}; a DAG run sets training and "
+                              "evaluation knobs only: edit params.yaml instead")
 
 
 @contextlib.contextmanager

@@ -11,8 +11,8 @@ evaluation, as the methods of ``Task``. The frame owns what every training stage
   evaluation and history row (``end_epoch``), the checkpoint, ``after_checkpoint`` and ``on_epoch``,
   the ranks meeting at a barrier; timing of the training alone;
 - ``log_history_row``, ``history_csv`` and ``log_model``: the history sent to MLflow one row per
-  epoch (replayed on resume), history.csv, and the model logged (and registered) in MLflow, a failure
-  there ending in one line that says where the trained weights are.
+  epoch (replayed on resume), history.csv, and the model's checkpoint file logged (and registered) in
+  MLflow as weights, a failure there ending in one line that says where the trained weights are.
 """
 
 from __future__ import annotations
@@ -226,14 +226,12 @@ def outputs_kept_if_tracking_fails(stage: str, out_dir: Path) -> Iterator[None]:
                             "retrained)") from None
 
 
-def log_model(stage: str, model: torch.nn.Module, out_dir: Path, registered_name: str | None,
-              **kwargs: Any) -> None:
-    """Log ``model`` (pickled, on the CPU) to the active MLflow run as ``model``, registered when named
-    (tracking failures as in ``outputs_kept_if_tracking_fails``); requirements: torch of this run, numpy."""
-    import mlflow.pytorch
+def log_model(stage: str, checkpoint: Path, kind: str, out_dir: Path, registered_name: str | None,
+              signature: Any = None) -> None:
+    """Log the stage's checkpoint file (``kind``: its format) to the active MLflow run as its model, as
+    weights, never a pickle (``pipeline.tracking.log_model_checkpoint``), registered when named (tracking
+    failures as in ``outputs_kept_if_tracking_fails``)."""
+    from pipeline import tracking
 
-    # stated, not inferred: MLflow's inference runs a subprocess that imports the model (seconds per run)
-    kwargs.setdefault("pip_requirements", [f"torch=={torch.__version__.split('+')[0]}", "numpy"])
     with outputs_kept_if_tracking_fails(stage, out_dir):
-        mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle",
-                                 registered_model_name=registered_name, **kwargs)
+        tracking.log_model_checkpoint(checkpoint, kind, registered_name, signature)

@@ -175,18 +175,25 @@ def bad_workspace(tmp_path):
     return make_workspace(tmp_path / "ws", profile="tiny")
 
 
-@pytest.mark.parametrize("case", ["yaml", "refused", "non_finite"])
+#: issue 29: a run conf names knobs, never a path, a URI or a model (refused by the params' types)
+SOURCES = {"refused": "data.mirror=/tmp/elsewhere", "init_model": "train_compressor.init=models:/evil/1",
+           "scheme": "evaluate.rnn_model=s3://bucket/model", "folder": "augment.patch_source=/etc"}
+
+
+@pytest.mark.parametrize("case", ["yaml", *SOURCES, "non_finite"])
 def test_start_fails_at_once_without_retry_on_a_user_error(airflow_db, bad_workspace, monkeypatch, case):
     """A YAML error, a refused run-conf key or an invalid value: AirflowFailException (never retried)
-    with one line naming the problem, and params.yaml untouched."""
+    with one line naming the problem, and params.yaml untouched; no request is made."""
+    import socket
+
     from airflow.sdk.exceptions import AirflowFailException
 
     params_file = bad_workspace / "params.yaml"
     overrides = []
     if case == "yaml":
         params_file.write_text(params_file.read_text().replace("seed: 0", "seed: [0"))
-    elif case == "refused":
-        overrides = ["data.mirror=/tmp/elsewhere"]
+    elif case in SOURCES:
+        overrides = ["train_classifier.epochs=1", SOURCES[case]]
     else:
         overrides = ["train_classifier.epochs=.inf"]
     before = params_file.read_bytes()
@@ -194,11 +201,16 @@ def test_start_fails_at_once_without_retry_on_a_user_error(airflow_db, bad_works
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{bad_workspace / 'mlflow.db'}")
     module = _load_dag_module()
     start = module.pipeline_dag.get_task("start")
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("start made a request")
+
+    monkeypatch.setattr(socket.socket, "connect", no_request)
     with pytest.raises(AirflowFailException) as info:
         start.python_callable(params={"profile": None, "overrides": overrides}, dag_run=None, ti=None)
     message = str(info.value)
     assert message.startswith("error: ") and "\n" not in message.strip()
-    assert {"yaml": "not valid YAML", "refused": "run conf may not set data.mirror",
-            "non_finite": "finite"}[case] in message
+    assert {"yaml": "not valid YAML", "non_finite": "finite",
+            **{c: f"run conf may not set {o.split('=')[0]}" for c, o in SOURCES.items()}}[case] in message
     assert params_file.read_bytes() == before
     assert not (bad_workspace / "mlflow.db").exists()  # failed before any MLflow run was opened

@@ -189,6 +189,21 @@ def test_services_ports_and_secrets(stack_dir: Path) -> None:
 
 
 @needs_compose
+def test_only_the_logged_in_admin_can_trigger_runs(stack_dir: Path) -> None:
+    """docs/scaling.md, who can trigger runs: Airflow's SimpleAuthManager with the one admin user of the
+    password file; no component lets everyone in as admin or swaps the auth manager out."""
+    services = rendered(stack_dir, "--profile", "gpu")["services"]
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        assert str(env.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "false")).lower() == "false", name
+        assert "simple_auth_manager" in env.get("AIRFLOW__CORE__AUTH_MANAGER", "simple_auth_manager"), name
+    api = services["airflow-apiserver"]["environment"]
+    user = read_env(stack_dir / ".env").get("AIRFLOW_ADMIN_USER", "admin")
+    assert api["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == f"{user}:admin"
+    assert api["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] == "/opt/airflow/auth/passwords.json"
+
+
+@needs_compose
 def test_gpu_worker_has_its_queue_and_the_nvidia_devices(stack_dir: Path) -> None:
     worker = rendered(stack_dir, "--profile", "gpu")["services"]["airflow-worker-gpu"]
     assert worker["command"][-2:] == ["--queues", "gpu"]

@@ -171,19 +171,22 @@ def save_classifier(path: str | os.PathLike, model: Classifier, config: dict[str
                 "label_names": list(model.label_names), "state_dict": state, **extra}, path)
 
 
-def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> Classifier:
-    """Load a ``save_classifier`` file; a missing or foreign file raises PipelineError."""
+def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu", source: str | None = None
+                    ) -> Classifier:
+    """Load a ``save_classifier`` file (weights only: nothing is unpickled but tensors and plain values);
+    a missing or foreign file raises PipelineError, naming ``source`` (default: the path)."""
+    source = source or str(path)
     if not os.path.isfile(path):
-        raise PipelineError(f"{path}: model file not found (run `python -m pipeline train_classifier`)")
+        raise PipelineError(f"{source}: model file not found (run `python -m pipeline train_classifier`)")
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise PipelineError(f"{path}: not a readable classifier checkpoint ({type(err).__name__})") from None
+        raise PipelineError(f"{source}: not a readable classifier checkpoint ({type(err).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != "cifar10-classifier/1":
-        raise PipelineError(f"{path}: not a classifier saved by this pipeline")
+        raise PipelineError(f"{source}: not a classifier saved by this pipeline")
     try:
         model = build_classifier(blob["config"], blob.get("label_names"))
         model.load_state_dict(blob["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise PipelineError(f"{path}: classifier checkpoint does not match its architecture ({err})") from None
+        raise PipelineError(f"{source}: classifier checkpoint does not match its architecture ({err})") from None
     return model.to(device).eval()

@@ -35,12 +35,14 @@ def load_image(path: str | os.PathLike, size: int = 32) -> np.ndarray:
 
 
 def load_model(spec: str):
-    """A model.pt path, or an MLflow model URI (needs the tracking server/DB it lives in)."""
+    """A model.pt path, or an MLflow model URI (needs the tracking server/DB it lives in): the checkpoint
+    logged there (``pipeline.tracking.logged_checkpoint``), read as weights, never unpickled."""
     from pipeline import tracking
-    from pipeline.classifier.model import Classifier, load_classifier
+    from pipeline.classifier.model import load_classifier
 
     if tracking.is_model_uri(spec):
-        return tracking.load_logged_model(spec, Classifier, "a CIFAR-10 classifier")
+        with tracking.logged_checkpoint(spec, "cifar10-classifier", "a CIFAR-10 classifier") as path:
+            return load_classifier(path, source=f"model {spec}")
     return load_classifier(spec)
 
 

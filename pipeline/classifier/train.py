@@ -42,6 +42,7 @@ from pipeline.utils import atomic_path, log, progress
 STAGE = "train_classifier"
 #: the stage's input and output (pipeline/stage.py); dvc.yaml's cmd passes them
 PATHS = {"data": "data/prepared/cifar10.npz", "out": "data/classifier"}
+DATASETS = {"data": "CIFAR-10 (arrays)"}  # logged to MLflow as the run's dataset input (pipeline/stage.py)
 SECTIONS = (STAGE,)
 CHECKPOINT = Path("data/checkpoints/train_classifier/last.pt")
 
@@ -290,8 +291,6 @@ def log_to_mlflow(out_dir: Path, result: TrainResult, metrics: dict[str, Any], r
     import mlflow
     from mlflow.models import infer_signature
 
-    import pipeline
-
     last = result.history[-1]  # its test score, set by ``evaluate``
     training.log_history_row({k: last[k] for k in ("step", "test_loss", "test_acc")}, "step")
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -306,10 +305,8 @@ def log_to_mlflow(out_dir: Path, result: TrainResult, metrics: dict[str, Any], r
     example = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-    training.log_model(
-        STAGE, model, out_dir, "cifar10-classifier" if register else None, signature=signature,
-        input_example=example,
-        code_paths=[str(Path(pipeline.__file__).parent)])  # the pickled classes live in the pipeline package
+    training.log_model(STAGE, out_dir / "model.pt", "cifar10-classifier", out_dir,
+                       "cifar10-classifier" if register else None, signature)
 
 
 def keep_freed_memory() -> None:

@@ -420,16 +420,23 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> RNNCompress
 
 
 def load_model(source: str | os.PathLike | None = None) -> RNNCompressor:
-    """A checkpoint path (default data/compressor/model.pt) or an MLflow model URI -> model on CPU."""
-    from pipeline.tracking import is_model_uri, load_logged_model
+    """A checkpoint path (default data/compressor/model.pt) or an MLflow model URI (``models:/…``,
+    ``runs:/…``: the checkpoint logged there, ``pipeline.tracking.logged_checkpoint``) -> model on CPU.
+    Either way the file is read with ``torch.load(weights_only=True)`` and its fingerprint checked."""
+    from pipeline.tracking import is_model_uri, logged_checkpoint
 
     source = str(source if source is not None else DEFAULT_MODEL)
     if is_model_uri(source):
-        return load_logged_model(source, RNNCompressor, "an RNN codec", ModelError)
+        with logged_checkpoint(source, "rnn-compressor", "an RNN codec", ModelError) as path:
+            return _read_model(path, source)
     path = Path(source)
     if not path.is_file():
         raise ModelError(f"model {source}: no such file (train one with `python -m pipeline train_compressor`, "
                          "or pass --model PATH or --model models:/rnn-compressor/VERSION)")
+    return _read_model(path, source)
+
+
+def _read_model(path: Path, source: str) -> RNNCompressor:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.schema import Section
+from pipeline.schema import Section, Source
 
 MAX_PRIMING = 8  # priming steps a params section or a model file may ask for (model.ModelConfig checks files)
 
@@ -37,7 +37,7 @@ class TrainCompressorParams(Section):
     iteration_weights: tuple[float, ...] | None = None  # loss weight of each iteration (null: all equal)
     binarizer: Literal["stochastic", "deterministic"] = "stochastic"  # training binarizer (inference: sign)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the weights, validated and published; null: off
-    init: str | None = None  # warm start: weights of a model file (same architecture); null: random init
+    init: Source | None = None  # warm start: weights of a model file (same architecture); null: random init
     snapshot_every: int = Field(0, ge=0)  # keep the published weights every N epochs (0: never), for curves
     # entropy model (.rnnc v3): training patches whose codes fit the learned context model after training
     context_patches: int = Field(1000, ge=0)  # 0: none fitted (files are v2); not part of the training run's key

@@ -40,6 +40,7 @@ STAGE = "train_compressor"
 #: the stage's inputs and output (pipeline/stage.py); dvc.yaml's cmd passes them. ``init`` (the warm
 #: start) is params (train_compressor.init), not a path option.
 PATHS = {"patches": "data/prepared/patches.npz", "out": "data/compressor"}
+DATASETS = {"patches": "codec training patches"}  # logged to MLflow as the run's dataset input (pipeline/stage.py)
 SECTIONS = (STAGE,)
 CKPT_DIR = Path("data/checkpoints") / STAGE
 REGISTERED_NAME = "rnn-compressor"
@@ -495,8 +496,11 @@ def log_to_mlflow(model: RNNCompressor, out_dir: Path, register: bool) -> None:
 
     for name in ("metrics.json", "history.csv"):
         mlflow.log_artifact(str(out_dir / name))
-    example = np.zeros((1, 3, 32, 32), dtype=np.float32)
-    training.log_model(STAGE, model, out_dir, REGISTERED_NAME if register else None, input_example=example)
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(np.zeros((1, 3, 32, 32), dtype=np.float32))  # an image batch in [0, 1]
+    training.log_model(STAGE, out_dir / "model.pt", "rnn-compressor", out_dir, REGISTERED_NAME if register else None,
+                       signature)
 
 
 def run(params, paths) -> None:

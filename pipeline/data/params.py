@@ -7,50 +7,23 @@ from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 
-from pipeline.schema import Section
+from pipeline.schema import Section, Source
 
 
 class DataParams(Section):
-    mirror: str | None = None  # directory or URL holding SHA256SUMS; env DATA_MIRROR overrides
-    cifar_url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    mirror: Source | None = None  # directory or URL holding SHA256SUMS; env DATA_MIRROR overrides
+    cifar_url: Source = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     cifar_md5: str = Field("c58f30108f718f92721af3b95e74349a", pattern=r"^[0-9a-f]{32}$")
-    kodak_url: str = "http://r0k.us/graphics/kodak/kodak/kodim{index:02d}.png"
+    kodak_url: Source = "http://r0k.us/graphics/kodak/kodak/kodim{index:02d}.png"
     kodak_images: int = Field(24, ge=1, le=24)  # kodim01 .. kodimNN
     retries: int = Field(4, ge=0)  # network retries, exponential backoff
     backoff_s: float = Field(1.0, ge=0)  # first retry delay, doubled each time
     timeout_s: float = Field(60.0, gt=0)  # socket timeout per request
     # an optional high-resolution photo set (a .zip of PNGs) unpacked into data/raw/photos for augment.patch_source
     photos: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")  # its name (e.g. div2k); None: no photos
-    photos_url: str | None = None  # official URL of the .zip; a mirror serves it as photos/<its file name>
+    photos_url: Source | None = None  # official URL of the .zip; a mirror serves it as photos/<its file name>
     photos_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     photos_size: int | None = Field(None, ge=1)  # bytes, checked before the checksum and against free disk space
-
-    # an optional public test set (a .zip of PNGs) unpacked into data/raw/test_photos; evaluate.dataset (or
-    # evaluate.extra_datasets) names it to evaluate the codecs on it. Kept like photos: a mirror serves it as
-    # test_photos/<its file name>
-    test_photos: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")  # its name (e.g. div2k-valid)
-    test_photos_url: str | None = None
-    test_photos_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
-    test_photos_size: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _check_test_photos(self) -> "DataParams":
-        if self.test_photos is None:
-            return self
-        if self.test_photos in ("kodak", "images"):
-            raise ValueError(f"test_photos: {self.test_photos!r} is the name of a built-in set; choose another")
-        for key in ("test_photos_url", "test_photos_sha256"):
-            if getattr(self, key) is None:
-                raise ValueError(f"{key}: required when test_photos is set ({self.test_photos!r})")
-        if not self.test_photos_archive.endswith(".zip"):
-            raise ValueError(f"test_photos_url: {self.test_photos_url!r} does not name a .zip archive (the only "
-                             "kind unpacked)")
-        return self
-
-    @property
-    def test_photos_archive(self) -> str:
-        """The test set archive's file name: ``DIV2K_valid_HR.zip``."""
-        return PurePosixPath(urlparse(self.test_photos_url or "").path).name
 
     @model_validator(mode="after")
     def _check_photos(self) -> "DataParams":
@@ -78,7 +51,7 @@ class AugmentParams(Section):
     patch_pad: int = Field(4, ge=0)  # reflect padding before the random crop (translation, px)
     patch_flip: bool = True  # random horizontal flips of patches
     patch_scale: int = Field(1, ge=1, le=8)  # bicubic upsampling of the source images before cropping
-    patch_source: str = "cifar10"  # cifar10, or a folder of your own photos (random crops; never Kodak)
+    patch_source: Source = "cifar10"  # cifar10, or a folder of your own photos (random crops; never Kodak)
     patch_min_std: float = Field(0.0, ge=0, le=128)  # photos: re-draw crops whose pixel std is below this
     preview_grid: int = Field(8, ge=1, le=32)  # preview PNG shows grid x grid samples
 

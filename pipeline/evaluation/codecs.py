@@ -28,6 +28,7 @@ from pydantic import Field
 
 from pipeline.errors import PipelineError
 from pipeline.images import bits_per_pixel as bpp  # noqa: F401 - the one bpp formula, under its old name here
+from pipeline.schema import Source
 
 
 @dataclass
@@ -317,8 +318,8 @@ class RNN(Codec):
     color, default_sweep = "tab:red", None  # None: 1..max_iterations of the model
     valid, sweep_doc = (lambda k: k >= 1, "counts are >= 1"), \
         "iteration counts; None: 1..max_iterations (one encode, truncated)"
-    knobs = {"model": (str, Field("data/compressor/model.pt",
-                                  description="checkpoint path or MLflow model URI of the RNN codec"))}
+    knobs = {"model": (Source, Field("data/compressor/model.pt",
+                                     description="checkpoint path or MLflow model URI of the RNN codec"))}
     shared_timing = True
 
     @classmethod

@@ -88,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", action="append", default=[], metavar="JSON",
                         help='{"stage": {dvc.lock entry}} printed by an upstream run of this command')
     args = parser.parse_args(argv)
-    apply_run_conf()
+    from pipeline.errors import PipelineError
+
+    try:  # first: a refused or invalid run conf ends here, before any pull, stage or request
+        apply_run_conf()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     entries: dict[str, dict] = {}
     texts = args.upstream + [json.dumps(e) for e in json.loads(os.environ.get("PIPELINE_UPSTREAM_LOCKS") or "[]")]
     for text in texts:
