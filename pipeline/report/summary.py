@@ -96,6 +96,8 @@ def rnn_versus(ws: Path, anchor: str, metric: str = "ms_ssim", rate: float = RAT
     for r in _pairs(ws):
         if r.metric != metric or not math.isclose(r.bpp, rate) or {r.a, r.b} != {"rnn", anchor}:
             continue
+        if not math.isfinite(r.mean_diff) or not r.images:
+            return f"no image reaches {rate} bpp with both codecs"
         sign = 1 if r.a == "rnn" else -1
         lo, hi = sorted((sign * r.lo, sign * r.hi))
         wins = r.a_wins if r.a == "rnn" else r.b_wins
@@ -114,6 +116,7 @@ def rnn_bd_rate(ws: Path, anchor: str = "jpeg", metric: str = "ms_ssim_db") -> s
 
 def evaluate_line(ws: Path) -> str:
     jpeg, bd = rnn_versus(ws, "jpeg"), rnn_bd_rate(ws)
+    jpeg = "" if jpeg.startswith("no image") else jpeg
     parts = ([f"RNN - JPEG MS-SSIM @{RATE} bpp {jpeg.split(',')[0]}"] if jpeg else []) + (
         [f"BD-rate vs JPEG {bd.split(' (')[0]}"] if bd else [])
     return "; ".join(parts)
@@ -124,7 +127,43 @@ def report_line(ws: Path) -> str:
     return "data/report/report.html, report.md" if html.is_file() else ""
 
 
-HEADLINES = {"train_classifier": classifier_line, "train_compressor": compressor_line,
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The arrays' shapes in an .npz, from their headers alone (no data read)."""
+    import zipfile
+
+    import numpy as np
+
+    shapes = {}
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            with z.open(name) as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shapes[name.removesuffix(".npy")] = tuple(read(f)[0])
+    return shapes
+
+
+def download_line(ws: Path) -> str:
+    cifar, kodak = ws / "data/raw/cifar-10-batches-py", ws / "data/raw/kodak"
+    images = len(list(kodak.glob("*.png"))) if kodak.is_dir() else 0
+    photos = len(list((ws / "data/raw/photos").rglob("*.png"))) if (ws / "data/raw/photos").is_dir() else 0
+    parts = (["CIFAR-10"] if cifar.is_dir() else []) + ([f"{images} Kodak images"] if images else []) + (
+        [f"{photos} photos"] if photos else [])
+    return " + ".join(parts) + " in data/raw" if parts else ""
+
+
+def augment_line(ws: Path) -> str:
+    cifar = _npz_shapes(ws / "data/prepared/cifar10.npz")
+    patches = _npz_shapes(ws / "data/prepared/patches.npz")
+    train, val = patches.get("train"), patches.get("val")
+    text = f"{cifar['x_train'][0]:,} + {cifar['x_test'][0]:,} CIFAR-10 images" if "x_train" in cifar else ""
+    if train:
+        text += (", " if text else "") + f"{train[0]:,} codec patches of {train[1]} px" + (
+            f" (+{val[0]:,} held out)" if val else "")
+    return text
+
+
+HEADLINES = {"download": download_line, "augment": augment_line, "train_classifier": classifier_line, "train_compressor": compressor_line,
              "evaluate": evaluate_line, "report": report_line}
 
 
