@@ -101,9 +101,9 @@ class EvaluationSummary(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     profile: str
-    images: list[str]  # the Kodak images (kodimNN)
+    images: list[str]  # the images' names (Kodak: kodimNN; another set: the file's path without suffix)
     crop: int | None
-    all_kodak: bool  # all 24 images at full size
+    all_kodak: bool  # all 24 Kodak images at full size
     codecs: dict[str, CodecSummary]
     labels: dict[str, str]
     order: list[str]  # the codecs, in the order of the tables
@@ -122,6 +122,12 @@ class EvaluationSummary(BaseModel):
     platform: str
     duration_s: float
     encodes: int  # coded files
+    dataset: str = "kodak"  # the image set (evaluate.dataset): kodak, images or data.test_photos' name
+    dataset_folder: str = "data/raw/kodak"
+    sizes: list[list[int]] = []  # [width, height] of each image as evaluated (upright, cropped), as ``images``
+    megapixels: float = 0.0  # all the images' pixels, in millions
+    limit: int | None = None  # evaluate.limit
+    extra_datasets: list[str] = []  # the sets also evaluated (sets/<name>/ of the evaluation)
 
     @classmethod
     def read(cls, path: str | Path) -> "EvaluationSummary":

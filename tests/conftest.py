@@ -33,13 +33,17 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
 RUN_STATE = ("dvc.lock", ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "data", "mlruns", "mlartifacts",
              "mlflow.db", "airflow", ".cache", ".stack", ".dvc-remote", "tests/artifacts", ".venv", ".git",
              ".pytest_cache", "out")
+#: project files inside a run-state folder: data/images (evaluate.dataset: images) is in git, with its README
+PROJECT_DATA = ("data/images/README.md",)
 #: outside a git checkout only these are copied (the project's sources and configuration)
 ALLOWLIST = (".ci", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "Makefile", "README.md",
-             "bench", "constraints.txt", "dags", "docker", "docs", "dvc.yaml", "params.yaml", "pipeline",
-             "pyproject.toml", "scripts", "tests")
+             *PROJECT_DATA, "bench", "constraints.txt", "dags", "docker", "docs", "dvc.yaml", "params.yaml",
+             "pipeline", "pyproject.toml", "scripts", "tests")
 
 
 def _is_run_state(rel: str) -> bool:
+    if rel in PROJECT_DATA:
+        return False
     parts = rel.split("/")
     if "__pycache__" in parts or any(p.endswith(".egg-info") for p in parts) or rel.endswith(".pyc"):
         return True

@@ -58,7 +58,7 @@ def test_mirror_checksum_mismatch_leaves_nothing(tmp_path, mirror, monkeypatch, 
     assert main(["download"]) == 1
     err = capsys.readouterr().err
     assert "checksum mismatch" in err and "sha256" in err and "Traceback" not in err
-    assert not any((ws / "data").iterdir())
+    assert [p.name for p in (ws / "data").iterdir()] == ["images"]  # only the project's data/images (its README)
     assert not list((ws / ".cache").rglob("*.tar.gz*"))
 
 
@@ -99,6 +99,7 @@ def test_download_outputs_and_rerun_transfers_nothing(tiny_workspace):
     assert sorted(p.name for p in (raw / "cifar-10-batches-py").iterdir()) == sorted(download.CIFAR_MEMBERS)
     assert len(list((raw / "kodak").glob("kodim*.png"))) == 24
     assert (raw / "photos").is_dir() and not any((raw / "photos").iterdir())  # data.photos null: declared, empty
+    assert (raw / "test_photos").is_dir() and not any((raw / "test_photos").iterdir())  # data.test_photos null
     sums = download.read_sums(str(download_mirror()), DataParams())
     for png in (raw / "kodak").iterdir():
         assert file_digest(png, "sha256") == sums[f"kodak/{png.name}"]

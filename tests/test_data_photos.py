@@ -20,6 +20,7 @@ from pipeline.data.params import DataParams
 from pipeline.errors import PipelineError
 
 DIV2K = "DIV2K_train_HR.zip"
+DIV2K_VALID = "DIV2K_valid_HR.zip"
 
 
 def _png(seed: int, size=(48, 40)) -> bytes:
@@ -60,9 +61,11 @@ def _photos_params(archive: Path, **kw) -> DataParams:
                       photos_sha256=_sha256(archive), photos_size=archive.stat().st_size, **kw)
 
 
-def _mirror(root: Path, archive: Path | None, source: Path | None = None, sha: str | None = None) -> Path:
+def _mirror(root: Path, archive: Path | None, source: Path | None = None, sha: str | None = None,
+            tests: Path | None = None) -> Path:
     """A mirror: the offline mirror's CIFAR-10 and Kodak (links, when ``source`` is given; else only
-    SHA256SUMS lines for them) plus ``photos/<archive>`` with its line (``sha`` overrides the line's checksum)."""
+    SHA256SUMS lines for them) plus ``photos/<archive>`` with its line (``sha`` overrides the line's checksum),
+    and ``test_photos/<tests>`` with its line."""
     root.mkdir(parents=True)
     lines = []
     if source is not None:
@@ -75,6 +78,10 @@ def _mirror(root: Path, archive: Path | None, source: Path | None = None, sha: s
         (root / "photos").mkdir()
         (root / "photos" / archive.name).write_bytes(archive.read_bytes())
         lines.append(f"{sha or _sha256(archive)}  photos/{archive.name}")
+    if tests is not None:
+        (root / "test_photos").mkdir()
+        (root / "test_photos" / tests.name).write_bytes(tests.read_bytes())
+        lines.append(f"{_sha256(tests)}  test_photos/{tests.name}")
     (root / "SHA256SUMS").write_text("\n".join(lines) + "\n")
     return root
 
@@ -111,6 +118,38 @@ def test_gpu_profile_names_div2k_by_its_official_url_and_checksum():
     for profile in ("cpu", "coursework", "tiny"):  # everyone else: no photo set, CIFAR-10 patches
         p = resolve({**raw, "profile": profile})
         assert p.data.photos is None and p.augment.patch_source == "cifar10", profile
+
+
+def test_gpu_profile_evaluates_on_div2k_valid_too():
+    """A second public set, by its official URL and the checksum tensorflow/datasets pins (url_checksums/div2k.txt):
+    the gpu profile's headline never rests on Kodak alone."""
+    from pydantic import ValidationError
+
+    from pipeline.config import read_raw, resolve
+    from tests.conftest import REPO
+
+    gpu = resolve({**read_raw(REPO / "params.yaml"), "profile": "gpu"})
+    assert gpu.data.test_photos == "div2k-valid" and gpu.evaluate.extra_datasets == ["div2k-valid"]
+    assert gpu.data.test_photos_url == "https://data.vision.ee.ethz.ch/cvl/DIV2K/" + DIV2K_VALID
+    assert gpu.data.test_photos_sha256 == "20dd31fd84d777bc1cf5d6b7654a3f569c0aec74458ae094122ad1d0489900fc"
+    assert gpu.data.test_photos_size == 448993893
+    with pytest.raises(ValidationError, match="test_photos_sha256: required"):
+        DataParams(test_photos="div2k-valid", test_photos_url="https://example.invalid/a.zip")
+    with pytest.raises(ValidationError, match="built-in set"):
+        DataParams(test_photos="kodak", test_photos_url="https://example.invalid/a.zip", test_photos_sha256="a" * 64)
+
+
+def test_test_photos_come_last_from_the_official_url_or_the_mirror(tmp_path):
+    tests, _ = _div2k_like(tmp_path / DIV2K_VALID, 2)
+    p = DataParams(kodak_images=1, test_photos="div2k-valid", test_photos_url="https://example.invalid/x/" + DIV2K_VALID,
+                   test_photos_sha256=_sha256(tests), test_photos_size=tests.stat().st_size)
+    remote = download.plan(p, None)[-1]
+    assert remote.url.endswith(DIV2K_VALID) and remote.dest == download.CACHE / "test_photos" / DIV2K_VALID
+    mirror = _mirror(tmp_path / "mirror", None, tests=tests)
+    assert download.plan(p, str(mirror))[-1].url == str(mirror / "test_photos" / DIV2K_VALID)
+    bare = _mirror(tmp_path / "bare", None)
+    with pytest.raises(PipelineError, match=f"no entry for test_photos/{DIV2K_VALID} .data.test_photos: div2k-valid"):
+        download.plan(p, str(bare))
 
 
 # --- plan: which files, from where --------------------------------------------------------------------------------
@@ -277,14 +316,19 @@ def test_gpu_profile_downloads_the_photos_and_augment_crops_them(tmp_path, monke
     """The gpu profile's wiring, with its 3.5 GB archive replaced by a tiny one of the same name in the mirror
     (only the pinned checksum and size overridden) and tiny patch counts."""
     archive, pngs = _div2k_like(tmp_path / DIV2K, 12)
-    local = _mirror(tmp_path / "mirror", archive, source=mirror)
+    tests, test_pngs = _div2k_like(tmp_path / DIV2K_VALID, 3)
+    local = _mirror(tmp_path / "mirror", archive, source=mirror, tests=tests)
     ws = _workspace(tmp_path, "gpu", [f'data.photos_sha256="{_sha256(archive)}"',
                                       f"data.photos_size={archive.stat().st_size}", "data.kodak_images=1",
+                                      f'data.test_photos_sha256="{_sha256(tests)}"',
+                                      f"data.test_photos_size={tests.stat().st_size}",
                                       "augment.train_limit=64", "augment.test_limit=32", "augment.patches=40",
                                       "augment.val_patches=6", "augment.preview_grid=2"])
     assert _stage(ws, monkeypatch, local, "download") == 0
     photos = ws / "data" / "raw" / "photos"
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == pngs
+    test_photos = ws / "data" / "raw" / "test_photos"  # the gpu profile's second evaluation set
+    assert {p.name: p.read_bytes() for p in test_photos.iterdir()} == test_pngs
     assert not list(ws.rglob("*.tmp"))
     assert _stage(ws, monkeypatch, local, "augment") == 0
     patches = np.load(ws / "data" / "prepared" / "patches.npz")

@@ -1,5 +1,7 @@
 """Stage ``download``: CIFAR-10 (python tarball), the 24 Kodak PNGs and, when ``data.photos`` names one,
-a high-resolution photo set (a .zip of PNGs, e.g. DIV2K's training images), verified before use.
+a high-resolution photo set (a .zip of PNGs, e.g. DIV2K's training images), verified before use; likewise
+``data.test_photos``, a public test set for ``evaluate.dataset`` (e.g. DIV2K's validation images), unpacked
+into ``data/raw/test_photos`` (mirror: ``test_photos/<archive name>``; written on every run, empty when null).
 
 Sources: the official URLs in params.yaml, or a mirror (``data.mirror`` or env ``DATA_MIRROR``): a
 directory or URL holding ``SHA256SUMS``, ``cifar-10-python.tar.gz``, ``kodak/kodimNN.png`` and, for
@@ -32,12 +34,14 @@ from pipeline.errors import PipelineError, TransientError
 from pipeline.utils import atomic_path, file_digest, log, progress
 
 #: the stage's outputs (pipeline/stage.py); dvc.yaml's cmd passes them
-PATHS = {"cifar": "data/raw/cifar-10-batches-py", "kodak": "data/raw/kodak", "photos": "data/raw/photos"}
+PATHS = {"cifar": "data/raw/cifar-10-batches-py", "kodak": "data/raw/kodak", "photos": "data/raw/photos",
+         "test_photos": "data/raw/test_photos"}
 SECTIONS = ("data",)
 CACHE = Path(".cache/downloads")  # verified downloads, reused by a re-run (not a DVC output)
 CIFAR_TARBALL = "cifar-10-python.tar.gz"
 CIFAR_DIR = "cifar-10-batches-py"
 PHOTOS = "photos"  # the photo archive's folder in the cache and in a mirror
+TEST_PHOTOS = "test_photos"  # the same for data.test_photos' archive (evaluate.dataset)
 CIFAR_MEMBERS = ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
 #: sha256 of the official kodimNN.png files (the well-known 768x512 / 512x768 PNGs)
 KODAK_SHA256 = {
@@ -202,11 +206,17 @@ def photos_entry(params: DataParams) -> str:
     return f"{PHOTOS}/{params.photos_archive}"
 
 
+def test_photos_entry(params: DataParams) -> str:
+    """The test set archive's path in a mirror and in the cache: ``test_photos/DIV2K_valid_HR.zip``."""
+    return f"{TEST_PHOTOS}/{params.test_photos_archive}"
+
+
 def plan(params: DataParams, mirror: str | None) -> list[Remote]:
     """The files to fetch, with the checksum each must match: CIFAR-10, the Kodak images, then the
-    photo archive when ``params.photos`` names one."""
+    photo archive when ``params.photos`` names one, then the test set archive when ``params.test_photos`` does."""
     kodak = [f"kodim{i:02d}.png" for i in range(1, params.kodak_images + 1)]
     photos = photos_entry(params) if params.photos else None
+    tests = test_photos_entry(params) if params.test_photos else None
     if mirror:
         sums = read_sums(mirror, params)
         wanted = [CIFAR_TARBALL, *(f"kodak/{k}" for k in kodak)]
@@ -223,12 +233,25 @@ def plan(params: DataParams, mirror: str | None) -> list[Remote]:
                                     f"data.photos_sha256 is {params.photos_sha256}")
             remotes.append(Remote(_join(mirror, photos), CACHE / photos, "sha256", params.photos_sha256,
                                   params.photos_size, mirror=True))
+        if tests:
+            if tests not in sums:
+                raise PipelineError(f"mirror {mirror}: SHA256SUMS has no entry for {tests} (data.test_photos: "
+                                    f"{params.test_photos}); add the archive and its line, or set data.test_photos: "
+                                    "null")
+            if sums[tests] != params.test_photos_sha256:
+                raise PipelineError(f"mirror {mirror}: SHA256SUMS gives {sums[tests]} for {tests}, but "
+                                    f"data.test_photos_sha256 is {params.test_photos_sha256}")
+            remotes.append(Remote(_join(mirror, tests), CACHE / tests, "sha256", params.test_photos_sha256,
+                                  params.test_photos_size, mirror=True))
         return remotes
     remotes = [Remote(params.cifar_url, CACHE / CIFAR_TARBALL, "md5", params.cifar_md5)] + [
         Remote(params.kodak_url.format(index=i), CACHE / "kodak" / f"kodim{i:02d}.png", "sha256",
                KODAK_SHA256[i]) for i in range(1, params.kodak_images + 1)]
     if photos:
         remotes.append(Remote(params.photos_url, CACHE / photos, "sha256", params.photos_sha256, params.photos_size))
+    if tests:
+        remotes.append(Remote(params.test_photos_url, CACHE / tests, "sha256", params.test_photos_sha256,
+                              params.test_photos_size))
     return remotes
 
 
@@ -322,24 +345,28 @@ def safe_extract_photos(archive: Path, dest: Path) -> int:
 
 
 def fetch(params: DataParams, mirror: str | None, cifar_dir: Path, kodak_dir: Path,
-          photos_dir: Path) -> dict[str, float]:
-    """Download (or find in the cache) and verify everything, then publish ``cifar_dir``, ``kodak_dir`` and
-    ``photos_dir`` (the photo set's PNGs; empty when ``params.photos`` is null)."""
+          photos_dir: Path, test_photos_dir: Path | None = None) -> dict[str, float]:
+    """Download (or find in the cache) and verify everything, then publish ``cifar_dir``, ``kodak_dir``,
+    ``photos_dir`` (the photo set's PNGs; empty when ``params.photos`` is null) and ``test_photos_dir`` (the
+    test set's PNGs; empty when ``params.test_photos`` is null; None: not written)."""
     start = time.perf_counter()
     remotes = plan(params, mirror)
+    test = remotes.pop() if params.test_photos else None
     photos = remotes.pop() if params.photos else None
+    archives = [a for a in (photos, test) if a]
     log(f"[download] source: {mirror or 'official URLs'}"
-        + (f"; photos: {params.photos} ({photos.url})" if photos else ""))
-    if photos and photos.size and not (photos.dest.is_file() and photos.dest.stat().st_size == photos.size):
-        photos.dest.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(photos.dest.parent).free
-        if photos.size > free:
-            raise PipelineError(f"{photos.url}: {photos.size / 1e9:.2f} GB to download, only {free / 1e9:.2f} GB "
-                                f"free in {photos.dest.parent}")
-    transferred = sum(ensure(r, params) for r in progress(remotes + [photos] * bool(photos), desc="files",
-                                                          unit="file"))
-    if photos:
-        photo_members(photos.dest)  # refuse an unsafe archive before anything is published
+        + (f"; photos: {params.photos} ({photos.url})" if photos else "")
+        + (f"; test photos: {params.test_photos} ({test.url})" if test else ""))
+    for archive in archives:
+        if archive.size and not (archive.dest.is_file() and archive.dest.stat().st_size == archive.size):
+            archive.dest.parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(archive.dest.parent).free
+            if archive.size > free:
+                raise PipelineError(f"{archive.url}: {archive.size / 1e9:.2f} GB to download, only "
+                                    f"{free / 1e9:.2f} GB free in {archive.dest.parent}")
+    transferred = sum(ensure(r, params) for r in progress(remotes + archives, desc="files", unit="file"))
+    for archive in archives:
+        photo_members(archive.dest)  # refuse an unsafe archive before anything is published
     cifar_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cifar_dir) as tmp:
         safe_extract_cifar(remotes[0].dest, tmp)
@@ -358,16 +385,26 @@ def fetch(params: DataParams, mirror: str | None, cifar_dir: Path, kodak_dir: Pa
             images = safe_extract_photos(photos.dest, tmp)
         else:
             tmp.mkdir()
+    tests = 0
+    if test_photos_dir is not None:
+        test_photos_dir.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(test_photos_dir) as tmp:  # empty when no test set is named (declared for every profile)
+            if test:
+                tests = safe_extract_photos(test.dest, tmp)
+            else:
+                tmp.mkdir()
     log(f"[download] CIFAR-10 in {cifar_dir}, {len(remotes) - 1} Kodak images in {kodak_dir}"
         + (f", {images} {params.photos} images in {photos_dir}" if photos else "")
+        + (f", {tests} {params.test_photos} images in {test_photos_dir}" if test and test_photos_dir else "")
         + f" ({transferred / 1e6:.1f} MB transferred)")
-    return {"transferred_bytes": transferred, "files": len(remotes) + bool(photos), "photos": images,
-            "seconds": time.perf_counter() - start}
+    return {"transferred_bytes": transferred, "files": len(remotes) + len(archives), "photos": images,
+            "test_photos": tests, "seconds": time.perf_counter() - start}
 
 
-def _photo_cache_targets() -> list[Path]:
-    """The archives whose temporaries a killed run may have left in the cache (whatever data.photos names now)."""
-    folder = CACHE / PHOTOS
+def _photo_cache_targets(name: str = PHOTOS) -> list[Path]:
+    """The archives whose temporaries a killed run may have left in the cache (whatever data.photos, or
+    data.test_photos for ``name`` TEST_PHOTOS, names now)."""
+    folder = CACHE / name
     if not folder.is_dir():
         return []
     return [folder / p.name[1:].rsplit(".", 2)[0] for p in folder.iterdir()
@@ -379,14 +416,14 @@ def run(params, paths) -> None:
     import mlflow
 
     mirror = os.environ.get("DATA_MIRROR") or params.data.mirror
-    remove_stale_temps(paths.cifar, paths.kodak, paths.photos, CACHE / CIFAR_TARBALL, CACHE / "mirror-SHA256SUMS",
-                       *(CACHE / "kodak" / f"kodim{i:02d}.png" for i in range(1, 25)), *_photo_cache_targets(),
-                       stage="download")
+    remove_stale_temps(paths.cifar, paths.kodak, paths.photos, paths.test_photos, CACHE / CIFAR_TARBALL,
+                       CACHE / "mirror-SHA256SUMS", *(CACHE / "kodak" / f"kodim{i:02d}.png" for i in range(1, 25)),
+                       *_photo_cache_targets(), *_photo_cache_targets(TEST_PHOTOS), stage="download")
     mlflow.set_tag("data_source", mirror or "official")
     mlflow.set_tag("photos", params.data.photos or "none")
     try:
-        mlflow.log_metrics(fetch(params.data, mirror, paths.cifar, paths.kodak, paths.photos))
+        mlflow.log_metrics(fetch(params.data, mirror, paths.cifar, paths.kodak, paths.photos, paths.test_photos))
     finally:  # a failed run leaves no empty folder behind in data/
-        for folder in {paths.cifar.parent, paths.kodak.parent, paths.photos.parent}:
+        for folder in {paths.cifar.parent, paths.kodak.parent, paths.photos.parent, paths.test_photos.parent}:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()

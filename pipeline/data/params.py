@@ -24,6 +24,32 @@ class DataParams(Section):
     photos_url: Source | None = None  # official URL of the .zip; a mirror serves it as photos/<its file name>
     photos_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     photos_size: int | None = Field(None, ge=1)  # bytes, checked before the checksum and against free disk space
+    # an optional public test set (a .zip of PNGs) unpacked into data/raw/test_photos; evaluate.dataset (or
+    # evaluate.extra_datasets) names it to evaluate the codecs on it. Kept like photos: a mirror serves it as
+    # test_photos/<its file name>
+    test_photos: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")  # its name (e.g. div2k-valid)
+    test_photos_url: Source | None = None
+    test_photos_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    test_photos_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_test_photos(self) -> "DataParams":
+        if self.test_photos is None:
+            return self
+        if self.test_photos in ("kodak", "images"):
+            raise ValueError(f"test_photos: {self.test_photos!r} is the name of a built-in set; choose another")
+        for key in ("test_photos_url", "test_photos_sha256"):
+            if getattr(self, key) is None:
+                raise ValueError(f"{key}: required when test_photos is set ({self.test_photos!r})")
+        if not self.test_photos_archive.endswith(".zip"):
+            raise ValueError(f"test_photos_url: {self.test_photos_url!r} does not name a .zip archive (the only "
+                             "kind unpacked)")
+        return self
+
+    @property
+    def test_photos_archive(self) -> str:
+        """The test set archive's file name: ``DIV2K_valid_HR.zip``."""
+        return PurePosixPath(urlparse(self.test_photos_url or "").path).name
 
     @model_validator(mode="after")
     def _check_photos(self) -> "DataParams":

@@ -1,4 +1,8 @@
-"""Stage ``evaluate``: every codec on Kodak, at every setting of its sweep, through real files.
+"""Stage ``evaluate``: every codec on an image set, at every setting of its sweep, through real files.
+
+The set is ``evaluate.dataset`` (``pipeline.evaluation.datasets``): ``kodak``, ``images`` (your own
+photos in data/images) or the public set named by ``data.test_photos``; each of ``evaluate.extra_datasets``
+is coded the same way and gets its own headline tables (``sets/<name>/``).
 
 Per image and setting: file size -> bpp = 8 N / (H W); MS-SSIM (5 scales), MS-SSIM dB, SSIM
 (single scale), PSNR; encode and decode time. The RNN codec is encoded once per image at its largest
@@ -13,7 +17,8 @@ on those averaged curves.
 
 Outputs (``data/evaluation/``, written atomically): per_image.csv, per_image_at.csv, curves.csv,
 at_rates.csv (primary), at_rates_avg.csv (secondary), pairwise.csv, bd.csv, bd_per_image.csv,
-summary.json, metrics.json, curves/<codec>.csv, figures/*.png, visual/*.png + visual.json.
+summary.json, metrics.json, curves/<codec>.csv, figures/*.png, visual/*.png + visual.json, and per extra set
+sets/<name>/ (per_image.csv, at_rates.csv, pairwise.csv, bd.csv, set.json); sets/ is empty without one.
 """
 
 from __future__ import annotations
@@ -30,47 +35,25 @@ from PIL import Image
 from pipeline.errors import PipelineError
 from pipeline.evaluation import bdrate, stats
 from pipeline.evaluation.codecs import Codec, build, color, load_rnn
+from pipeline.evaluation.datasets import KODAK, ImageSet, describe_sizes, folder_of, kodak_paths, open_set  # noqa: F401
+from pipeline.evaluation.datasets import load as load_image
 from pipeline.evaluation.metrics import Reference
-from pipeline.images import bits_per_pixel, read_image
+from pipeline.images import bits_per_pixel
 from pipeline.records import (QUALITIES, AtRate, AtRateAvg, BDRate, CodecSummary, CurvePoint,  # noqa: F401 - read_csv
                               EvaluationSummary, Measurement, Pairwise, by_codec, read_csv, read_table, write_csv,
                               write_table)
 
-#: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd passes them. The RNN
-#: codec's checkpoint is ``evaluate.rnn_model`` (a path or an MLflow model URI).
-PATHS = {"kodak": "data/raw/kodak", "out": "data/evaluation"}
-SECTIONS = ("evaluate",)
+#: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd passes them: the three image
+#: sets' folders (``evaluate.dataset`` names one of them) and the output. The RNN codec's checkpoint is
+#: ``evaluate.rnn_model`` (a path or an MLflow model URI).
+PATHS = {"kodak": "data/raw/kodak", "images": "data/images", "test_photos": "data/raw/test_photos",
+         "out": "data/evaluation"}
+SECTIONS = ("evaluate",)  # and data.test_photos: the name of the downloaded public set
 KODAK_DIR, OUT_DIR = Path(PATHS["kodak"]), Path(PATHS["out"])
+IMAGES_DIR, TEST_PHOTOS_DIR = Path(PATHS["images"]), Path(PATHS["test_photos"])
 COMPARED = ("ms_ssim", "psnr")  # pairwise comparisons at a rate are made on these
 BD_METRICS = ("ms_ssim_db", "psnr")  # Bjontegaard deltas are taken on these (dB scales)
 LABELS = {"ms_ssim": "MS-SSIM", "ms_ssim_db": "MS-SSIM (dB)", "psnr": "PSNR (dB)", "ssim": "SSIM (single-scale)"}
-
-
-# ----------------------------------------------------------------------------- inputs
-
-def kodak_paths(root: Path, indices: list[int] | None) -> list[Path]:
-    if indices is None:
-        paths = sorted(p for p in root.glob("kodim*.png") if re.fullmatch(r"kodim\d\d\.png", p.name))
-    else:
-        paths = [root / f"kodim{i:02d}.png" for i in indices]
-        missing = [p.name for p in paths if not p.exists()]
-        if missing:
-            raise PipelineError(f"{root}: missing {', '.join(missing)} (run the download stage)")
-    if not paths:
-        raise PipelineError(f"{root}: no kodimNN.png images (run the download stage)")
-    return paths
-
-
-def load_image(path: Path, crop: int | None = None) -> np.ndarray:
-    """The image (``pipeline.images.read_image``), centre-cropped to ``crop`` x ``crop`` px if given."""
-    img = read_image(path)
-    if crop is not None:
-        h, w = img.shape[:2]
-        if crop > min(h, w):
-            raise PipelineError(f"evaluate.crop={crop} is larger than {path.name} ({w}x{h})")
-        top, left = (h - crop) // 2, (w - crop) // 2
-        img = img[top:top + crop, left:left + crop]
-    return np.ascontiguousarray(img)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -88,9 +71,9 @@ def row_of(codec: Codec, coded, image: str, img: np.ndarray, ref: Reference) -> 
                ms_ssim_db=q.ms_ssim_db, psnr=q.psnr, ssim=q.ssim, encode_s=coded.encode_s, decode_s=coded.decode_s)
 
 
-def run_sweeps(paths: list[Path], codecs: list[Codec], *, crop: int | None, device, visual_image: str | None,
+def run_sweeps(images: ImageSet, codecs: list[Codec], *, device, visual_image: str | None,
                visual_bpp: float, only: dict[str, set[str]] | None = None):
-    """Run every codec over every image (``only``: {codec: image stems} restricts a codec to a subset).
+    """Run every codec over every image of the set (``only``: {codec: image names} restricts a codec to a subset).
 
     Returns the rows, the visual picks {codec: (row, decoded)}, the visual original and the wall time
     spent per codec (coding and metrics).
@@ -102,16 +85,15 @@ def run_sweeps(paths: list[Path], codecs: list[Codec], *, crop: int | None, devi
     picks: dict[str, tuple[Measurement, np.ndarray]] = {}
     seconds = {c.name: 0.0 for c in codecs}
     original = None
-    total = sum(len(c.settings) for p in paths for c in codecs if c.name not in only or p.stem in only[c.name])
-    bar = progress(total=total, desc="evaluate", unit="enc")
+    total = sum(len(c.settings) for n in images.names for c in codecs if c.name not in only or n in only[c.name])
+    bar = progress(total=total, desc=f"evaluate {images.name}", unit="enc")
     try:
-        for path in paths:
-            img = load_image(path, crop)
+        for path, name in zip(images.paths, images.names):
+            img = load_image(path, images.crop)
             try:
                 ref = Reference(img, device)
             except ValueError as err:
-                raise PipelineError(f"{path.name}: {err} (evaluate.crop)") from None
-            name = path.stem
+                raise PipelineError(f"{path}: {err} (evaluate.crop)") from None
             if name == visual_image:
                 original = img
             for codec in codecs:
@@ -370,10 +352,53 @@ def write_outputs(out: Path, rows: list[Measurement], curves, points, bd, metric
 
 # ----------------------------------------------------------------------------- stage
 
-def evaluate(params, out_dir: Path = OUT_DIR, kodak_dir: Path = KODAK_DIR, rnn_loader=None) -> dict[str, Any]:
+def open_sets(params, folders: dict[str, Path]) -> list[ImageSet]:
+    """``evaluate.dataset`` and ``evaluate.extra_datasets``, every image checked (one error naming a bad one)."""
+    from pipeline.utils import log
+
+    p = params.evaluate
+    test_photos = getattr(params.data, "test_photos", None)
+    sets = []
+    for name in [p.dataset, *p.extra_datasets]:
+        if name != KODAK and (p.images is not None or p.rnn_images is not None) and name == p.dataset:
+            log(f"[evaluate] {name}: evaluate.images and rnn_images are Kodak indices; ignored for this set")
+        folder = folder_of(name, folders, test_photos)
+        found = open_set(name, folder, kodak_indices=p.images if name == KODAK else None, limit=p.limit, crop=p.crop)
+        if found.ignored:
+            log(f"[evaluate] {name}: {len(found.ignored)} file(s) in {folder} are not images, left alone: "
+                + ", ".join(found.ignored[:5]) + (" ..." if len(found.ignored) > 5 else ""))
+        log(f"[evaluate] image set {found.describe()}" + (f", centre-cropped to {p.crop} px" if p.crop else ""))
+        sets.append(found)
+    return sets
+
+
+def analyse(rows: list[Measurement], names: list[str], anchor: str, p, seed: int, images_of: dict[str, int]):
+    """Every table of one set's rows: both conventions, pairwise comparisons and BD-rates."""
+    boot = {"n_boot": p.bootstrap, "seed": seed, "min_images": p.min_images}
+    # secondary convention: average per setting, then interpolate
+    curves = average_curves(rows)
+    averaged = at_rates(curves, p.rates, p.rate_slack)
+    bd_avg = bd_table(curves, anchor, p.bd_method)
+    # primary convention: each image's own curve at the rates, then average
+    img_curves = stats.image_curves(rows)
+    each_at = stats.per_image_at(img_curves, p.rates, QUALITIES, p.rate_slack)
+    points = stats.at_rates_per_image(each_at, names, p.rates, QUALITIES, images_of, **boot)
+    pairs = stats.pairwise(each_at, names, p.rates, COMPARED, **boot)
+    bd, bd_each = bd_per_image_table(img_curves, names, anchor, p.bd_method, bd_avg, **boot)
+    return {"curves": curves, "averaged": averaged, "bd_avg": bd_avg, "img_curves": img_curves, "each_at": each_at,
+            "points": points, "pairs": pairs, "bd": bd, "bd_each": bd_each}
+
+
+def megapixels(images: ImageSet) -> float:
+    return sum(w * h for w, h in images.sizes) / 1e6
+
+
+def evaluate(params, out_dir: Path = OUT_DIR, kodak_dir: Path = KODAK_DIR, rnn_loader=None, *,
+             images_dir: Path = IMAGES_DIR, test_photos_dir: Path = TEST_PHOTOS_DIR) -> dict[str, Any]:
     """Run the whole evaluation for ``params`` (full Params) and write ``out_dir``; returns metrics.
 
-    ``rnn_loader(model, device)`` returns the RNN codec object (default: ``load_rnn``).
+    ``kodak_dir``, ``images_dir``, ``test_photos_dir``: the folders of the sets ``kodak``, ``images`` and
+    ``data.test_photos``. ``rnn_loader(model, device)`` returns the RNN codec object (default: ``load_rnn``).
     """
     import platform
 
@@ -383,14 +408,16 @@ def evaluate(params, out_dir: Path = OUT_DIR, kodak_dir: Path = KODAK_DIR, rnn_l
 
     p = params.evaluate
     start = time.perf_counter()
-    paths = kodak_paths(Path(kodak_dir), p.images)
+    folders = {"kodak": Path(kodak_dir), "images": Path(images_dir), "test_photos": Path(test_photos_dir)}
+    sets = open_sets(params, folders)
+    primary = sets[0]
     only: dict[str, set[str]] = {}
-    if p.rnn_images is not None and "rnn" in p.codecs:
+    if p.rnn_images is not None and "rnn" in p.codecs and primary.kodak:
         wanted = {f"kodim{i:02d}" for i in p.rnn_images}
-        missing = sorted(wanted - {q.stem for q in paths})
+        missing = sorted(wanted - set(primary.names))
         if missing:
             raise PipelineError(f"evaluate.rnn_images: {', '.join(missing)} not among the evaluated images "
-                                f"(in {kodak_dir})")
+                                f"(in {primary.folder})")
         only["rnn"] = wanted
     device = select_device(p.device)
     if device.type == "cpu" and p.cpu_threads:
@@ -405,54 +432,83 @@ def evaluate(params, out_dir: Path = OUT_DIR, kodak_dir: Path = KODAK_DIR, rnn_l
         raise PipelineError("evaluate: no usable codec")
     names = [c.name for c in codecs]
     anchor = p.anchor if p.anchor in names else names[0]
-    visual_image = f"kodim{p.visual_image:02d}"
-    if visual_image not in [q.stem for q in paths]:
-        log(f"[evaluate] visual_image {visual_image} is not evaluated: using {paths[0].stem}")
-        visual_image = paths[0].stem
-    log(f"[evaluate] {len(paths)} image(s), codecs {', '.join(names)} on {device}"
+    if primary.kodak:
+        visual_image = f"kodim{p.visual_image:02d}"
+    else:  # another set: its N-th image by file name
+        visual_image = primary.names[p.visual_image - 1] if p.visual_image <= len(primary.names) else ""
+    if visual_image not in primary.names:
+        log(f"[evaluate] visual_image {visual_image or p.visual_image} is not evaluated: using {primary.names[0]}")
+        visual_image = primary.names[0]
+    log(f"[evaluate] {len(primary.paths)} image(s) of {primary.name}, codecs {', '.join(names)} on {device}"
         + (f"; rnn on {len(only['rnn'])} of them" if "rnn" in only else ""))
 
-    rows, picks, original, seconds = run_sweeps(paths, codecs, crop=p.crop, device=device,
-                                                visual_image=visual_image, visual_bpp=p.visual_bpp, only=only)
+    rows, picks, original, seconds = run_sweeps(primary, codecs, device=device, visual_image=visual_image,
+                                                visual_bpp=p.visual_bpp, only=only)
     images_of = {c: len({r.image for r in rows if r.codec == c}) for c in names}
-    boot = {"n_boot": p.bootstrap, "seed": params.seed, "min_images": p.min_images}
-    # secondary convention: average per setting, then interpolate
-    curves = average_curves(rows)
-    averaged = at_rates(curves, p.rates, p.rate_slack)
-    bd_avg = bd_table(curves, anchor, p.bd_method)
-    # primary convention: each image's own curve at the rates, then average
-    img_curves = stats.image_curves(rows)
-    each_at = stats.per_image_at(img_curves, p.rates, QUALITIES, p.rate_slack)
-    points = stats.at_rates_per_image(each_at, names, p.rates, QUALITIES, images_of, **boot)
-    pairs = stats.pairwise(each_at, names, p.rates, COMPARED, **boot)
-    bd, bd_each = bd_per_image_table(img_curves, names, anchor, p.bd_method, bd_avg, **boot)
+    t = analyse(rows, names, anchor, p, params.seed, images_of)
     duration = time.perf_counter() - start
-    metrics = metrics_json(points, bd, anchor, len(paths), duration, averaged)
+    mp = megapixels(primary)
+    extras = []
+    for other in sets[1:]:
+        t0 = time.perf_counter()
+        log(f"[evaluate] extra set {other.name}: {len(other.paths)} image(s)")
+        x_rows, _, _, x_seconds = run_sweeps(other, codecs, device=device, visual_image=None, visual_bpp=p.visual_bpp)
+        x_of = {c: len({r.image for r in x_rows if r.codec == c}) for c in names}
+        extras.append((other, x_rows, analyse(x_rows, names, anchor, p, params.seed, x_of), x_seconds,
+                       time.perf_counter() - t0))
+    metrics = metrics_json(t["points"], t["bd"], anchor, len(primary.paths), duration, t["averaged"])
+    for other, _, xt, _, x_duration in extras:
+        metrics.setdefault("sets", {})[other.name] = metrics_json(xt["points"], xt["bd"], anchor, len(other.paths),
+                                                                  x_duration)
     summary = EvaluationSummary(
-        profile=params.profile, images=[q.stem for q in paths], crop=p.crop,
-        all_kodak=p.images is None and p.crop is None and len(paths) == 24,
+        profile=params.profile, images=list(primary.names), crop=p.crop,
+        all_kodak=primary.kodak and p.images is None and p.crop is None and len(primary.paths) == 24,
         codecs={c.name: CodecSummary(label=c.label, description=c.describe(), setting=c.setting,
                                      settings=[float(s) for s in c.settings], config=c.config(),
                                      images=images_of[c.name], seconds=round(seconds[c.name], 2),
                                      shared_timing=c.shared_timing,
-                                     subset=sorted(only[c.name] & {q.stem for q in paths}) if c.name in only else None)
+                                     subset=sorted(only[c.name] & set(primary.names)) if c.name in only else None)
                 for c in codecs},
         labels={c.name: c.label for c in codecs}, order=names, skipped=skipped, anchor=anchor,
         bd_method=p.bd_method, rates=p.rates, rate_slack=p.rate_slack, bootstrap=p.bootstrap,
         min_images=p.min_images, seed=params.seed, convention="per-image",
         visual_image=visual_image, device=str(device),
         torch=torch.__version__, platform=platform.platform(), duration_s=duration,
-        encodes=len(rows),
+        encodes=len(rows), dataset=primary.name, dataset_folder=primary.folder.as_posix(),
+        sizes=[list(s) for s in primary.sizes], megapixels=round(mp, 6), limit=p.limit,
+        extra_datasets=[other.name for other in sets[1:]],
     )
     # the tables another stage reads go through their records (pipeline.records); the others are plain
-    extra = {"per_image_at.csv": each_at, "bd_per_image.csv": bd_each, "bd_avg.csv": bd_avg}
-    records = {"at_rates_avg.csv": [AtRateAvg(**p) for p in averaged], "pairwise.csv": [Pairwise(**p) for p in pairs]}
+    extra = {"per_image_at.csv": t["each_at"], "bd_per_image.csv": t["bd_each"], "bd_avg.csv": t["bd_avg"]}
+    records = {"at_rates_avg.csv": [AtRateAvg(**a) for a in t["averaged"]],
+               "pairwise.csv": [Pairwise(**a) for a in t["pairs"]]}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        write_outputs(tmp, rows, curves, points, bd, metrics, summary, picks, original, p, extra=extra,
-                      records=records, img_curves=img_curves, images_of=images_of)
-    log(f"[evaluate] {len(rows)} coded files in {duration:.1f} s -> {out_dir}")
+        write_outputs(tmp, rows, t["curves"], t["points"], t["bd"], metrics, summary, picks, original, p,
+                      extra=extra, records=records, img_curves=t["img_curves"], images_of=images_of)
+        (tmp / "sets").mkdir()
+        for other, x_rows, xt, x_seconds, x_duration in extras:
+            write_set(tmp / "sets" / other.name, other, x_rows, xt, x_seconds, x_duration)
+    log(f"[evaluate] {len(rows)} coded files in {duration:.1f} s ({duration / max(mp, 1e-9):.1f} s per megapixel "
+        f"of {primary.name}) -> {out_dir}")
     return metrics
+
+
+def write_set(out: Path, images: ImageSet, rows: list[Measurement], t: dict[str, Any], seconds: dict[str, float],
+              duration: float) -> None:
+    """An extra set's headline tables: per_image.csv, at_rates.csv, pairwise.csv, bd.csv and set.json."""
+    from pipeline.utils import save_json
+
+    out.mkdir(parents=True)
+    write_table(out / "per_image.csv", rows)
+    write_table(out / "at_rates.csv", [AtRate(**a) for a in t["points"]])
+    write_table(out / "pairwise.csv", [Pairwise(**a) for a in t["pairs"]])
+    write_table(out / "bd.csv", [BDRate(**r) for r in t["bd"]])
+    save_json(out / "set.json", {"name": images.name, "folder": images.folder.as_posix(), "images": images.names,
+                                 "sizes": [list(s) for s in images.sizes], "describe": describe_sizes(images.sizes),
+                                 "crop": images.crop, "megapixels": round(megapixels(images), 6),
+                                 "duration_s": round(duration, 2), "encodes": len(rows),
+                                 "seconds": {k: round(v, 2) for k, v in seconds.items()}})
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -472,7 +528,8 @@ def run(params, paths) -> None:
     from pipeline.utils import seed_everything
 
     seed_everything(params.seed)
-    metrics = evaluate(params, out_dir=paths.out, kodak_dir=paths.kodak)
+    metrics = evaluate(params, out_dir=paths.out, kodak_dir=paths.kodak, images_dir=paths.images,
+                       test_photos_dir=paths.test_photos)
     mlflow.log_metrics(_flat(metrics))
     curves = read_table(paths.out / "curves.csv", CurvePoint)
     for codec, pts in by_codec(curves).items():  # each curve as a stepped metric (step = sweep index)

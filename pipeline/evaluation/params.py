@@ -1,4 +1,5 @@
-"""params.yaml section ``evaluate``: which Kodak images, which codecs, which settings.
+"""params.yaml section ``evaluate``: which image set (Kodak, your own photos, a downloaded public set),
+which codecs, which settings.
 
 The codecs' own keys (``<codec>_<setting>``: the sweep; ``<codec>_<knob>``: a fixed encoder setting)
 come from the codec registry (``pipeline.evaluation.codecs.REGISTRY``), not from this file.
@@ -14,6 +15,10 @@ from pipeline.evaluation.codecs import REGISTRY
 from pipeline.schema import Section
 
 CodecName = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]
+#: an image set's name: ``kodak`` (data/raw/kodak), ``images`` (data/images: your own photos) or the name of
+#: ``data.test_photos`` (a public set the download stage unpacks into data/raw/test_photos). A name, never a
+#: path: the stage maps it to one of those fixed folders, so a DAG run's conf may choose the set.
+DATASET_NAME = r"^[a-z0-9][a-z0-9_.-]*$"
 
 
 def _codec_fields() -> dict[str, Any]:
@@ -34,6 +39,9 @@ CodecParams = create_model("CodecParams", __base__=Section, **_codec_fields())
 
 
 class EvaluateParams(CodecParams):
+    dataset: str = Field("kodak", pattern=DATASET_NAME)  # the set every table, claim and BD-rate is about
+    extra_datasets: list[str] = []  # further sets, coded the same way; each gets its own headline tables
+    limit: int | None = Field(None, ge=1)  # the first N images of each set (by file name; None: all)
     images: list[int] | None = None  # Kodak indices (kodimNN) to evaluate; None: every kodim*.png present
     crop: int | None = Field(None, ge=161)  # centre crop to crop x crop px (None: full image); MS-SSIM needs > 160
     codecs: list[CodecName] = list(REGISTRY)  # jpegxl skipped if imagecodecs is absent
@@ -46,13 +54,21 @@ class EvaluateParams(CodecParams):
     min_images: int = Field(3, ge=2)  # fewer images than this: no interval, no verdict ("not shown")
     anchor: CodecName = "jpeg"  # BD-rates of every codec are taken against this one
     bd_method: Literal["pchip", "polyfit"] = "pchip"  # Bjontegaard fit: piecewise cubic or cubic polyfit
-    visual_image: int = Field(23, ge=1, le=24)  # Kodak image of the visual comparison (must be evaluated)
+    # image of the visual comparison: Kodak's kodimNN; another set's N-th image by file name (must be evaluated)
+    visual_image: int = Field(23, ge=1)
     visual_bpp: float = Field(0.25, gt=0)  # the visual comparison picks each codec's setting nearest this bpp
     visual_crop: list[int] = Field([390, 90, 256, 256], min_length=4, max_length=4)  # left, top, width, height px
     plot_max_bpp: float = Field(2.0, gt=0)  # x-axis limit of the rate-distortion figures
 
     @model_validator(mode="after")
     def _check(self):
+        import re
+
+        for name in self.extra_datasets:
+            if not re.match(DATASET_NAME, name):
+                raise ValueError(f"extra_datasets: {name!r} is not a set's name (kodak, images or data.test_photos')")
+        if self.dataset in self.extra_datasets or len(set(self.extra_datasets)) != len(self.extra_datasets):
+            raise ValueError("extra_datasets: names without repeats, other than dataset")
         if self.images is not None:
             if not self.images or any(not 1 <= i <= 24 for i in self.images):
                 raise ValueError("images: Kodak indices are 1..24")
