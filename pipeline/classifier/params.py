@@ -25,6 +25,7 @@ class CourseworkRecipe(Section):
     lr_min: float = Field(0.0001, gt=0)  # sawtooth trough
     teeth: int = Field(3, ge=1)  # k: the lr decays lr_max -> lr_min k times over the run
     weight_decay: float = Field(0.0, ge=0)  # Adam L2 penalty
+    channels_last: bool = True  # NHWC memory layout (same fp32 maths): 1.6x a training step on this CPU
 
 
 class FastRecipe(Section):

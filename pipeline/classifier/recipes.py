@@ -124,7 +124,7 @@ class Coursework:
         return contextlib.nullcontext()
 
     def channels_last(self, device: torch.device) -> bool:
-        return False
+        return self.c.channels_last
 
     def state(self) -> dict[str, Any]:
         return {}
