@@ -58,6 +58,17 @@ def run_cli(action, messages: dict[type[BaseException], str] | None = None) -> i
         print(f"error: {text}", file=sys.stderr)
         write_status(True, text)
         return 1
+    except OSError as err:
+        import errno
+
+        if err.errno != errno.ENOSPC:
+            write_status(True, f"{type(err).__name__}: {err}")
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        text = f"no space left on the device{where}: free some disk space, then run the stage again"
+        print(f"error: {text}", file=sys.stderr)
+        write_status(False, text)
+        return 1
     except Exception as err:  # a bug or an unforeseen failure: the traceback is printed, a retry allowed
         write_status(True, f"{type(err).__name__}: {err}")
         raise

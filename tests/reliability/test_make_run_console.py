@@ -174,3 +174,16 @@ def test_stage_operator_fails_a_permanent_error_without_retry(airflow_db, exit_s
     with pytest.raises(AirflowException) as caught:
         op.execute({})
     assert isinstance(caught.value, AirflowFailException) is (not retried)  # AirflowFailException: no retry
+
+
+def test_a_full_disk_is_one_line_and_not_retried(tmp_path):
+    code = ("import errno, sys; from pipeline.errors import run_cli\n"
+            "def fail(): raise OSError(errno.ENOSPC, 'No space left on device', 'data/prepared/.patches.npz.tmp')\n"
+            "sys.exit(run_cli(fail))")
+    feed = tmp_path / "events"
+    env = {**os.environ, "PIPELINE_EVENTS": str(feed), "PIPELINE_TASK": "augment", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.orchestration.guard", "--", sys.executable, "-c", code],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_PERMANENT
+    assert "Traceback" not in proc.stderr
+    assert "error: no space left on the device writing data/prepared/.patches.npz.tmp" in proc.stderr
