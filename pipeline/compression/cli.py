@@ -1,12 +1,15 @@
 """``rnnc``: compress images to .rnnc files with the trained RNN codec, and back.
 
-    rnnc compress IN.png OUT.rnnc (--iterations K | --bpp B) [--model M] [--tile T]
-    rnnc decompress IN.rnnc OUT.png [--iterations K] [--model M] [--max-pixels N]
+    rnnc compress IN.png OUT.rnnc (--iterations K | --bpp B) [--model M] [--tile T] [--precision P]
+    rnnc decompress IN.rnnc OUT.png [--iterations K] [--model M] [--max-pixels N] [--precision P]
     rnnc info IN.rnnc
+    rnnc compare PHOTO --bpp B [--out DIR] [--codecs jpeg,webp,...] [--model M] [--overwrite]
 
 --model is a checkpoint (default data/compressor/model.pt) or an MLflow model URI such as
-models:/rnn-compressor/1. Errors end with one line on stderr and a non-zero exit. Outputs are
-written whole or not at all; an output that is an existing folder, or the input itself, is refused.
+models:/rnn-compressor/1. --precision auto|fp32|bf16 is the network's arithmetic (auto: bf16 where the
+device has it natively, else fp32); files do not depend on it. Errors end with one line on stderr and a
+non-zero exit. Outputs are written whole or not at all; an output that is an existing folder, or the input
+itself, is refused.
 """
 
 from __future__ import annotations
@@ -82,13 +85,24 @@ def check_output(output: str, input_: str) -> None:
         raise PipelineError(f"{output}: is the input file; give another output name")
 
 
+def _check_precision(precision: str) -> None:
+    """--precision is auto, fp32 or bf16 (one error line otherwise, before any work)."""
+    from pipeline.compression.inference import check_precision
+
+    try:
+        check_precision(precision)
+    except ValueError as err:
+        raise PipelineError(f"--{err}") from None
+
+
 def _compress(args: argparse.Namespace) -> None:
     from pipeline.compression.codec import load_codec
     from pipeline.images import bits_per_pixel
 
     check_output(args.output, args.input)
+    _check_precision(args.precision)
     img = read_image(args.input)
-    codec = load_codec(args.model, device=args.device, tile=args.tile, show_progress=True)
+    codec = load_codec(args.model, device=args.device, tile=args.tile, show_progress=True, precision=args.precision)
     h, w = img.shape[:2]
     t0 = time.perf_counter()
     if args.iterations is not None:
@@ -99,15 +113,17 @@ def _compress(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t0
     write_bytes(args.output, data)
     print(f"{args.output}: {w}x{h}, {k} iteration(s), {len(data)} bytes, "
-          f"{bits_per_pixel(len(data), h, w):.4f} bpp ({seconds:.2f} s)")
+          f"{bits_per_pixel(len(data), h, w):.4f} bpp ({seconds:.2f} s, {codec.precision})")
 
 
 def _decompress(args: argparse.Namespace) -> None:
     from pipeline.compression.codec import load_codec
 
     check_output(args.output, args.input)
+    _check_precision(args.precision)
     data = read_bytes(args.input)
-    codec = load_codec(args.model, device=args.device, show_progress=True, max_pixels=args.max_pixels)
+    codec = load_codec(args.model, device=args.device, show_progress=True, max_pixels=args.max_pixels,
+                       precision=args.precision)
     header, present = codec.read_header(data)
     if present < header.iterations:
         note(f"{args.input}: holds {present} of {header.iterations} iterations (a progressive prefix); "
@@ -117,7 +133,7 @@ def _decompress(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t0
     write_image(args.output, img)
     k = args.iterations or present
-    print(f"{args.output}: {header.width}x{header.height} from {k} iteration(s) ({seconds:.2f} s)")
+    print(f"{args.output}: {header.width}x{header.height} from {k} iteration(s) ({seconds:.2f} s, {codec.precision})")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -135,6 +151,27 @@ def _info(args: argparse.Namespace) -> None:
           f"block, tile {header.tile or 'whole image'}, model {header.fingerprint.hex()}, {len(data)} bytes, "
           f"{bits_per_pixel(len(data), header.height, header.width):.4f} bpp")
     print("iteration bytes (raw " + str(raw) + "): " + " ".join(str(len(c)) for c in chunks))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    """Every codec on one photo at the setting nearest --bpp: a table, a side-by-side PNG and an HTML page
+    (``pipeline.evaluation.compare``)."""
+    from pipeline.evaluation import compare as cmp
+
+    out = Path(args.out if args.out is not None else f"{Path(args.input).stem}-compare")
+    files = cmp.check_outputs(out, args.input, args.overwrite)  # before any work
+    img = read_image(args.input)
+    names = [n.strip() for n in args.codecs.split(",") if n.strip()] if args.codecs else None
+    codecs, skipped = cmp.build_codecs(names, args.model, device=args.device)
+    for name, why in skipped.items():
+        note(f"{name} skipped: {why}")
+    h, w = img.shape[:2]
+    print(f"{args.input}: {w}x{h} ({w * h / 1e6:.1f} MP), every codec at the setting nearest {args.bpp:g} bpp",
+          flush=True)
+    results, decoded = cmp.compare(img, codecs, args.bpp, device=args.device)
+    print(cmp.table(results))
+    cmp.write(files, args.input, img, args.bpp, results, decoded, skipped)
+    print("wrote " + ", ".join(str(p) for p in files.values()))
 
 
 def _int_at_least(minimum: int, wanted: str):
@@ -179,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
         p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
 
+    def precision(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--precision", default="auto",
+                       help="the network's arithmetic: auto (bf16 where native: CUDA, CPUs with AVX512-BF16 or AMX; "
+                            "else fp32), fp32 or bf16. Files do not depend on it: any precision decodes any file "
+                            "(bit-exactly the encoder's image at the encoder's precision)")
+
     c = sub.add_parser("compress", help="image -> .rnnc")
     c.add_argument("input", help="image file (PNG, JPEG, ...; any size and mode)")
     c.add_argument("output", help=".rnnc file to write")
@@ -191,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"coding tile side in px, a multiple of 16 up to {MAX_TILE}; 0 = whole image (up to "
                         f"{MAX_TILE} px a side) (default {DEFAULT_TILE})")
     common(c)
+    precision(c)
 
     d = sub.add_parser("decompress", help=".rnnc -> image")
     d.add_argument("input", help=".rnnc file (or a prefix of whole iterations)")
@@ -200,9 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse files of larger images (default: Pillow's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS; "
                         "0: no limit)")
     common(d)
+    precision(d)
 
     i = sub.add_parser("info", help="print a .rnnc file's header")
     i.add_argument("input")
+
+    m = sub.add_parser("compare", help="one photo, every codec at about the same bpp: table, PNG, HTML page")
+    m.add_argument("input", help="image file (PNG, JPEG, ...; any size of at least 161 px a side, any mode)")
+    m.add_argument("--bpp", type=_positive_float, required=True, help="target bits per pixel, headers included")
+    m.add_argument("--out", help="output folder (default: <photo name>-compare); writes <photo name>.compare.png, "
+                                 ".html and .json there, nothing else")
+    m.add_argument("--codecs", help="comma-separated subset (default: jpeg,jpeg2000,webp,avif,jpegxl,rnn)")
+    m.add_argument("--overwrite", action="store_true", help="replace this photo's outputs from an earlier run")
+    common(m)
     return parser
 
 
@@ -212,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    command = {"compress": _compress, "decompress": _decompress, "info": _info}[args.command]
+    command = {"compress": _compress, "decompress": _decompress, "info": _info, "compare": _compare}[args.command]
     return run_cli(lambda: command(args), {MemoryError: "out of memory (try a smaller --tile)"})
 
 
