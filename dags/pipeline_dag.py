@@ -206,7 +206,9 @@ PARAMS = {
     "profile": Param(None, type=["null", "string"], enum=[None, *PROFILES],
                      description="params.yaml profile for this run (null: keep the file's)"),
     "overrides": Param([], type="array", items={"type": "string", "pattern": r"^[A-Za-z_][\w.]*=.*$"},
-                       description="KEY=VALUE params overrides, e.g. train_classifier.epochs=3"),
+                       description="KEY=VALUE params overrides, e.g. train_classifier.epochs=3 or "
+                                   "evaluate.dataset=images (the image set, by name: kodak, images = data/images, "
+                                   "or data.test_photos' name; never a path)"),
 }
 
 pipeline_dag = DAG(

@@ -180,7 +180,7 @@ SOURCES = {"refused": "data.mirror=/tmp/elsewhere", "init_model": "train_compres
            "scheme": "evaluate.rnn_model=s3://bucket/model", "folder": "augment.patch_source=/etc"}
 
 
-@pytest.mark.parametrize("case", ["yaml", *SOURCES, "non_finite"])
+@pytest.mark.parametrize("case", ["yaml", *SOURCES, "non_finite", "dataset_path"])
 def test_start_fails_at_once_without_retry_on_a_user_error(airflow_db, bad_workspace, monkeypatch, case):
     """A YAML error, a refused run-conf key or an invalid value: AirflowFailException (never retried)
     with one line naming the problem, and params.yaml untouched; no request is made."""
@@ -194,6 +194,8 @@ def test_start_fails_at_once_without_retry_on_a_user_error(airflow_db, bad_works
         params_file.write_text(params_file.read_text().replace("seed: 0", "seed: [0"))
     elif case in SOURCES:
         overrides = ["train_classifier.epochs=1", SOURCES[case]]
+    elif case == "dataset_path":  # evaluate.dataset is a set's name (issue 26): a path is invalid, not a folder read
+        overrides = ["evaluate.dataset=../../etc"]
     else:
         overrides = ["train_classifier.epochs=.inf"]
     before = params_file.read_bytes()
@@ -210,7 +212,7 @@ def test_start_fails_at_once_without_retry_on_a_user_error(airflow_db, bad_works
         start.python_callable(params={"profile": None, "overrides": overrides}, dag_run=None, ti=None)
     message = str(info.value)
     assert message.startswith("error: ") and "\n" not in message.strip()
-    assert {"yaml": "not valid YAML", "non_finite": "finite",
+    assert {"yaml": "not valid YAML", "non_finite": "finite", "dataset_path": "evaluate.dataset",
             **{c: f"run conf may not set {o.split('=')[0]}" for c, o in SOURCES.items()}}[case] in message
     assert params_file.read_bytes() == before
     assert not (bad_workspace / "mlflow.db").exists()  # failed before any MLflow run was opened
