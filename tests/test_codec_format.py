@@ -385,10 +385,10 @@ def test_out_of_memory_is_one_clear_error(codec, good, monkeypatch, error):
     def boom(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(codec.model, "decode_step", boom)
+    monkeypatch.setattr(codec.net, "decode_step", boom)
     with pytest.raises(OutOfMemory, match="out of memory while decoding"):
         codec.decompress(good)
-    monkeypatch.setattr(codec.model, "encode_step", boom)
+    monkeypatch.setattr(codec.net, "encode_step", boom)
     with pytest.raises(OutOfMemory, match="out of memory while encoding"):
         codec.compress(make_image(16, 16), 1)
 
@@ -397,7 +397,7 @@ def test_other_runtime_errors_are_not_called_out_of_memory(codec, good, monkeypa
     def boom(*args, **kwargs):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(codec.model, "decode_step", boom)
+    monkeypatch.setattr(codec.net, "decode_step", boom)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         codec.decompress(good)
 

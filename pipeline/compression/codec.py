@@ -85,6 +85,7 @@ MAX_TILE = 2048  # px: the largest tile the encoder writes and the decoder accep
 DEFAULT_MODEL = Path("data/compressor/model.pt")
 MODEL_FORMAT = "rnnc-model"
 MAX_SIDE = 1 << 20  # px; refuses absurd headers before anything is allocated
+EARLY_STOP_BYTES = 2 << 30  # compress_to_bpp codes iteration by iteration when every tile's state fits this
 
 
 class CodecError(PipelineError):
@@ -311,20 +312,34 @@ def _plane_coder(version: int, shape: tuple[int, int, int], table: np.ndarray | 
     return PlaneCoder(*shape)
 
 
+class _CodedRecords:
+    """The iteration records (length, payload, crc) of a version-2 file -- version 3 when given the model's
+    context table -- one iteration at a time: the i-th call of :meth:`add` codes iteration i."""
+
+    def __init__(self, header: Header, table: np.ndarray | None = None):
+        self.version = 2 if table is None else 3
+        self.raw = header.iteration_bytes
+        self.coder = _plane_coder(self.version, (*header.blocks, header.bits), table)
+
+    def add(self, plane: np.ndarray) -> tuple[bytes, int]:
+        """The record of the next iteration's codes (Hb, Wb, bits), and its payload's size."""
+        payload = self.coder.encode(plane)
+        if len(payload) >= self.raw:  # incompressible: store it raw (the model learned it all the same)
+            payload = np.packbits(plane.reshape(-1)).tobytes()
+        record = _LENGTH.pack(len(payload)) + payload
+        return record + _CRC.pack(binascii.crc32(record)), len(payload)
+
+
 def _pack_coded(header: Header, codes: np.ndarray, table: np.ndarray | None = None) -> tuple[bytes, list[int]]:
     """The version-2 file of codes (K, Hb, Wb, bits) -- version 3 when given the model's context table --
     and each iteration's payload size."""
-    version = 2 if table is None else 3
-    coder = _plane_coder(version, codes.shape[1:], table)
-    parts = [header.replace(version=version).pack()]
+    records = _CodedRecords(header.replace(iterations=codes.shape[0]), table)
+    parts = [header.replace(version=records.version).pack()]
     sizes = []
     for t in range(codes.shape[0]):
-        payload = coder.encode(codes[t])
-        if len(payload) >= header.iteration_bytes:  # incompressible: store it raw (the model learned it all the same)
-            payload = np.packbits(codes[t].reshape(-1)).tobytes()
-        record = _LENGTH.pack(len(payload)) + payload
-        parts += [record, _CRC.pack(binascii.crc32(record))]
-        sizes.append(len(payload))
+        record, size = records.add(codes[t])
+        parts.append(record)
+        sizes.append(size)
     return b"".join(parts), sizes
 
 
@@ -450,16 +465,26 @@ def _read_model(path: Path, source: str) -> RNNCompressor:
 class RNNCodec:
     """Compress uint8 HxWx3 images to .rnnc bytes and back, with one trained model.
 
+    The network runs in :mod:`pipeline.compression.inference`'s engine at ``precision`` (``auto``: bf16
+    where native -- CUDA, a CPU with AVX512-BF16/AMX -- else fp32; or ``fp32``/``bf16``); :attr:`precision`
+    is the one resolved. Files do not record it: a file from either precision decodes at either.
     Encoding and decoding run the same ops on the same tiles in the same order, so the decoder's
-    image equals the encoder's own reconstruction bit for bit (on the same device and build).
+    image equals the encoder's own reconstruction bit for bit (at the same precision, on the same device
+    and build); at the other precision it differs by rounding (hundredths of a dB at most).
     ``max_pixels``: the decoder's pixel limit (None: :func:`default_max_pixels`; 0: no limit).
     """
 
     def __init__(self, model: RNNCompressor, device: str | torch.device = "cpu", tile: int = DEFAULT_TILE,
-                 show_progress: bool = False, max_pixels: int | None = None):
+                 show_progress: bool = False, max_pixels: int | None = None, precision: str = "auto"):
+        from pipeline.compression.inference import InferenceNet, check_precision
+
         why = _check_tile(tile) if isinstance(tile, (int, np.integer)) and not isinstance(tile, bool) else "not an int"
         if why:
             raise CodecError(f"tile: {why}")
+        try:
+            check_precision(precision)
+        except ValueError as err:
+            raise CodecError(str(err)) from None
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError):
@@ -467,6 +492,8 @@ class RNNCodec:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise CodecError("device: CUDA is not available here (use --device cpu)")
         self.model = model.to(self.device).float().eval()
+        self.net = InferenceNet(self.model, self.device, precision)
+        self.precision: str = self.net.precision  # fp32 or bf16: what ``auto`` chose here
         self.config: ModelConfig = model.config
         self.fingerprint = model_fingerprint(model)
         from pipeline.compression.context import to_table
@@ -541,19 +568,53 @@ class RNNCodec:
         padded = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge") if (hp, wp) != (h, w) else img
         codes = np.zeros((k, hp // BLOCK, wp // BLOCK, self.bits), dtype=bool)
         out = np.empty((hp, wp, 3), dtype=np.uint8) if reconstruct else None
+        net = self.net
         for y0, y1, x0, x1 in self._tiles(hp, wp, self.tile, "encode"):
             x = self._to_tensor(padded[y0:y1, x0:x1])
-            enc, dec = self.model.init_states()
+            enc, dec = net.init_states()
             recon = torch.zeros_like(x)
             for t in range(k):
-                b, enc = self.model.encode_step(x - recon, enc)
+                b, enc = net.encode_step(x - recon, enc)
                 codes[t, y0 // BLOCK: y1 // BLOCK, x0 // BLOCK: x1 // BLOCK] = (b[0] > 0).permute(1, 2, 0).cpu().numpy()
                 if t < k - 1 or reconstruct:  # the last iteration's decoder output only matters to the decoder
-                    delta, dec = self.model.decode_step(b, dec)
-                    recon = self.model.reconstruct_step(recon, delta)
+                    delta, dec = net.decode_step(b, dec)
+                    recon = net.reconstruct_step(recon, delta)
             if out is not None:
                 out[y0:y1, x0:x1] = self._to_uint8(recon)
         return (codes, out[:h, :w]) if reconstruct else codes
+
+    def held_bytes(self, height: int, width: int) -> int:
+        """Bytes of the recurrent state (and image and reconstruction) of every tile of a height x width image:
+        what :meth:`compress_to_bpp` holds to code iteration by iteration."""
+        e, d = self.config.encoder_widths, self.config.decoder_widths
+        per_pixel = 2 * (e[1] / 16 + e[2] / 64 + e[3] / 256 + d[0] / 256 + d[1] / 64 + d[2] / 16 + d[3] / 4)
+        size = 2 if self.precision == "bf16" else 4
+        return int(_padded(height) * _padded(width) * (per_pixel * size + 2 * 3 * 4))
+
+    def _encode_progressive(self, img: np.ndarray, k: int):
+        """Iteration by iteration over every tile: yields the codes (Hb, Wb, bits) of iterations 1..k of the whole
+        image, the same as :meth:`encode`'s, holding every tile's state meanwhile (:meth:`held_bytes`). An
+        iteration's decoder step runs when the next iteration is asked for. Call under inference_mode."""
+        h, w = img.shape[:2]
+        hp, wp = _padded(h), _padded(w)
+        padded = np.pad(img, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge") if (hp, wp) != (h, w) else img
+        tiles = tile_grid(hp, wp, self.tile)
+        net = self.net
+        held: list[list] = [[None, None, *net.init_states(), None] for _ in tiles]  # x, recon, enc, dec, b
+        for t in range(k):
+            plane = np.zeros((hp // BLOCK, wp // BLOCK, self.bits), dtype=bool)
+            for (y0, y1, x0, x1), s in zip(tiles, held):
+                x, recon, enc, dec, b = s
+                if x is None:
+                    x = self._to_tensor(padded[y0:y1, x0:x1])
+                    recon = torch.zeros_like(x)
+                if b is not None:  # the previous iteration's decoder step
+                    delta, dec = net.decode_step(b, dec)
+                    recon = net.reconstruct_step(recon, delta)
+                b, enc = net.encode_step(x - recon, enc)
+                plane[y0 // BLOCK: y1 // BLOCK, x0 // BLOCK: x1 // BLOCK] = (b[0] > 0).permute(1, 2, 0).cpu().numpy()
+                s[:] = x, recon, enc, dec, b
+            yield plane
 
     def compress(self, img: np.ndarray, iterations: int, version: int | None = None) -> bytes:
         """The .rnnc file bytes of ``img`` (uint8 HxWx3) coded with ``iterations`` iterations.
@@ -576,15 +637,45 @@ class RNNCodec:
 
     def compress_to_bpp(self, img: np.ndarray, bpp: float) -> tuple[bytes, int]:
         """The file with the most iterations whose size stays within ``bpp`` bits per pixel, header
-        included, and that number: one encoding of every iteration, then :func:`truncate`."""
-        data = self.compress(img, self.max_iterations)
+        included, and that number (the same bytes as :meth:`compress` with that number).
+
+        Codes iteration by iteration and stops at the first iteration that no longer fits, holding every
+        tile's state meanwhile; an image whose states would take more than :data:`EARLY_STOP_BYTES`
+        (:meth:`held_bytes`) is encoded to the last iteration, one tile at a time, then truncated."""
+        img = self._check_image(img)
         h, w = img.shape[:2]
+        if self.held_bytes(h, w) <= EARLY_STOP_BYTES:
+            return self._compress_to_bpp_early(img, bpp)
+        data = self.compress(img, self.max_iterations)
         for k in range(self.max_iterations, 0, -1):
             cut = truncate(data, k) if k < self.max_iterations else data
             if bits_per_pixel(len(cut), h, w) <= bpp:
                 return cut, k
         least = bits_per_pixel(len(truncate(data, 1)), h, w)
         raise CodecError(f"--bpp {bpp:g}: too low for this {w}x{h} image; one iteration takes {least:.4f} bpp")
+
+    def _compress_to_bpp_early(self, img: np.ndarray, bpp: float) -> tuple[bytes, int]:
+        h, w = img.shape[:2]
+        header = self.header_for(img, self.max_iterations)
+        if (header.iteration_bytes + CRC_SIZE + LENGTH_SIZE) * header.iterations + HEADER_SIZE > 0xFFFFFFFF:
+            raise InputError(f"image {w}x{h} too large for one .rnnc file")
+        records = _CodedRecords(header, self.context_table)
+        kept: list[bytes] = []
+        size = HEADER_SIZE
+        with torch.inference_mode(), _memory_guard("encoding", self.tile):
+            iterations = self._encode_progressive(img, self.max_iterations)
+            for plane in iterations:
+                record, _ = records.add(plane)
+                if bits_per_pixel(size + len(record), h, w) > bpp:
+                    break
+                kept.append(record)
+                size += len(record)
+            iterations.close()
+        if not kept:
+            least = bits_per_pixel(size + len(record), h, w)
+            raise CodecError(f"--bpp {bpp:g}: too low for this {w}x{h} image; one iteration takes {least:.4f} bpp")
+        header = header.replace(version=records.version, iterations=len(kept))
+        return header.pack() + b"".join(kept), len(kept)
 
     def reconstruct(self, img: np.ndarray, iterations: int) -> np.ndarray:
         """The in-memory path: what decoding the compressed file yields, without the file."""
@@ -655,15 +746,15 @@ class RNNCodec:
         hp, wp = _padded(height), _padded(width)
         k = codes.shape[0]
         out = np.empty((k if every else 1, hp, wp, 3), dtype=np.uint8)
+        net = self.net
         for y0, y1, x0, x1 in self._tiles(hp, wp, tile, "decode"):
-            _, dec = self.model.init_states()
+            _, dec = net.init_states()
             recon = torch.zeros((1, 3, y1 - y0, x1 - x0), device=self.device)
             for t in range(k):
                 c = codes[t, y0 // BLOCK: y1 // BLOCK, x0 // BLOCK: x1 // BLOCK]
-                b = torch.from_numpy(np.ascontiguousarray(c.transpose(2, 0, 1), dtype=np.float32))
-                b = (b * 2 - 1)[None].to(self.device).contiguous()
-                delta, dec = self.model.decode_step(b, dec)
-                recon = self.model.reconstruct_step(recon, delta)
+                b = net.codes_to_input(torch.from_numpy(np.ascontiguousarray(c.transpose(2, 0, 1)))[None])
+                delta, dec = net.decode_step(b, dec)
+                recon = net.reconstruct_step(recon, delta)
                 if every:
                     out[t, y0:y1, x0:x1] = self._to_uint8(recon)
             if not every:
@@ -685,6 +776,14 @@ def truncate(data: bytes, iterations: int) -> bytes:
 
 
 def load_codec(model: str | os.PathLike | None = None, device: str = "cpu", tile: int = DEFAULT_TILE,
-               show_progress: bool = False, max_pixels: int | None = None) -> RNNCodec:
-    """The codec over a checkpoint path (default data/compressor/model.pt) or an MLflow model URI."""
-    return RNNCodec(load_model(model), device=device, tile=tile, show_progress=show_progress, max_pixels=max_pixels)
+               show_progress: bool = False, max_pixels: int | None = None, precision: str = "auto") -> RNNCodec:
+    """The codec over a checkpoint path (default data/compressor/model.pt) or an MLflow model URI, at
+    ``precision`` (auto, fp32 or bf16: see :class:`RNNCodec`)."""
+    from pipeline.compression.inference import check_precision
+
+    try:
+        check_precision(precision)  # before the model is loaded
+    except ValueError as err:
+        raise CodecError(str(err)) from None
+    return RNNCodec(load_model(model), device=device, tile=tile, show_progress=show_progress, max_pixels=max_pixels,
+                    precision=precision)
