@@ -20,7 +20,7 @@ import io
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from PIL import Image, features
@@ -289,13 +289,14 @@ class JPEGXL(Codec):
         return np.ascontiguousarray(out[..., :3]).astype(np.uint8)
 
 
-def load_rnn(model: str, device: str = "cpu"):
-    """The RNN codec object of ``pipeline.compression.codec`` (contract: compress/decompress/max_iterations)."""
+def load_rnn(model: str, device: str = "cpu", precision: str = "auto"):
+    """The RNN codec object of ``pipeline.compression.codec`` (contract: compress/decompress/max_iterations),
+    its network at ``precision`` (auto: bf16 where native, else fp32)."""
     try:
         from pipeline.compression.codec import load_codec
     except ImportError as err:
         raise PipelineError(f"the RNN codec is not available (pipeline.compression.codec: {err})") from None
-    return load_codec(model, device=device)
+    return load_codec(model, device=device, precision=precision)
 
 
 def _module_truncate(data: bytes, iterations: int) -> bytes:
@@ -319,12 +320,20 @@ class RNN(Codec):
     valid, sweep_doc = (lambda k: k >= 1, "counts are >= 1"), \
         "iteration counts; None: 1..max_iterations (one encode, truncated)"
     knobs = {"model": (Source, Field("data/compressor/model.pt",
-                                     description="checkpoint path or MLflow model URI of the RNN codec"))}
+                                     description="checkpoint path or MLflow model URI of the RNN codec")),
+             "precision": (Literal["auto", "fp32", "bf16"],
+                           Field("auto", description="the network's arithmetic: auto (bf16 where native, else fp32), "
+                                                     "fp32 or bf16"))}
     shared_timing = True
 
     @classmethod
     def from_params(cls, params, device: str = "cpu", rnn_loader=None) -> "RNN":
-        return cls((rnn_loader or load_rnn)(params.rnn_model, device=device), params.rnn_iterations)
+        import inspect
+
+        loader = rnn_loader or load_rnn
+        # a loader's contract is loader(model, device); one that takes precision (load_rnn does) gets it
+        extra = {"precision": params.rnn_precision} if "precision" in inspect.signature(loader).parameters else {}
+        return cls(loader(params.rnn_model, device=device, **extra), params.rnn_iterations)
 
     def __init__(self, codec, settings: Sequence[int] | None = None):
         self.codec = codec
@@ -362,7 +371,9 @@ class RNN(Codec):
 
     def config(self):
         cell, reconstruction, priming = self._variant()
+        precision = getattr(self.codec, "precision", None)
         return {"iterations": f"up to {self.codec.max_iterations}", "cell": cell, "reconstruction": reconstruction,
+                **({"precision": precision} if precision else {}),
                 **({"priming": f"{priming} steps"} if priming else {}),
                 "sweep": "one encode at the largest count; lower counts are truncations of that file"}
 
