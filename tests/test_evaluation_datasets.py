@@ -68,8 +68,8 @@ def test_open_set_reads_every_mode_upright(photos):
     assert np.array_equal(D.load(photos / "d_exif.jpg"), upright)
     grey = D.load(photos / "b_grey.png")
     assert np.array_equal(grey[..., 0], grey[..., 2])  # grey: three equal channels
-    assert D.describe_sizes(s.sizes).startswith("5 images: 264x200, 240x180, 300x220")
-    assert D.describe_sizes([(768, 512)] * 18 + [(512, 768)] * 6) == "24 images: 768x512 (18), 512x768 (6) (0.39 MP)"
+    assert D.describe_sizes(s.sizes).startswith("5 images, 0.03-0.07 MP: 264x200, 240x180, 300x220")
+    assert D.describe_sizes([(768, 512)] * 18 + [(512, 768)] * 6) == "24 images, 0.39 MP: 768x512 (18), 512x768 (6)"
     limited = D.open_set("images", photos, limit=2, crop=161, progress=False)
     assert limited.names == ["a_rgb", "b_grey"] and limited.sizes == [(161, 161)] * 2
 
@@ -155,7 +155,7 @@ def test_evaluate_and_report_on_a_folder_of_photos(photos, tmp_path, monkeypatch
     md = (ws / "data/report/report.md").read_text()
     html = (ws / "data/report/report.html").read_text()
     assert f"## Compression on images ({photos.as_posix()})" in md
-    sizes = "5 images: 264x200, 240x180, 300x220, 176x240, 200x170 (0.03-0.07 MP)"
+    sizes = "5 images, 0.03-0.07 MP: 264x200, 240x180, 300x220, 176x240, 200x170"
     assert "the image set images in" in md and sizes in md
     assert "rate-distortion on images (" in html and sizes in html
     hashes = {h["path"]: h for h in ctx["prov"]["hashes"]}

@@ -55,7 +55,7 @@ class ImageSet:
 
 
 def describe_sizes(sizes: list[tuple[int, int]]) -> str:
-    """``24 images: 768x512 (18), 512x768 (6)``; up to 8 sizes listed, more as their range in megapixels."""
+    """``24 images, 0.39 MP: 768x512 (18), 512x768 (6)``; up to 8 sizes listed, more summarised."""
     if not sizes:
         return "no images"
     counts = Counter(sizes).most_common()
@@ -64,7 +64,7 @@ def describe_sizes(sizes: list[tuple[int, int]]) -> str:
     mp = sorted(w * h / 1e6 for w, h in sizes)
     span = f"{mp[0]:.2f} MP" if mp[0] == mp[-1] else f"{mp[0]:.2f}-{mp[-1]:.2f} MP"
     if len(counts) <= 8:
-        return head + ": " + ", ".join(f"{w}x{h}" + (f" ({c})" if c > 1 else "") for (w, h), c in counts) + f" ({span})"
+        return f"{head}, {span}: " + ", ".join(f"{w}x{h}" + (f" ({c})" if c > 1 else "") for (w, h), c in counts)
     common = [f"{w}x{h} ({c})" for (w, h), c in counts[:3] if c > 1]
     return (f"{head} of {len(counts)} sizes, {span} (median {float(np.median(mp)):.2f} MP)"
             + (f"; most common {', '.join(common)}" if common else ""))
