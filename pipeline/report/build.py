@@ -470,12 +470,12 @@ def classifier_summary(params, m: ClassifierMetrics | None) -> tuple[list[dict[s
     the per-class accuracies, for both report.html and report.md."""
     if m is None:
         return [], []
-    cfg = params.train_classifier
+    recipe, batch = params.train_classifier.recipe, params.train_classifier.batch_size
     n = m.test_size or CIFAR10_TEST_SIZE
     lo, hi = wilson(m.test_acc, n)
     tta = TTA_NAMES.get(m.tta, str(m.tta)) if m.tta is not None else "?"
-    rows = [("recipe", f"{cfg.recipe} (profile {params.profile})"),
-            ("epochs, batch size", f"{m.epochs if m.epochs is not None else cfg.epochs:g}, {cfg.batch_size}"),
+    rows = [("recipe", f"{recipe} (profile {params.profile})"),
+            ("epochs, batch size", f"{m.epochs if m.epochs is not None else '?'}, {batch}"),
             ("test accuracy", f"{m.test_acc:.2%} (95% CI [{lo:.2%}, {hi:.2%}], {n} test images; TTA: {tta})")]
     if m.test_acc_no_tta is not None:
         rows.append(("test accuracy without TTA", f"{m.test_acc_no_tta:.2%}"))
