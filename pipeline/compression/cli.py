@@ -1,13 +1,15 @@
 """``rnnc``: compress images to .rnnc files with the trained RNN codec, and back.
 
-    rnnc compress IN.png OUT.rnnc (--iterations K | --bpp B) [--model M] [--tile T]
-    rnnc decompress IN.rnnc OUT.png [--iterations K] [--model M] [--max-pixels N]
+    rnnc compress IN.png OUT.rnnc (--iterations K | --bpp B) [--model M] [--tile T] [--precision P]
+    rnnc decompress IN.rnnc OUT.png [--iterations K] [--model M] [--max-pixels N] [--precision P]
     rnnc info IN.rnnc
     rnnc compare PHOTO --bpp B [--out DIR] [--codecs jpeg,webp,...] [--model M] [--overwrite]
 
 --model is a checkpoint (default data/compressor/model.pt) or an MLflow model URI such as
-models:/rnn-compressor/1. Errors end with one line on stderr and a non-zero exit. Outputs are
-written whole or not at all; an output that is an existing folder, or the input itself, is refused.
+models:/rnn-compressor/1. --precision auto|fp32|bf16 is the network's arithmetic (auto: bf16 where the
+device has it natively, else fp32); files do not depend on it. Errors end with one line on stderr and a
+non-zero exit. Outputs are written whole or not at all; an output that is an existing folder, or the input
+itself, is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError, run_cli
+
+# OpenMP threads that wait at the end of each parallel region sleep instead of spinning (read when torch is
+# first imported, below this line; an OMP_WAIT_POLICY of your own wins). Spinning gains nothing here (each
+# convolution takes milliseconds) and on a busy machine it costs dearly: 2 threads coded kodim01 2x slower
+# in wall time than with this, and burned twice the CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def note(msg: str) -> None:
@@ -83,13 +91,24 @@ def check_output(output: str, input_: str) -> None:
         raise PipelineError(f"{output}: is the input file; give another output name")
 
 
+def _check_precision(precision: str) -> None:
+    """--precision is auto, fp32 or bf16 (one error line otherwise, before any work)."""
+    from pipeline.compression.inference import check_precision
+
+    try:
+        check_precision(precision)
+    except ValueError as err:
+        raise PipelineError(f"--{err}") from None
+
+
 def _compress(args: argparse.Namespace) -> None:
     from pipeline.compression.codec import load_codec
     from pipeline.images import bits_per_pixel
 
     check_output(args.output, args.input)
+    _check_precision(args.precision)
     img = read_image(args.input)
-    codec = load_codec(args.model, device=args.device, tile=args.tile, show_progress=True)
+    codec = load_codec(args.model, device=args.device, tile=args.tile, show_progress=True, precision=args.precision)
     h, w = img.shape[:2]
     t0 = time.perf_counter()
     if args.iterations is not None:
@@ -100,15 +119,17 @@ def _compress(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t0
     write_bytes(args.output, data)
     print(f"{args.output}: {w}x{h}, {k} iteration(s), {len(data)} bytes, "
-          f"{bits_per_pixel(len(data), h, w):.4f} bpp ({seconds:.2f} s)")
+          f"{bits_per_pixel(len(data), h, w):.4f} bpp ({seconds:.2f} s, {codec.precision})")
 
 
 def _decompress(args: argparse.Namespace) -> None:
     from pipeline.compression.codec import load_codec
 
     check_output(args.output, args.input)
+    _check_precision(args.precision)
     data = read_bytes(args.input)
-    codec = load_codec(args.model, device=args.device, show_progress=True, max_pixels=args.max_pixels)
+    codec = load_codec(args.model, device=args.device, show_progress=True, max_pixels=args.max_pixels,
+                       precision=args.precision)
     header, present = codec.read_header(data)
     if present < header.iterations:
         note(f"{args.input}: holds {present} of {header.iterations} iterations (a progressive prefix); "
@@ -118,7 +139,7 @@ def _decompress(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t0
     write_image(args.output, img)
     k = args.iterations or present
-    print(f"{args.output}: {header.width}x{header.height} from {k} iteration(s) ({seconds:.2f} s)")
+    print(f"{args.output}: {header.width}x{header.height} from {k} iteration(s) ({seconds:.2f} s, {codec.precision})")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -201,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
         p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
 
+    def precision(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--precision", default="auto",
+                       help="the network's arithmetic: auto (bf16 where native: CUDA, CPUs with AVX512-BF16 or AMX; "
+                            "else fp32), fp32 or bf16. Files do not depend on it: any precision decodes any file "
+                            "(bit-exactly the encoder's image at the encoder's precision)")
+
     c = sub.add_parser("compress", help="image -> .rnnc")
     c.add_argument("input", help="image file (PNG, JPEG, ...; any size and mode)")
     c.add_argument("output", help=".rnnc file to write")
@@ -213,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"coding tile side in px, a multiple of 16 up to {MAX_TILE}; 0 = whole image (up to "
                         f"{MAX_TILE} px a side) (default {DEFAULT_TILE})")
     common(c)
+    precision(c)
 
     d = sub.add_parser("decompress", help=".rnnc -> image")
     d.add_argument("input", help=".rnnc file (or a prefix of whole iterations)")
@@ -222,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse files of larger images (default: Pillow's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS; "
                         "0: no limit)")
     common(d)
+    precision(d)
 
     i = sub.add_parser("info", help="print a .rnnc file's header")
     i.add_argument("input")
