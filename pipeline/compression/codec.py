@@ -49,7 +49,12 @@ The image is padded to a multiple of 16 (edge replication) and split into ``tile
 network's memory is bounded by the tile (at most 2048 x 2048 px), not the image. The tiling is stored
 in the header, so the decoder repeats it exactly. Besides that, a decode holds the output image
 (3 bytes per pixel, per iteration for :meth:`RNNCodec.decompress_progressive`) and the bits of every
-iteration (K/8 bytes per pixel), both bounded by the pixel limit.
+iteration (K/8 bytes per pixel), both bounded by the pixel limit. (:meth:`RNNCodec.compress_to_bpp` is the
+exception: to stop at the first iteration that no longer fits it codes iteration by iteration and holds
+every tile's recurrent state meanwhile, when that takes at most :data:`EARLY_STOP_BYTES`.)
+
+The network itself runs in :mod:`pipeline.compression.inference` at a precision (fp32 or bf16) that no
+file records: a file decodes at any precision, bit-exactly the encoder's image at the encoder's.
 """
 
 from __future__ import annotations
