@@ -91,6 +91,8 @@ def keep_freed_memory() -> None:
 
 
 def _nnpack_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether NNPACK takes this device and dtype. The call also initializes NNPACK (once per process):
+    without it torch._nnpack_spatial_convolution fails ("NNPACK SpatialConvolution_updateOutput failed")."""
     if device.type != "cpu" or dtype != torch.float32:
         return False
     try:
