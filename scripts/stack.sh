@@ -148,7 +148,7 @@ urls() {
   cat <<EOF
   Airflow  http://127.0.0.1:$AIRFLOW_PORT   user admin, password in
            $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated
-  MLflow   http://127.0.0.1:$MLFLOW_PORT
+  MLflow   http://127.0.0.1:$MLFLOW_PORT/#/experiments?workflowType=machine_learning
   logs     $STATE/{airflow,mlflow}.log      stop: $0 down
 EOF
 }

@@ -244,4 +244,32 @@ def test_trigger_tiny_pipeline_from_the_ui_and_find_it_in_mlflow(stack: Stack, b
     expect(mlflow.get_by_text(parent["run_name"]).first).to_be_visible(timeout=60_000)
     expect(mlflow.get_by_role("cell", name="tiny", exact=True).first).to_be_visible()  # param profile
     shot(mlflow, "07_mlflow_parent_run")
+
+    # 5. MLflow opens the experiment on its runs (model training), not on GenAI traces; each stage run lists
+    # the data it read as dataset inputs, DVC's hash as the digest (issue 22)
+    assert {t["key"]: t["value"] for t in exp.get("tags", [])}.get("mlflow.experimentKind") == \
+        "custom_model_development"
+    # MLflow 3.17's UI picks its view from a global switch (GenAI by default), which a link can set: the links
+    # make run and make up print carry workflowType=machine_learning
+    mlflow.goto(f"{stack.mlflow}/#/experiments/{exp['experiment_id']}?workflowType=machine_learning")
+    expect(mlflow.get_by_role("link", name=parent["run_name"])).to_be_visible(timeout=60_000)
+    shot(mlflow, "08_mlflow_experiment_opens_on_runs")
+    augment = next(r for r in found if r["info"]["run_name"] == "augment")
+    inputs = [d["dataset"] for d in augment.get("inputs", {}).get("dataset_inputs", [])]
+    assert [d["name"] for d in inputs] == ["CIFAR-10"] and len(inputs[0]["digest"]) >= 8, inputs
+    mlflow.goto(f"{stack.mlflow}/#/experiments/{exp['experiment_id']}/runs/{augment['info']['run_id']}")
+    expect(mlflow.get_by_text("CIFAR-10").first).to_be_visible(timeout=60_000)
+    shot(mlflow, "09_mlflow_stage_run_dataset")
+
+    # 6. the report: every section there and drawn (a screenshot of each, to be looked at)
+    report = stack.workspace / "data" / "report" / "report.html"
+    page.goto(report.as_uri())
+    for sid in ("summary", "classifier", "compression", "claims", "provenance"):
+        section = page.locator(f"section#{sid}")
+        expect(section).to_be_visible()
+        section.screenshot(path=str(SCREENSHOTS / f"10_report_{sid}.png"))
+    classifier = page.locator("section#classifier")
+    expect(classifier.get_by_text("recipe")).to_be_visible()
+    expect(classifier.get_by_text("airplane")).to_be_visible()  # per-class accuracy
+    assert page.locator("section#classifier img").count() == 3  # Figures 1.1, 1.2, the confusion matrix
     context.close()

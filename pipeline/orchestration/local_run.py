@@ -242,8 +242,29 @@ def summary(console: Console, ws: Path, log: Path, profile: str, commit: str, se
     venv_bin = Path(sys.executable).parent
     mlflow = venv_bin / "mlflow"
     say(f"  MLflow: {_rel(mlflow, ws) if mlflow.exists() else 'mlflow'} ui --backend-store-uri {tracking_uri()}"
-        "  -> http://127.0.0.1:5000")
+        f"  -> http://127.0.0.1:5000/#/experiments{_experiment_path(ws)}?workflowType=machine_learning")
     say("  Airflow UI: make up  -> http://127.0.0.1:8080 (make down to stop)")
+
+
+def _experiment_path(ws: Path) -> str:
+    """``/<id>`` of the project's MLflow experiment in the local store ('' when unknown). MLflow 3's UI opens
+    on its GenAI view unless the link says ``workflowType=machine_learning``."""
+    import sqlite3
+
+    from pipeline.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return ""
+    try:
+        import yaml
+
+        name = yaml.safe_load((ws / "params.yaml").read_text())["tracking"]["experiment"]
+        with sqlite3.connect(f"file:{uri.removeprefix('sqlite:///')}?mode=ro", uri=True) as db:
+            row = db.execute("select experiment_id from experiments where name = ?", (name,)).fetchone()
+    except Exception:  # noqa: BLE001 - a link without the id still opens MLflow
+        return ""
+    return f"/{row[0]}" if row else ""
 
 
 def main(argv: list[str] | None = None) -> int:
