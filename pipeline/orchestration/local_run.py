@@ -246,6 +246,16 @@ def summary(console: Console, ws: Path, log: Path, profile: str, commit: str, se
     say("  Airflow UI: make up  -> http://127.0.0.1:8080 (make down to stop)")
 
 
+def _die_with_parent() -> None:
+    """In the ``airflow dags test`` child: SIGKILL when local_run dies, as when local_run exec'ed it; a killed
+    orchestrator (kill -9, a closed terminal) takes the run down with it, and the stage guards stop the stages."""
+    import signal
+
+    from pipeline.orchestration.guard import set_parent_death_signal
+
+    set_parent_death_signal(signal.SIGKILL)
+
+
 def _experiment_path(ws: Path) -> str:
     """``/<id>`` of the project's MLflow experiment in the local store ('' when unknown). MLflow 3's UI opens
     on its GenAI view unless the link says ``workflowType=machine_learning``."""
@@ -300,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, events.ENV: str(feed)}
     with open(log, "ab") as out:  # the lock stays held by `airflow dags test` too (a killed local_run)
         proc = subprocess.Popen([airflow, "dags", "test", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, pass_fds=(fd,))
+                                stdin=subprocess.DEVNULL, env=env, pass_fds=(fd,), preexec_fn=_die_with_parent)
     offset = 0
     try:
         while True:
