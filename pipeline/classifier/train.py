@@ -64,7 +64,8 @@ def fingerprint(cfg: TrainClassifierParams, seed: int, data: CifarData, device: 
 
     ``nproc`` is left out: a run may resume with another number of processes (the state is global).
     """
-    return training.params_key(cfg, exclude={"nproc"}, left_out_at_default={"fast.whiten_samples": 5000},
+    return training.params_key(cfg, exclude={"nproc"},  # layout only (same fp32 maths): keys of earlier checkpoints kept
+                               left_out_at_default={"fast.whiten_samples": 5000, "coursework.channels_last": True},
                                seed=seed, data=data.digest, n_train=len(data.x_train), device=device.type)
 
 

@@ -89,8 +89,8 @@ def test_second_run_reports_every_stage_up_to_date(pipeline_seed, tmp_path):
     assert re.search(r"classifier: test accuracy \d+\.\d\d %", run.stdout)
     assert len(lines) <= 40
     log = next((home / "runs").glob("*.log"))
-    assert str(log.relative_to(ws)) in run.stdout and log.stat().st_size > 0  # Airflow's records went here
-    assert not run.stderr.strip() or "local_run:" in run.stderr  # nothing else on stderr
+    assert str(log) in run.stdout and log.stat().st_size > 0  # Airflow's records went here (outside ws: in full)
+    assert not re.search(r"Traceback|Warning", run.stderr), run.stderr[-2000:]  # nothing of Python's on stderr
 
 
 def test_ci_make_run_console():
