@@ -344,6 +344,17 @@ def safe_extract_photos(archive: Path, dest: Path) -> int:
     return len(members)
 
 
+def _publish_photos(archive: Remote | None, folder: Path) -> int:
+    """Unpack a verified photo archive into ``folder`` (atomically), or publish it empty when no set is named:
+    the folder is declared in dvc.yaml for every profile. Returns the number of images."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder) as tmp:
+        if archive:
+            return safe_extract_photos(archive.dest, tmp)
+        tmp.mkdir()
+    return 0
+
+
 def fetch(params: DataParams, mirror: str | None, cifar_dir: Path, kodak_dir: Path,
           photos_dir: Path, test_photos_dir: Path | None = None) -> dict[str, float]:
     """Download (or find in the cache) and verify everything, then publish ``cifar_dir``, ``kodak_dir``,
@@ -378,21 +389,8 @@ def fetch(params: DataParams, mirror: str | None, cifar_dir: Path, kodak_dir: Pa
         tmp.mkdir()
         for remote in remotes[1:]:
             shutil.copyfile(remote.dest, tmp / remote.dest.name)
-    images = 0
-    photos_dir.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(photos_dir) as tmp:  # empty when no photo set is named (declared for every profile)
-        if photos:
-            images = safe_extract_photos(photos.dest, tmp)
-        else:
-            tmp.mkdir()
-    tests = 0
-    if test_photos_dir is not None:
-        test_photos_dir.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(test_photos_dir) as tmp:  # empty when no test set is named (declared for every profile)
-            if test:
-                tests = safe_extract_photos(test.dest, tmp)
-            else:
-                tmp.mkdir()
+    images = _publish_photos(photos, photos_dir)
+    tests = _publish_photos(test, test_photos_dir) if test_photos_dir is not None else 0
     log(f"[download] CIFAR-10 in {cifar_dir}, {len(remotes) - 1} Kodak images in {kodak_dir}"
         + (f", {images} {params.photos} images in {photos_dir}" if photos else "")
         + (f", {tests} {params.test_photos} images in {test_photos_dir}" if test and test_photos_dir else "")

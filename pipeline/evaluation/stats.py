@@ -16,6 +16,7 @@ Conventions (the report states them):
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -168,3 +169,11 @@ def bd_per_image(curves: dict[tuple[str, str], dict[str, np.ndarray]], anchor: s
         out[im] = (bdrate.bd_rate(ca["bpp"], ca[metric], ct["bpp"], ct[metric], method),
                    bdrate.bd_quality(ca["bpp"], ca[metric], ct["bpp"], ct[metric], method))
     return out
+
+
+def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion ``p`` measured on ``n`` trials."""
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return centre - half, centre + half

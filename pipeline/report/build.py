@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation import stats
+from pipeline.evaluation.stats import wilson  # noqa: F401 - also the report's public name
 from pipeline.evaluation.codecs import REGISTRY
 from pipeline.records import (AtRate, AtRateAvg, BDRate, ClassifierMetrics, CurvePoint, EvaluationSummary,
                               Measurement, Pairwise, by_codec, read_table)
@@ -162,14 +163,6 @@ class Claim:
     metric: str  # what we compare
     evidence: str  # our numbers
     verdict: str  # confirmed / refuted / not shown / not checked
-
-
-def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score 95 % interval of a proportion ``p`` measured on ``n`` trials."""
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return centre - half, centre + half
 
 
 def _interval(s: dict[str, Any], digits: int = 4, pct: bool = False) -> str:

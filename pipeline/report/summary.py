@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.evaluation.stats import wilson
 from pipeline.records import BDRate, Pairwise, read_table
 
 #: the codecs the summary compares the RNN with, at ``RATE`` bpp (report's primary convention)
@@ -41,14 +42,6 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score 95 % interval of a proportion ``p`` measured on ``n`` trials."""
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return centre - half, centre + half
 
 
 def classifier_line(ws: Path) -> str:
