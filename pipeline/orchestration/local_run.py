@@ -256,6 +256,18 @@ def _die_with_parent() -> None:
     set_parent_death_signal(signal.SIGKILL)
 
 
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop ``airflow dags test``: SIGTERM, then SIGKILL after ``grace_s`` (or at a second Ctrl-C). Airflow
+    finishes its SIGTERM handling slowly and may start the next task meanwhile; the stage guards stop a
+    running stage when Airflow is gone."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        proc.kill()
+        proc.wait()
+
+
 def _experiment_path(ws: Path) -> str:
     """``/<id>`` of the project's MLflow experiment in the local store ('' when unknown). MLflow 3's UI opens
     on its GenAI view unless the link says ``workflowType=machine_learning``."""
@@ -324,11 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         console.line("interrupted: stopping the run (Ctrl-C again to force)")
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except KeyboardInterrupt:
-            proc.kill()
+        _stop(proc)
         console.line(f"  full log: {_rel(log, ws)}")
         return 130
     rc = proc.returncode
