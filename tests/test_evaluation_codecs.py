@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.evaluation import codecs as C
+from pipeline.evaluation import specs as S
 from pipeline.evaluation.metrics import psnr
 
 
@@ -359,6 +360,7 @@ def test_jpegxl_round_trip_when_installed():
 
 def test_registry_names_match():
     assert set(C.REGISTRY) == {"jpeg", "jpeg2000", "webp", "avif", "jpegxl", "rnn"}
+    assert list(C.REGISTRY) == list(S.SPECS)  # every spec implemented, in the params' order
     for name, cls in C.REGISTRY.items():
         assert cls.name == name and cls.setting and cls.label and cls.color
     assert len({cls.color for cls in C.REGISTRY.values()}) == len(C.REGISTRY)  # curves told apart
@@ -374,8 +376,9 @@ def test_params_schema_follows_the_registry():
     for cls in C.REGISTRY.values():
         want = None if cls.default_sweep is None else list(cls.default_sweep)
         assert getattr(p, cls.sweep_key()) == want
-        for knob, (_, field) in cls.knobs.items():
-            assert getattr(p, f"{cls.name}_{knob}") == field.default
+        assert cls.spec is S.SPECS[cls.name] and cls.sweep_key() == f"{cls.name}_{cls.setting}"
+        for arg, knob in cls.knobs.items():
+            assert knob.key == f"{cls.name}_{arg}" and getattr(p, knob.key) == knob.default
     assert p.webp_method == 4 and p.jpegxl_effort == 7 and p.rnn_model == "data/compressor/model.pt"
     for key, bad in (("jpeg_quality", [0]), ("webp_quality", [101]), ("jpeg2000_ratio", [1.0]),
                      ("jpegxl_distance", [0.0]), ("rnn_iterations", [0])):
@@ -384,23 +387,25 @@ def test_params_schema_follows_the_registry():
 
 
 def test_a_new_codec_is_one_class():
-    """A codec registered with its sweep and a knob: params know its keys, build makes it from them."""
-    from pydantic import Field
-
+    """A codec specified with its sweep and a knob: params know its keys, build makes it from them."""
     try:
-        _raw_codec_round_trip(Field)
+        _raw_codec_round_trip()
     finally:
         C.REGISTRY.pop("raw", None)
+        S.SPECS.pop("raw", None)
     with pytest.raises(ValueError):
         C.register(C.JPEG)  # a name registered twice
+    with pytest.raises(ValueError, match="sweep key"):
+        S.CodecSpec("raw", "Raw", "level", "raw_levels", "black", (1,), bool, "", "")
 
 
-def _raw_codec_round_trip(Field):
+def _raw_codec_round_trip():
+    S.add(S.CodecSpec("raw", "Raw", "level", "raw_level", "black", (1, 2), lambda v: v > 0, "levels are > 0", "",
+                      knobs=(S.Knob("raw_gain", int, 3, "", ge=1),)))
+
     @C.register
     class Raw(C.Codec):
-        name, label, setting, color = "raw", "Raw", "level", "black"
-        default_sweep, valid = (1, 2), (lambda v: v > 0, "levels are > 0")
-        knobs = {"gain": (int, Field(3, ge=1))}
+        spec = S.SPECS["raw"]
 
         def __init__(self, settings, gain):
             super().__init__(settings)
