@@ -40,7 +40,7 @@ def _log_model(args: argparse.Namespace) -> None:
     """Log a model.pt of either stage, checked by its own loader (weights only), in a run of its own."""
     import torch
 
-    from pipeline import tracking
+    from pipeline import tracking_models
     from pipeline.config import PARAMS_FILE, load_params
     from pipeline.errors import PipelineError
 
@@ -62,7 +62,7 @@ def _log_model(args: argparse.Namespace) -> None:
 
         kind = "rnn-compressor"
         model_from_checkpoint(blob, str(path))
-    run_id = tracking.log_model_file(path, kind, experiment, args.register)
+    run_id = tracking_models.log_model_file(path, kind, experiment, args.register)
     print(f"{args.model}: logged as a {kind} checkpoint in run {run_id}"
           + (f", registered as {args.register}" if args.register else ""))
 
