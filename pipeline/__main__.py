@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import run_cli
-from pipeline.stage import STAGES, StagePaths, is_function_stage, option
+from pipeline.stage import STAGES, StagePaths, option
 from pipeline.schema import PROFILES
 
 
@@ -126,9 +126,6 @@ def run_stage(name: str, module, paths: StagePaths) -> None:
         from pipeline.cleanup import clean_stage
 
         clean_stage(name)  # temporaries a killed run of this stage left
-    if not is_function_stage(module):  # not yet migrated: loads params and opens its MLflow run itself
-        module.main()
-        return
     from pipeline import tracking
     from pipeline.config import load_params
 
