@@ -17,7 +17,8 @@ from pipeline.compression.params import TrainCompressorParams
 from pipeline.errors import PipelineError
 
 TINY = dict(encoder_widths=(8, 16, 16, 16), decoder_widths=(16, 16, 16, 16), iterations=2, epochs=3,
-            patches_per_epoch=16, batch_size=8, val_patches=8, val_iterations=(1, 2), eval_batch_size=8)
+            patches_per_epoch=16, batch_size=8, val_patches=8, val_iterations=(1, 2), eval_batch_size=8,
+            lr=0.002, lr_warmup=0.02, binarizer="stochastic", init=None)  # from scratch, as these tests were written
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -31,12 +32,13 @@ def synthetic_patches(n: int, seed: int = 0) -> np.ndarray:
 
 
 def test_lr_schedule_warms_up_then_decays():
-    p = TrainCompressorParams(**TINY, lr_schedule="cosine", lr_warmup=0.1)
+    p = TrainCompressorParams(**{**TINY, "lr_schedule": "cosine", "lr_warmup": 0.1})
     f = tc.lr_factor(p, 100)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(99) < 0.05
     assert all(f(i) >= f(i + 1) for i in range(10, 99))
-    m = tc.lr_factor(TrainCompressorParams(**TINY, lr_schedule="multistep", lr_warmup=0, lr_gamma=0.5), 100)
+    p = TrainCompressorParams(**{**TINY, "lr_schedule": "multistep", "lr_warmup": 0, "lr_gamma": 0.5})
+    m = tc.lr_factor(p, 100)
     assert (m(49), m(50), m(75)) == (1.0, 0.5, 0.25)
 
 
