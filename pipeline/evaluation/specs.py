@@ -76,7 +76,8 @@ add(CodecSpec("avif", "AVIF", "quality", "avif_quality", "tab:purple", (0, 10, 2
               knobs=(Knob("avif_speed", int, 6, "libavif encoder speed: 0 slow/best .. 10 fast", 0, 10),)))
 add(CodecSpec("jpegxl", "JPEG XL", "distance", "jpegxl_distance", "tab:brown", (25, 15, 10, 6, 3, 2, 1),
               lambda d: d > 0, "distances are > 0", "butteraugli distance (lower: better)", float,
-              knobs=(Knob("jpegxl_effort", int, 7, "libjxl effort: 1 fast .. 9 slow/best (7: libjxl's default)", 1, 9),)))
+              knobs=(Knob("jpegxl_effort", int, 7, "libjxl effort: 1 fast .. 9 slow/best (7: libjxl's default)",
+                          1, 9),)))
 add(CodecSpec("rnn", "RNN (ours)", "iterations", "rnn_iterations", "tab:red", None,
               lambda k: k >= 1, "counts are >= 1", "iteration counts; None: 1..max_iterations (one encode, truncated)",
               knobs=(Knob("rnn_model", str, "data/compressor/model.pt",
