@@ -46,7 +46,7 @@ from pipeline.errors import PipelineError  # noqa: E402
 
 BASE = {"batch_size": 32, "amp": True, "binarizer": "deterministic", "ema_decay": None, "lr": 0.001,
         "lr_schedule": "constant", "lr_warmup": 0.01, "loss": "l1", "iterations": 8, "val_patches": 1,
-        "context_patches": 0, "device": "cpu"}
+        "context_patches": 0, "device": "cpu", "init": None}  # from scratch
 STEPS_PER_CHECK = 10  # the wall clock is checked every this many steps (one "epoch" of the task)
 SCHEDULE_RES = 100_000  # the time-based schedule's resolution (lr_factor's step count)
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import run_cli
-from pipeline.stage import STAGES, StagePaths, is_function_stage, option
+from pipeline.stage import STAGES, StagePaths, option
 from pipeline.schema import PROFILES
 
 
@@ -40,7 +40,7 @@ def _log_model(args: argparse.Namespace) -> None:
     """Log a model.pt of either stage, checked by its own loader (weights only), in a run of its own."""
     import torch
 
-    from pipeline import tracking
+    from pipeline import tracking_models
     from pipeline.config import PARAMS_FILE, load_params
     from pipeline.errors import PipelineError
 
@@ -62,7 +62,7 @@ def _log_model(args: argparse.Namespace) -> None:
 
         kind = "rnn-compressor"
         model_from_checkpoint(blob, str(path))
-    run_id = tracking.log_model_file(path, kind, experiment, args.register)
+    run_id = tracking_models.log_model_file(path, kind, experiment, args.register)
     print(f"{args.model}: logged as a {kind} checkpoint in run {run_id}"
           + (f", registered as {args.register}" if args.register else ""))
 
@@ -126,9 +126,6 @@ def run_stage(name: str, module, paths: StagePaths) -> None:
         from pipeline.cleanup import clean_stage
 
         clean_stage(name)  # temporaries a killed run of this stage left
-    if not is_function_stage(module):  # not yet migrated: loads params and opens its MLflow run itself
-        module.main()
-        return
     from pipeline import tracking
     from pipeline.config import load_params
 

@@ -3,6 +3,10 @@
 Each stage has one section. A section may carry ``profiles: {name: {key: value}}`` overrides; the
 top-level ``profile`` switch picks which ones apply, so every value a run uses is written in
 params.yaml itself. ``load_params()`` returns the resolved, validated, frozen parameters.
+
+Defaults: each section class keeps field defaults (so it can be built without params.yaml, in tests and
+scripts), but they are params.yaml's base values, the ones that run: tests/test_config_defaults.py fails
+on any difference, and nothing else (a model's constructor, a codec class) repeats them.
 """
 
 from __future__ import annotations

@@ -35,9 +35,6 @@ hands the run to the ranks in the environment (``MLFLOW_RUN_ID``, ``MLFLOW_TRACK
 step 3 changes: no cleanup; rank 0 joins the launcher's run (``tracking.joined_run``: active, left
 RUNNING on exit for the launcher to close); the other ranks drop ``MLFLOW_RUN_ID`` and have no
 active run (they must not log). So one stage run is one MLflow run, whatever ``nproc``.
-
-Migration: a module without ``run``/``PATHS`` but with ``main()`` is called as before (it loads params
-and opens its MLflow run itself).
 """
 
 from __future__ import annotations
@@ -94,8 +91,3 @@ def option(name: str) -> str:
 def defaults(module) -> StagePaths:
     """A stage module's default paths (its ``PATHS``), e.g. for calling ``run`` from a test."""
     return StagePaths(getattr(module, "PATHS", {}))
-
-
-def is_function_stage(module) -> bool:
-    """Whether a module follows the contract (``PATHS`` and ``run``) rather than the old ``main()``."""
-    return hasattr(module, "PATHS") and callable(getattr(module, "run", None))

@@ -229,9 +229,9 @@ def outputs_kept_if_tracking_fails(stage: str, out_dir: Path) -> Iterator[None]:
 def log_model(stage: str, checkpoint: Path, kind: str, out_dir: Path, registered_name: str | None,
               signature: Any = None) -> None:
     """Log the stage's checkpoint file (``kind``: its format) to the active MLflow run as its model, as
-    weights, never a pickle (``pipeline.tracking.log_model_checkpoint``), registered when named (tracking
+    weights, never a pickle (``pipeline.tracking_models.log_model_checkpoint``), registered when named (tracking
     failures as in ``outputs_kept_if_tracking_fails``)."""
-    from pipeline import tracking
+    from pipeline import tracking_models
 
     with outputs_kept_if_tracking_fails(stage, out_dir):
-        tracking.log_model_checkpoint(checkpoint, kind, registered_name, signature)
+        tracking_models.log_model_checkpoint(checkpoint, kind, registered_name, signature)

@@ -28,7 +28,8 @@ from pipeline.compression.params import TrainCompressorParams
 # 15 patches in global batches of 7: 7, 7, 1 -> shards 4+3, 4+3 and 1+0 (the empty-shard path)
 CFG = dict(encoder_widths=(8, 16, 16, 16), decoder_widths=(16, 16, 16, 16), iterations=2, epochs=3,
            patches_per_epoch=15, batch_size=7, lr=0.005, lr_warmup=0.0, val_patches=8, val_iterations=(1, 2),
-           eval_batch_size=8, nproc=1, amp=False)  # float32: bf16 sums differ between 1 and 2 ranks
+           eval_batch_size=8, nproc=1, amp=False,  # float32: bf16 sums differ between 1 and 2 ranks
+           binarizer="stochastic", init=None)  # from scratch, with the stochastic binarizer ("stoch")
 SEED = 5
 
 

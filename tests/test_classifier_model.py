@@ -10,20 +10,31 @@ from pipeline.classifier.model import (CourseworkCNN, FastNet, build_classifier,
 from pipeline.errors import PipelineError
 
 
-@pytest.mark.parametrize("net", [CourseworkCNN(widths=(8, 16, 32), dense=32), CourseworkCNN(),
-                                 FastNet(widths=(8, 16, 16)), FastNet()])
+def _default_net(recipe: str):
+    """The net of params' default architecture for ``recipe`` (what the params classes give)."""
+    from pipeline.classifier.model import build_net
+    from pipeline.classifier.params import TrainClassifierParams
+    from pipeline.classifier.recipes import make_recipe
+
+    return build_net(make_recipe(TrainClassifierParams(recipe=recipe)).model_config())
+
+
+@pytest.mark.parametrize("net", [CourseworkCNN(widths=(8, 16, 32), dense=32, dropout=0.3, batchnorm=True),
+                                 _default_net("coursework"),
+                                 FastNet(widths=(8, 16, 16), bn_momentum=0.6, scale=1 / 9),
+                                 _default_net("fast")])
 def test_logit_shapes(net):
     for n in (1, 5):
         assert net(torch.rand(n, 3, 32, 32)).shape == (n, 10)
 
 
 def test_fastnet_takes_other_resolutions():  # global pooling: TTA shifts/any crop size work
-    assert FastNet(widths=(8, 16, 16))(torch.rand(2, 3, 40, 40)).shape == (2, 10)
+    assert FastNet(widths=(8, 16, 16), bn_momentum=0.6, scale=1 / 9)(torch.rand(2, 3, 40, 40)).shape == (2, 10)
 
 
 def test_whitening_init_decorrelates_patches():
     torch.manual_seed(0)
-    net = FastNet(widths=(8, 16, 16))
+    net = FastNet(widths=(8, 16, 16), bn_momentum=0.6, scale=1 / 9)
     base = torch.rand(64, 1, 32, 32)
     images = torch.cat([base, 0.8 * base + 0.2 * torch.rand(64, 1, 32, 32), torch.rand(64, 1, 32, 32)], 1)
     net.init_whitening(images)
@@ -39,7 +50,7 @@ def test_whitening_init_decorrelates_patches():
 
 
 def test_frozen_scale_batchnorm_and_dirac_init():
-    net = FastNet(widths=(8, 16, 16))
+    net = FastNet(widths=(8, 16, 16), bn_momentum=0.6, scale=1 / 9)
     g = net.groups[1]
     assert not g.norm1.weight.requires_grad and g.norm1.bias.requires_grad
     w = g.conv2.weight  # 16 -> 16: identity on every channel

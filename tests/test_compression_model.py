@@ -86,16 +86,19 @@ def test_training_mode_is_stochastic_and_eval_is_deterministic():
 
 def test_full_size_matches_the_paper():
     """E 64-256-512-512, D 512-512-256-128 with these kernels: about 35.5 M parameters (STACK.md)."""
-    n = count_parameters(RNNCompressor(ModelConfig()))
+    full = ModelConfig(encoder_widths=(64, 256, 512, 512), decoder_widths=(512, 512, 256, 128), bits=32, iterations=16)
+    n = count_parameters(RNNCompressor(full))
     assert 35.0e6 < n < 36.0e6
 
 
 def test_config_round_trip_and_validation():
     assert ModelConfig.from_dict(CFG.to_dict()) == CFG
     with pytest.raises(ValueError):
-        ModelConfig(decoder_widths=(10, 16, 16, 16))
+        ModelConfig(encoder_widths=(8, 16, 16, 16), decoder_widths=(10, 16, 16, 16), bits=32, iterations=3)
     with pytest.raises(ValueError):
         ModelConfig.from_dict({**CFG.to_dict(), "extra": 1})
+    with pytest.raises(ValueError, match="missing keys \\['iterations'\\]"):  # no silent default architecture
+        ModelConfig.from_dict({k: v for k, v in CFG.to_dict().items() if k != "iterations"})
 
 
 def test_gru_cell_trains_and_differs_from_lstm():

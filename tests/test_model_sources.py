@@ -56,7 +56,7 @@ def store(tmp_path_factory):
     import mlflow
     import mlflow.pytorch
 
-    from pipeline import tracking
+    from pipeline import tracking, tracking_models
     from pipeline.classifier.model import build_classifier, save_classifier
     from pipeline.compression.codec import save_model
 
@@ -76,10 +76,10 @@ def store(tmp_path_factory):
         ns.disguised = root / "disguised.pt"  # this project's file name and flavour, a payload inside
         torch.save(Payload(ns.sentinel), ns.disguised)
         with mlflow.start_run(experiment_id=exp) as run:
-            tracking.log_model_checkpoint(ns.codec_file, "rnn-compressor", "good-codec")
+            tracking_models.log_model_checkpoint(ns.codec_file, "rnn-compressor", "good-codec")
             ns.codec_run = run.info.run_id
         with mlflow.start_run(experiment_id=exp) as run:
-            tracking.log_model_checkpoint(ns.classifier_file, "cifar10-classifier", "good-classifier")
+            tracking_models.log_model_checkpoint(ns.classifier_file, "cifar10-classifier", "good-classifier")
             ns.classifier_run = run.info.run_id
         with mlflow.start_run(experiment_id=exp) as run:  # what earlier versions logged: a pickled module
             mlflow.pytorch.log_model(EvilModule(ns.sentinel), name="model", serialization_format="pickle",
@@ -87,7 +87,7 @@ def store(tmp_path_factory):
             ns.evil_run = run.info.run_id
         for kind in ("rnn-compressor", "cifar10-classifier"):
             with mlflow.start_run(experiment_id=exp):
-                tracking.log_model_checkpoint(ns.disguised, kind, f"disguised-{kind}")
+                tracking_models.log_model_checkpoint(ns.disguised, kind, f"disguised-{kind}")
         assert not ns.sentinel.exists()
         ns.evil = ["models:/evil/1", f"runs:/{ns.evil_run}/model"]
         yield ns
@@ -170,7 +170,7 @@ def test_rnnc_with_a_pickled_model_exits_with_one_line(store, tmp_path):
 def test_logged_weights_round_trip_through_models_and_runs_uris(store, tmp_path, png, capsys):
     import mlflow
 
-    from pipeline import tracking
+    from pipeline import tracking_models
     from pipeline.classifier.predict import load_model as load_classifier_uri
     from pipeline.compression.cli import main as rnnc
     from pipeline.compression.codec import load_model, model_fingerprint
@@ -188,17 +188,18 @@ def test_logged_weights_round_trip_through_models_and_runs_uris(store, tmp_path,
     # the registry says what each version is; the run and its logged model too
     client = mlflow.MlflowClient()
     version = client.get_model_version("good-codec", "1")
-    assert version.tags[tracking.MODEL_FORMAT_TAG] == tracking.CHECKPOINT_FORMAT
+    assert version.tags[tracking_models.MODEL_FORMAT_TAG] == tracking_models.CHECKPOINT_FORMAT
     assert version.tags["pipeline.model_kind"] == "rnn-compressor" and version.run_id == store.codec_run
-    assert client.get_run(store.codec_run).data.tags[tracking.MODEL_FORMAT_TAG] == tracking.CHECKPOINT_FORMAT
+    run_tags = client.get_run(store.codec_run).data.tags
+    assert run_tags[tracking_models.MODEL_FORMAT_TAG] == tracking_models.CHECKPOINT_FORMAT
     # a model of the other kind, or a file that is not the one logged, is refused in one line
     capsys.readouterr()
     assert rnnc(["compress", str(png), str(tmp_path / "y.rnnc"), "--iterations", "1",
                  "--model", "models:/good-classifier/1"]) != 0
     one_error_line(capsys, "is a 'cifar10-classifier' model, not an RNN codec")
-    stored = next((store.root / "artifacts").rglob(tracking.CHECKPOINT_FILE))
+    stored = next((store.root / "artifacts").rglob(tracking_models.CHECKPOINT_FILE))
     mlmodel = yaml.safe_load((stored.parent / "MLmodel").read_text())
-    assert mlmodel["flavors"][tracking.CHECKPOINT_FLAVOR]["sha256"] == tracking._sha256(stored)
+    assert mlmodel["flavors"][tracking_models.CHECKPOINT_FLAVOR]["sha256"] == tracking_models._sha256(stored)
 
 
 def test_log_model_command_relogs_a_model_file_as_weights(store, tmp_path, monkeypatch, capsys):

@@ -136,20 +136,8 @@ def test_handoff_env_names_the_active_run(fake, tmp_path):
     assert env == {"MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
 
 
-def test_legacy_main_still_runs(monkeypatch, tmp_path):
-    from pipeline.__main__ import main
-
-    called = []
-    module = types.ModuleType("tests._fake_legacy")
-    module.main = lambda: called.append(True)
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(contract.STAGES, "legacy_stage", module.__name__)
-    monkeypatch.chdir(tmp_path)
-    assert main(["legacy_stage"]) == 0 and called == [True]
-
-
 def test_every_stage_declares_paths_matching_its_dvc_cmd():
-    """Each migrated stage's dvc.yaml cmd gives every declared path, at its default (a bare call = DVC's)."""
+    """Each stage's dvc.yaml cmd gives every declared path, at its default (a bare call = DVC's)."""
     import importlib
     import shlex
 
@@ -159,8 +147,7 @@ def test_every_stage_declares_paths_matching_its_dvc_cmd():
     assert set(stages) == set(contract.STAGES)
     for name, module_name in contract.STAGES.items():
         module = importlib.import_module(module_name)
-        if not contract.is_function_stage(module):
-            continue
+        assert isinstance(module.PATHS, dict) and callable(module.run), name  # the contract: PATHS and run
         argv = shlex.split(stages[name]["cmd"])
         assert argv[:4] == ["python", "-m", "pipeline", name], name
         given = dict(zip(argv[4::2], argv[5::2]))

@@ -31,8 +31,8 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 class CourseworkCNN(nn.Module):
     """Blocks of [conv3x3-(BN)-ReLU] x2 then 2x2 max pool, then dense-ReLU-dropout-dense."""
 
-    def __init__(self, widths=(32, 64, 128), dense: int = 256, dropout: float = 0.3,
-                 batchnorm: bool = True, num_classes: int = 10):
+    def __init__(self, widths, dense: int, dropout: float, batchnorm: bool, num_classes: int = 10):
+        """The architecture's values come from train_classifier.coursework (params.yaml) or a model file."""
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
@@ -91,8 +91,8 @@ class ConvGroup(nn.Module):
 
 
 class FastNet(nn.Module):
-    def __init__(self, widths=(64, 256, 256), bn_momentum: float = 0.6, scale: float = 1 / 9,
-                 whiten_kernel: int = 2, num_classes: int = 10):
+    def __init__(self, widths, bn_momentum: float, scale: float, whiten_kernel: int = 2, num_classes: int = 10):
+        """The architecture's values come from train_classifier.fast (params.yaml) or a model file."""
         super().__init__()
         whiten_width = 2 * 3 * whiten_kernel**2
         self.whiten = nn.Conv2d(3, whiten_width, whiten_kernel, padding=0, bias=True)

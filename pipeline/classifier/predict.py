@@ -36,12 +36,12 @@ def load_image(path: str | os.PathLike, size: int = 32) -> np.ndarray:
 
 def load_model(spec: str):
     """A model.pt path, or an MLflow model URI (needs the tracking server/DB it lives in): the checkpoint
-    logged there (``pipeline.tracking.logged_checkpoint``), read as weights, never unpickled."""
-    from pipeline import tracking
+    logged there (``pipeline.tracking_models.logged_checkpoint``), read as weights, never unpickled."""
+    from pipeline import tracking_models
     from pipeline.classifier.model import load_classifier
 
-    if tracking.is_model_uri(spec):
-        with tracking.logged_checkpoint(spec, "cifar10-classifier", "a CIFAR-10 classifier") as path:
+    if tracking_models.is_model_uri(spec):
+        with tracking_models.logged_checkpoint(spec, "cifar10-classifier", "a CIFAR-10 classifier") as path:
             return load_classifier(path, source=f"model {spec}")
     return load_classifier(spec)
 

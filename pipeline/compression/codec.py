@@ -441,9 +441,9 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> RNNCompress
 
 def load_model(source: str | os.PathLike | None = None) -> RNNCompressor:
     """A checkpoint path (default data/compressor/model.pt) or an MLflow model URI (``models:/…``,
-    ``runs:/…``: the checkpoint logged there, ``pipeline.tracking.logged_checkpoint``) -> model on CPU.
+    ``runs:/…``: the checkpoint logged there, ``pipeline.tracking_models.logged_checkpoint``) -> model on CPU.
     Either way the file is read with ``torch.load(weights_only=True)`` and its fingerprint checked."""
-    from pipeline.tracking import is_model_uri, logged_checkpoint
+    from pipeline.tracking_models import is_model_uri, logged_checkpoint
 
     source = str(source if source is not None else DEFAULT_MODEL)
     if is_model_uri(source):

@@ -39,10 +39,11 @@ State = tuple[torch.Tensor, torch.Tensor] | None
 
 @dataclass(frozen=True)
 class ModelConfig:
-    encoder_widths: tuple[int, ...] = (64, 256, 512, 512)  # strided conv, then ConvLSTM 1..3
-    decoder_widths: tuple[int, ...] = (512, 512, 256, 128)  # ConvLSTM 1..4 (each then depth-to-space)
-    bits: int = 32  # code channels per 16x16 block per iteration
-    iterations: int = 16  # iterations trained: the most a file may hold
+    # the architecture: no defaults here (params.yaml's train_compressor, or the model file, gives them)
+    encoder_widths: tuple[int, ...]  # strided conv, then ConvLSTM 1..3
+    decoder_widths: tuple[int, ...]  # ConvLSTM 1..4 (each then depth-to-space)
+    bits: int  # code channels per 16x16 block per iteration
+    iterations: int  # iterations trained: the most a file may hold
     encoder_hidden_kernel: int = 1  # hidden-to-hidden kernel of the encoder's ConvLSTMs
     decoder_hidden_kernels: tuple[int, ...] = (1, 1, 3, 3)  # the decoder's, per layer
     cell: str = "lstm"  # recurrent cell of E and D: lstm | gru
@@ -76,6 +77,9 @@ class ModelConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"ModelConfig: unknown keys {sorted(unknown)}")
+        missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING} - set(d)
+        if missing:
+            raise ValueError(f"ModelConfig: missing keys {sorted(missing)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @classmethod
@@ -246,7 +250,8 @@ class RNNCompressor(nn.Module):
 
 CELLS = {"lstm": ConvLSTMCell, "gru": ConvGRUCell}
 RECONSTRUCTIONS = ("additive", "one-shot")
-_VARIANT_DEFAULTS = {"cell": "lstm", "reconstruction": "additive", "priming": 0}
+_VARIANT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                     if f.name in ("cell", "reconstruction", "priming")}
 
 
 def count_parameters(model: nn.Module) -> int:

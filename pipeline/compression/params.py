@@ -21,12 +21,12 @@ class TrainCompressorParams(Section):
     reconstruction: Literal["additive", "one-shot"] = "additive"  # x̂_t = D_t(b_t) + x̂_{t-1}, or = D_t(b_t)
     priming: int = Field(0, ge=0, le=MAX_PRIMING)  # extra E and D steps at the first iteration (Johnston et al. 2018)
     # --- optimisation ---
-    epochs: int = Field(8, ge=1)  # passes (of patches_per_epoch patches each)
+    epochs: int = Field(2, ge=1)  # passes (of patches_per_epoch patches each)
     patches_per_epoch: int | None = Field(1024, ge=1)  # training patches drawn per epoch; null: all of them
     batch_size: int = Field(8, ge=1)  # patches per step
-    lr: float = Field(0.002, gt=0)  # Adam learning rate (peak)
+    lr: float = Field(0.0002, gt=0)  # Adam learning rate (peak)
     lr_schedule: Literal["constant", "cosine", "multistep"] = "cosine"  # per-step schedule over the whole run
-    lr_warmup: float = Field(0.02, ge=0, lt=1)  # fraction of all steps with linear warm-up
+    lr_warmup: float = Field(0.1, ge=0, lt=1)  # fraction of all steps with linear warm-up
     lr_milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: fractions of the run where lr *= lr_gamma
     lr_gamma: float = Field(0.5, gt=0, le=1)  # multistep: decay factor
     lr_floor: float = Field(0.02, ge=0, le=1)  # cosine: lr multiplier at the end of the decay
@@ -35,9 +35,10 @@ class TrainCompressorParams(Section):
     loss: Literal["l1", "l2", "l1_ssim", "l1_msssim"] = "l1"  # |r|, r^2, or l1 mixed with 1 - SSIM / MS-SSIM, per iteration
     ssim_weight: float = Field(0.84, ge=0, le=1)  # l1_ssim: w (1 - SSIM) + (1 - w) |r| (w = 0.84: Zhao et al. 2017)
     iteration_weights: tuple[float, ...] | None = None  # loss weight of each iteration (null: all equal)
-    binarizer: Literal["stochastic", "deterministic"] = "stochastic"  # training binarizer (inference: sign)
+    binarizer: Literal["stochastic", "deterministic"] = "deterministic"  # training binarizer (inference: sign)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the weights, validated and published; null: off
-    init: Source | None = None  # warm start: weights of a model file (same architecture); null: random init
+    # warm start: weights of a model file (same architecture); null: random init
+    init: Source | None = "models/rnnc-cpu.pt"
     snapshot_every: int = Field(0, ge=0)  # keep the published weights every N epochs (0: never), for curves
     # entropy model (.rnnc v3): training patches whose codes fit the learned context model after training
     context_patches: int = Field(1000, ge=0)  # 0: none fitted (files are v2); not part of the training run's key

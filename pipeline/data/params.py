@@ -73,10 +73,10 @@ class AugmentParams(Section):
     test_limit: int | None = Field(None, ge=10)  # keep the first N test images (None: all 10000)
     patches: int = Field(20000, ge=1)  # compressor training patches (crops of CIFAR-10 train)
     val_patches: int = Field(1000, ge=1)  # held-out patches, cut from CIFAR-10 test images
-    patch_size: int = Field(32, ge=16, le=256, multiple_of=16)  # side in pixels (the codec works in 16-px blocks)
+    patch_size: int = Field(64, ge=16, le=256, multiple_of=16)  # side in pixels (the codec works in 16-px blocks)
     patch_pad: int = Field(4, ge=0)  # reflect padding before the random crop (translation, px)
     patch_flip: bool = True  # random horizontal flips of patches
-    patch_scale: int = Field(1, ge=1, le=8)  # bicubic upsampling of the source images before cropping
+    patch_scale: int = Field(2, ge=1, le=8)  # bicubic upsampling of the source images before cropping
     patch_source: Source = "cifar10"  # cifar10, or a folder of your own photos (random crops; never Kodak)
     patch_min_std: float = Field(0.0, ge=0, le=128)  # photos: re-draw crops whose pixel std is below this
     preview_grid: int = Field(8, ge=1, le=32)  # preview PNG shows grid x grid samples

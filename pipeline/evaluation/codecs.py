@@ -5,11 +5,11 @@
 largest iteration count, the lower counts by truncating its progressive file). ``config()`` lists the
 fixed encoder settings, which the report prints: a baseline is only as good as its settings.
 
-This module is the codec registry: each class also declares what the rest of the pipeline needs to
-know about it, and everything iterates ``REGISTRY`` instead of naming codecs: the params schema
-(``evaluate.<name>_<setting>`` with ``default_sweep``, ``evaluate.<name>_<knob>`` for each of
-``knobs``), ``build`` (``from_params``), the figures (``color``) and the dvc.yaml plots (a test
-checks one ``curves/<name>.csv`` per codec). Adding a codec is one class here (decorated with
+This module is the codec registry: each class names its specification (``pipeline.evaluation.specs``:
+name, params keys and defaults, validity, label, colour), which the params schema and the report read
+without importing this module, and everything iterates ``REGISTRY`` instead of naming codecs: ``build``
+(``from_params``), the figures (``color``) and the dvc.yaml plots (a test checks one
+``curves/<name>.csv`` per codec). Adding a codec is its spec, one class here (decorated with
 ``@register``) and its entry in params.yaml.
 """
 
@@ -24,11 +24,9 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from PIL import Image, features
-from pydantic import Field
-
 from pipeline.errors import PipelineError
 from pipeline.images import bits_per_pixel as bpp  # noqa: F401 - the one bpp formula, under its old name here
-from pipeline.schema import Source
+from pipeline.evaluation.specs import SPECS, CodecSpec, Knob
 
 
 @dataclass
@@ -43,21 +41,28 @@ class Coded:
 
 
 class Codec(ABC):
+    #: what the configuration knows of it (set in the class body); name, label, setting, color, setting_type,
+    #: default_sweep and sweep_doc are copied from it as class attributes
+    spec: CodecSpec | None = None
     name: str = ""  # short id used in files, metric names and params keys
     label: str = ""  # display name
-    setting: str = ""  # what the sweep varies; params key ``evaluate.<name>_<setting>``
+    setting: str = ""  # what the sweep varies; params key ``spec.sweep_key``
     color: str = ""  # matplotlib colour of its curves
     setting_type: type = int  # int or float: the type of one setting in params.yaml
-    #: the sweep when params.yaml does not give one (None: the codec picks it, see ``from_params``)
-    default_sweep: tuple[float, ...] | None = ()
-    #: (is one setting valid, what is valid): checked on every value of the sweep when params load
-    valid: tuple[Callable[[float], bool], str] = (lambda v: True, "")
-    sweep_doc: str = ""  # what one setting means (the params field's description)
-    #: fixed encoder settings: knob -> (type, pydantic Field); params key ``evaluate.<name>_<knob>``,
-    #: passed to the constructor as the keyword ``knob``
-    knobs: dict[str, tuple[type, Any]] = {}
+    default_sweep: tuple[float, ...] | None = ()  # the sweep when params.yaml does not give one
+    sweep_doc: str = ""
+    #: fixed encoder settings: constructor keyword -> Knob (params key ``knob.key``)
+    knobs: dict[str, Knob] = {}
     #: True when encode_s/decode_s are one per image, shared by all its settings (the RNN's one encode)
     shared_timing: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if spec is not None:
+            for attr in ("name", "label", "setting", "color", "setting_type", "default_sweep", "sweep_doc"):
+                setattr(cls, attr, getattr(spec, attr))
+            cls.knobs = {spec.arg(k): k for k in spec.knobs}
 
     def __init__(self, settings: Sequence[Any]):
         self.settings = list(settings)
@@ -65,12 +70,12 @@ class Codec(ABC):
     @classmethod
     def sweep_key(cls) -> str:
         """The params key of the sweep, e.g. ``jpeg_quality``."""
-        return f"{cls.name}_{cls.setting}"
+        return cls.spec.sweep_key
 
     @classmethod
     def from_params(cls, params, device: str = "cpu", rnn_loader=None) -> "Codec":
         """The codec as ``params`` (an EvaluateParams) configures it."""
-        return cls(getattr(params, cls.sweep_key()), **{k: getattr(params, f"{cls.name}_{k}") for k in cls.knobs})
+        return cls(getattr(params, cls.sweep_key()), **{arg: getattr(params, k.key) for arg, k in cls.knobs.items()})
 
     @classmethod
     def library(cls) -> str | None:
@@ -141,19 +146,16 @@ REGISTRY: dict[str, type[Codec]] = {}
 
 
 def register(cls: type[Codec]) -> type[Codec]:
-    """Class decorator: one more codec the evaluation, params, report and plots know of."""
-    if not cls.name or not cls.setting or cls.name in REGISTRY:
-        raise ValueError(f"codec {cls.__name__}: needs a unique name and a setting")
+    """Class decorator: the implementation of a codec ``pipeline.evaluation.specs.SPECS`` holds."""
+    if cls.spec is None or SPECS.get(cls.name) is not cls.spec or cls.name in REGISTRY:
+        raise ValueError(f"codec {cls.__name__}: needs a spec of SPECS, not yet registered")
     REGISTRY[cls.name] = cls
     return cls
 
 
 @register
 class JPEG(PillowCodec):
-    name, label, setting, format, feature = "jpeg", "JPEG", "quality", "JPEG", "jpg"
-    color = "tab:blue"
-    default_sweep = (1, 3, 5, 10, 20, 30, 50, 70, 90)
-    valid, sweep_doc = (lambda q: 1 <= q <= 100, "1..100"), "libjpeg quality 1..95"
+    spec, format, feature = SPECS["jpeg"], "JPEG", "jpg"
 
     @classmethod
     def library(cls) -> str | None:
@@ -174,10 +176,7 @@ class JPEG(PillowCodec):
 
 @register
 class JPEG2000(PillowCodec):
-    name, label, setting, format, feature = "jpeg2000", "JPEG 2000", "ratio", "JPEG2000", "jpg_2000"
-    color, setting_type = "tab:orange", float
-    default_sweep = (240, 160, 96, 64, 40, 24, 12)
-    valid, sweep_doc = (lambda r: r > 1, "compression ratios are > 1"), "compression ratio R (24/R bpp)"
+    spec, format, feature = SPECS["jpeg2000"], "JPEG2000", "jpg_2000"
 
     def config(self):
         return {"wavelet": "9/7 irreversible", "colour transform": "MCT on (irreversible YCbCr, ICT)",
@@ -190,13 +189,9 @@ class JPEG2000(PillowCodec):
 
 @register
 class WebP(PillowCodec):
-    name, label, setting, format, feature = "webp", "WebP", "quality", "WEBP", "webp"
-    color = "tab:green"
-    default_sweep = (0, 5, 10, 20, 40, 70, 90)
-    valid, sweep_doc = (lambda q: 0 <= q <= 100, "0..100"), "libwebp quality 0..100"
-    knobs = {"method": (int, Field(4, ge=0, le=6, description="libwebp effort: 0 fast .. 6 slow/best"))}
+    spec, format, feature = SPECS["webp"], "WEBP", "webp"
 
-    def __init__(self, settings, method: int = 4):
+    def __init__(self, settings, method: int = SPECS["webp"].knobs[0].default):
         super().__init__(settings)
         self.method = method
 
@@ -209,13 +204,9 @@ class WebP(PillowCodec):
 
 @register
 class AVIF(PillowCodec):
-    name, label, setting, format, feature = "avif", "AVIF", "quality", "AVIF", "avif"
-    color = "tab:purple"
-    default_sweep = (0, 10, 20, 30, 45, 60, 80)
-    valid, sweep_doc = (lambda q: 0 <= q <= 100, "0..100"), "libavif quality 0..100"
-    knobs = {"speed": (int, Field(6, ge=0, le=10, description="libavif encoder speed: 0 slow/best .. 10 fast"))}
+    spec, format, feature = SPECS["avif"], "AVIF", "avif"
 
-    def __init__(self, settings, speed: int = 6):
+    def __init__(self, settings, speed: int = SPECS["avif"].knobs[0].default):
         super().__init__(settings)
         self.speed = speed
 
@@ -239,14 +230,9 @@ class AVIF(PillowCodec):
 class JPEGXL(Codec):
     """JPEG XL through imagecodecs (libjxl); skipped with a note only if imagecodecs lacks libjxl."""
 
-    name, label, setting = "jpegxl", "JPEG XL", "distance"
-    color, setting_type = "tab:brown", float
-    default_sweep = (12, 8, 5, 3, 2, 1)
-    valid, sweep_doc = (lambda d: d > 0, "distances are > 0"), "butteraugli distance (lower: better)"
-    knobs = {"effort": (int, Field(7, ge=1, le=9, description="libjxl effort: 1 fast .. 9 slow/best "
-                                                             "(7: libjxl's default)"))}
+    spec = SPECS["jpegxl"]
 
-    def __init__(self, settings, effort: int = 7):
+    def __init__(self, settings, effort: int = SPECS["jpegxl"].knobs[0].default):
         super().__init__(settings)
         self.effort = effort
 
@@ -315,15 +301,7 @@ class RNN(Codec):
     from the truncated file's real size.
     """
 
-    name, label, setting = "rnn", "RNN (ours)", "iterations"
-    color, default_sweep = "tab:red", None  # None: 1..max_iterations of the model
-    valid, sweep_doc = (lambda k: k >= 1, "counts are >= 1"), \
-        "iteration counts; None: 1..max_iterations (one encode, truncated)"
-    knobs = {"model": (Source, Field("data/compressor/model.pt",
-                                     description="checkpoint path or MLflow model URI of the RNN codec")),
-             "precision": (Literal["auto", "fp32", "bf16"],
-                           Field("auto", description="the network's arithmetic: auto (bf16 where native, else fp32), "
-                                                     "fp32 or bf16"))}
+    spec = SPECS["rnn"]
     shared_timing = True
 
     @classmethod

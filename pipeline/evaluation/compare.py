@@ -234,7 +234,7 @@ def build_codecs(names: list[str] | None, model: str | None, device: str = "cpu"
             else:
                 codec = C.RNN(rnn_loader(model, device=device), None)
         else:
-            codec = cls([], **{k: field.default for k, (_, field) in cls.knobs.items()})
+            codec = cls([], **{arg: knob.default for arg, knob in cls.knobs.items()})
         why = codec.available()
         if why:
             skipped[name] = why

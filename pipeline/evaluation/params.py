@@ -2,7 +2,7 @@
 which codecs, which settings.
 
 The codecs' own keys (``<codec>_<setting>``: the sweep; ``<codec>_<knob>``: a fixed encoder setting)
-come from the codec registry (``pipeline.evaluation.codecs.REGISTRY``), not from this file.
+come from the codec specifications (``pipeline.evaluation.specs.SPECS``), not from this file.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 from pydantic import Field, create_model, model_validator
 
-from pipeline.evaluation.codecs import REGISTRY
-from pipeline.schema import Section
+from pipeline.evaluation.specs import SPECS
+from pipeline.schema import Section, Source
 
-CodecName = Literal[tuple(REGISTRY)]  # type: ignore[valid-type]
+CodecName = Literal[tuple(SPECS)]  # type: ignore[valid-type]
 #: an image set's name: ``kodak`` (data/raw/kodak), ``images`` (data/images: your own photos) or the name of
 #: ``data.test_photos`` (a public set the download stage unpacks into data/raw/test_photos). A name, never a
 #: path: the stage maps it to one of those fixed folders, so a DAG run's conf may choose the set.
@@ -22,16 +22,17 @@ DATASET_NAME = r"^[a-z0-9][a-z0-9_.-]*$"
 
 
 def _codec_fields() -> dict[str, Any]:
-    """Every registered codec's sweep and knobs, as pydantic fields."""
+    """Every specified codec's sweep and knobs, as pydantic fields."""
     fields: dict[str, Any] = {}
-    for cls in REGISTRY.values():
-        sweep = list[cls.setting_type]
-        if cls.default_sweep is None:
-            fields[cls.sweep_key()] = (sweep | None, Field(None, description=cls.sweep_doc))
+    for spec in SPECS.values():
+        sweep = list[spec.setting_type]
+        if spec.default_sweep is None:
+            fields[spec.sweep_key] = (sweep | None, Field(None, description=spec.sweep_doc))
         else:
-            fields[cls.sweep_key()] = (sweep, Field(list(cls.default_sweep), min_length=1, description=cls.sweep_doc))
-        for knob, (kind, field) in cls.knobs.items():
-            fields[f"{cls.name}_{knob}"] = (kind, field)
+            fields[spec.sweep_key] = (sweep, Field(list(spec.default_sweep), min_length=1, description=spec.sweep_doc))
+        for knob in spec.knobs:
+            fields[knob.key] = (Source if knob.source else knob.kind,
+                                Field(knob.default, ge=knob.ge, le=knob.le, description=knob.doc))
     return fields
 
 
@@ -44,7 +45,7 @@ class EvaluateParams(CodecParams):
     limit: int | None = Field(None, ge=1)  # the first N images of each set (by file name; None: all)
     images: list[int] | None = None  # Kodak indices (kodimNN) to evaluate; None: every kodim*.png present
     crop: int | None = Field(None, ge=161)  # centre crop to crop x crop px (None: full image); MS-SSIM needs > 160
-    codecs: list[CodecName] = list(REGISTRY)  # jpegxl skipped if imagecodecs is absent
+    codecs: list[CodecName] = list(SPECS)  # jpegxl skipped if imagecodecs is absent
     rnn_images: list[int] | None = None  # Kodak indices the RNN codec is run on; None: the same as images
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where the RNN codec and the metrics run
     cpu_threads: int = Field(0, ge=0)  # torch threads on CPU (0: all cores; 1 avoids contention on busy hosts)
@@ -81,10 +82,9 @@ class EvaluateParams(CodecParams):
                 raise ValueError(f"rnn_images {self.rnn_images} are not all in images {self.images}")
             if "rnn" in self.codecs and self.visual_image not in self.rnn_images:
                 raise ValueError(f"visual_image {self.visual_image} is not in rnn_images {self.rnn_images}")
-        for cls in REGISTRY.values():
-            ok, what = cls.valid
-            if any(not ok(v) for v in getattr(self, cls.sweep_key()) or ()):
-                raise ValueError(f"{cls.sweep_key()}: {what}")
+        for spec in SPECS.values():
+            if any(not spec.valid(v) for v in getattr(self, spec.sweep_key) or ()):
+                raise ValueError(f"{spec.sweep_key}: {spec.valid_doc}")
         if any(r <= 0 for r in self.rates):
             raise ValueError("rates: bpp values are > 0")
         if len(set(self.codecs)) != len(self.codecs) or not self.codecs:

@@ -71,13 +71,15 @@ def dvc(*args: str) -> None:
 
 
 def _track(action: str, stage: str, started_ms: int, note: str) -> None:
-    """Keep the stage's MLflow runs true to what reached the remote (pipeline.tracking.mark_unpublished /
+    """Keep the stage's MLflow runs true to what reached the remote (pipeline.tracking_runs.mark_unpublished /
     republish_skipped): one FINISHED run per published result. Best effort: a push's error, or the task's
     success, is not changed by a tracking server that is unreachable too."""
     try:
-        from pipeline import tracking
+        from pipeline import tracking, tracking_runs
+        from pipeline.config import load_params
 
-        getattr(tracking, action)(stage, started_ms, note)
+        experiment = load_params(tracking.project_root() / "params.yaml").tracking.experiment
+        getattr(tracking_runs, action)(stage, started_ms, note, tracking.experiment_id(experiment))
     except Exception as err:  # noqa: BLE001
         print(f"warning: MLflow: {action} for {stage} failed ({type(err).__name__}: {err})", file=sys.stderr)
 

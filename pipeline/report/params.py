@@ -2,7 +2,7 @@
 
 from pydantic import Field, field_validator
 
-from pipeline.evaluation.codecs import REGISTRY
+from pipeline.evaluation.specs import SPECS
 from pipeline.schema import Section
 
 
@@ -17,7 +17,7 @@ class ReportParams(Section):
     @field_validator("claim_behind")
     @classmethod
     def _known_codecs(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in REGISTRY]
+        unknown = [n for n in names if n not in SPECS]
         if unknown:
-            raise ValueError(f"claim_behind: {', '.join(unknown)} is not a codec ({', '.join(REGISTRY)})")
+            raise ValueError(f"claim_behind: {', '.join(unknown)} is not a codec ({', '.join(SPECS)})")
         return names

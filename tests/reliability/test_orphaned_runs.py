@@ -81,7 +81,7 @@ def test_a_stage_run_whose_push_failed_is_marked_failed_and_only_that_one(store,
     still-running runs are left alone."""
     import time
 
-    from pipeline import tracking
+    from pipeline import tracking, tracking_runs
 
     home, client = store
     exp = client.create_experiment(request.node.name)
@@ -99,7 +99,7 @@ def test_a_stage_run_whose_push_failed_is_marked_failed_and_only_that_one(store,
         ids[name] = client.create_run(exp, run_name=name, tags=tags, start_time=start).info.run_id
         if status != "RUNNING":
             client.set_terminated(ids[name], status)
-    assert tracking.mark_unpublished("evaluate", since, "dvc push evaluate failed", exp) == [ids["this_attempt"]]
+    assert tracking_runs.mark_unpublished("evaluate", since, "dvc push evaluate failed", exp) == [ids["this_attempt"]]
     status = {name: client.get_run(i).info.status for name, i in ids.items()}
     assert status == {"this_attempt": "FAILED", "earlier": "FINISHED", "other_stage": "FINISHED",
                       "other_copy": "FINISHED", "running": "RUNNING"}
@@ -108,15 +108,15 @@ def test_a_stage_run_whose_push_failed_is_marked_failed_and_only_that_one(store,
     # the retry re-ran the stage (a newer run of this copy): the unpublished run stays FAILED
     retry = client.create_run(exp, run_name="retry", tags=mine, start_time=since + 10_000).info.run_id
     client.set_terminated(retry, "FINISHED")
-    assert tracking.republish_skipped("evaluate", since + 9_000, "pushed later", exp) is None
+    assert tracking_runs.republish_skipped("evaluate", since + 9_000, "pushed later", exp) is None
     assert client.get_run(ids["this_attempt"]).info.status == "FAILED"
     # the retry found the stage up to date and only pushed: the newest run of this copy is the result again
     client.delete_run(retry)
-    assert tracking.republish_skipped("evaluate", since + 9_000, "pushed later", exp) == ids["this_attempt"]
+    assert tracking_runs.republish_skipped("evaluate", since + 9_000, "pushed later", exp) == ids["this_attempt"]
     run = client.get_run(ids["this_attempt"])
     assert run.info.status == "FINISHED" and run.data.tags["published_on_retry"] == "pushed later"
     assert "unpublished" not in run.data.tags
-    assert tracking.republish_skipped("evaluate", since + 9_000, "pushed later", exp) is None  # nothing left to do
+    assert tracking_runs.republish_skipped("evaluate", since + 9_000, "pushed later", exp) is None  # nothing left to do
 
 
 def test_a_killed_orchestrators_parent_and_stage_runs_are_closed(store, request):
