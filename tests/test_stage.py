@@ -9,14 +9,24 @@ from pathlib import Path
 import pytest
 
 from pipeline import stage as contract
+from pipeline.errors import PipelineError
 from pipeline.stage import StagePaths
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+FAKE_DVC = """stages:
+  fake_stage:
+    cmd: >-
+      python -m pipeline fake_stage --data-in data/in.npz
+      --out data/out
+"""
+
+
 def _fake_stage(calls: list, name: str = "fake_stage") -> types.ModuleType:
     module = types.ModuleType(f"tests._fake_{name}")
-    module.PATHS = {"data_in": "data/in.npz", "out": "data/out"}
+    module.STAGE = name
+    module.PATHS = ("data_in", "out")
     module.SECTIONS = ("augment", "train_classifier.augmentation")
 
     def run(params, paths):
@@ -36,8 +46,9 @@ def fake(monkeypatch, tmp_path):
     calls: list = []
     module = _fake_stage(calls)
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(contract.STAGES, "fake_stage", module.__name__)
+    monkeypatch.setitem(contract.discover(), "fake_stage", module.__name__)
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "dvc.yaml").write_text(FAKE_DVC)  # where its paths are written
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("PIPELINE_HOME", str(tmp_path))
@@ -112,7 +123,7 @@ def test_torchrun_rank0_joins_the_launchers_run_and_leaves_it_open(fake, tmp_pat
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
-    module = sys.modules[contract.STAGES["fake_stage"]]
+    module = sys.modules[contract.discover()["fake_stage"]]
     run_stage("fake_stage", module, contract.defaults(module))
     assert fake[-1]["run"] == launcher and mlflow.active_run() is None
     monkeypatch.setenv("RANK", "1")
@@ -136,32 +147,74 @@ def test_handoff_env_names_the_active_run(fake, tmp_path):
     assert env == {"MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
 
 
-def test_legacy_main_still_runs(monkeypatch, tmp_path):
-    from pipeline.__main__ import main
+def test_stages_are_found_and_are_exactly_dvc_yamls():
+    """Each dvc.yaml stage runs ``python -m pipeline <its name>``, and a module declares ``STAGE = <its name>``."""
+    import yaml
 
-    called = []
-    module = types.ModuleType("tests._fake_legacy")
-    module.main = lambda: called.append(True)
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(contract.STAGES, "legacy_stage", module.__name__)
-    monkeypatch.chdir(tmp_path)
-    assert main(["legacy_stage"]) == 0 and called == [True]
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    found = contract.check(REPO / "dvc.yaml")
+    assert found is contract.discover() and list(stages) == list(contract.dvc_commands(REPO / "dvc.yaml"))
+    assert set(found) == set(stages)
+    assert found["train_classifier"] == "pipeline.classifier.train" and found["report"] == "pipeline.report.build"
 
 
-def test_every_stage_declares_paths_matching_its_dvc_cmd():
-    """Each migrated stage's dvc.yaml cmd gives every declared path, at its default (a bare call = DVC's)."""
+@pytest.mark.parametrize("stage", ["download", "augment", "train_classifier", "train_compressor", "evaluate",
+                                   "report"])
+def test_bare_help_shows_dvc_yamls_paths(stage, capsys, monkeypatch):
+    """A stage's path options and their defaults are its dvc.yaml cmd's, read from there (PATHS: names only)."""
     import importlib
     import shlex
 
     import yaml
 
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == set(contract.STAGES)
-    for name, module_name in contract.STAGES.items():
-        module = importlib.import_module(module_name)
-        if not contract.is_function_stage(module):
-            continue
-        argv = shlex.split(stages[name]["cmd"])
-        assert argv[:4] == ["python", "-m", "pipeline", name], name
-        given = dict(zip(argv[4::2], argv[5::2]))
-        assert given == {contract.option(k): v for k, v in module.PATHS.items()}, name
+    from pipeline.__main__ import main
+
+    monkeypatch.chdir(REPO)
+    module = importlib.import_module(contract.discover()[stage])
+    assert isinstance(module.PATHS, tuple) and all(isinstance(n, str) for n in module.PATHS)
+    argv = shlex.split(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"])
+    assert argv[:4] == ["python", "-m", "pipeline", stage]
+    given = dict(zip(argv[4::2], argv[5::2]))
+    assert {contract.option(k): str(v) for k, v in contract.defaults(module).items()} == given
+    with pytest.raises(SystemExit) as done:
+        main([stage, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0
+    for opt, value in given.items():
+        assert f"{opt} PATH default (dvc.yaml): {value}" in out, (opt, out)
+
+
+def test_a_cmd_that_disagrees_with_paths_is_named(tmp_path):
+    dvc = tmp_path / "dvc.yaml"
+    dvc.write_text(FAKE_DVC)
+    assert dict(contract.default_paths("fake_stage", ("data_in", "out"), dvc)) == {
+        "data_in": Path("data/in.npz"), "out": Path("data/out")}
+    with pytest.raises(PipelineError, match=r"stage fake_stage: cmd gives --data-in, which is not a path option.*"
+                                            r"PATHS: out\)"):
+        contract.default_paths("fake_stage", ("out",), dvc)
+    with pytest.raises(PipelineError, match=r"stage fake_stage: cmd lacks --preview \(PATHS declares 'preview'"):
+        contract.default_paths("fake_stage", ("data_in", "out", "preview"), dvc)
+    with pytest.raises(PipelineError, match=r"no stage other with cmd `python -m pipeline other"):
+        contract.default_paths("other", ("out",), dvc)
+    dvc.write_text(FAKE_DVC.replace("--out data/out", "--out"))
+    with pytest.raises(PipelineError, match=r"stage fake_stage: cmd: expected `--<path> PATH` pairs"):
+        contract.default_paths("fake_stage", ("data_in", "out"), dvc)
+
+
+def test_a_module_without_a_dvc_stage_and_a_dvc_stage_without_a_module_are_named(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "sub" / "fake.py").write_text('STAGE = "fake_stage"\nPATHS = ("data_in", "out")\n')
+    (package / "other.py").write_text('"""Not stages:\nSTAGE = "in a docstring"\n"""\nSTAGES = ("a", "b")\n\n\n'
+                                      'def f():\n    STAGE = "in a function"\n')
+    dvc = tmp_path / "dvc.yaml"
+    dvc.write_text(FAKE_DVC)
+    assert contract.check(dvc, package) == {"fake_stage": "pkg.sub.fake"}
+    dvc.write_text(FAKE_DVC + "  lone:\n    cmd: python -m pipeline lone --out x\n  shell:\n    cmd: echo hi\n")
+    with pytest.raises(PipelineError, match=r"stage lone: cmd runs `python -m pipeline lone`, but no module under "
+                                            r"pipeline/ declares STAGE = 'lone'"):
+        contract.check(dvc, package)
+    dvc.write_text("stages:\n  shell:\n    cmd: echo hi\n")
+    with pytest.raises(PipelineError, match=r"pkg.sub.fake declares STAGE = 'fake_stage', but .* has no stage "
+                                            r"fake_stage"):
+        contract.check(dvc, package)
