@@ -218,3 +218,93 @@ def test_a_module_without_a_dvc_stage_and_a_dvc_stage_without_a_module_are_named
     with pytest.raises(PipelineError, match=r"pkg.sub.fake declares STAGE = 'fake_stage', but .* has no stage "
                                             r"fake_stage"):
         contract.check(dvc, package)
+
+
+NEW_STAGE = '''"""A throwaway stage: its module, with its params section, is one file."""
+
+from pydantic import Field
+
+from pipeline.schema import Section
+
+STAGE = "hello"
+PATHS = ("source", "out")
+SECTIONS = ("hello",)
+
+
+class HelloParams(Section):
+    greeting: str = "hi"
+    times: int = Field(1, ge=1)
+
+
+PARAMS_SECTIONS = {"hello": HelloParams}
+
+
+def run(params, paths) -> None:
+    import json
+
+    import mlflow
+
+    paths.out.parent.mkdir(parents=True, exist_ok=True)
+    paths.out.write_text(json.dumps({"said": params.hello.greeting * params.hello.times,
+                                     "paths": {k: str(v) for k, v in paths.items()}}))
+    mlflow.log_metric("times", params.hello.times)
+'''
+NEW_PARAMS = "\nhello:\n  greeting: hey\n  times: 1\n  profiles:\n    tiny:\n      times: 2\n"
+NEW_DVC = """  hello:
+    cmd: >-
+      python -m pipeline hello --source data/prepared/preview.png
+      --out data/hello/said.json
+    deps:
+      - pipeline/hello.py
+    params:
+      - hello
+    outs:
+      - data/hello/said.json
+"""
+
+
+def test_a_new_stage_is_three_edits(tmp_path):
+    """In a copy of the project: a module (marker, PATHS names, params class), a params.yaml section and a dvc.yaml
+    stage make a stage that ``python -m pipeline`` finds and runs with its params and dvc.yaml's paths."""
+    import json
+    import os
+    import subprocess
+
+    import mlflow
+
+    from tests.conftest import make_workspace
+
+    ws = make_workspace(tmp_path / "ws", profile="tiny")
+    (ws / "pipeline" / "hello.py").write_text(NEW_STAGE)  # 1. the module, with its params class
+    with open(ws / "params.yaml", "a") as f:  # 2. its params.yaml section
+        f.write(NEW_PARAMS)
+    dvc = (ws / "dvc.yaml").read_text()  # 3. its dvc.yaml stage
+    (ws / "dvc.yaml").write_text(dvc.replace("\nstages:\n", "\nstages:\n" + NEW_DVC, 1))
+
+    assert contract.check(ws / "dvc.yaml", ws / "pipeline")["hello"] == "pipeline.hello"
+    env = {**os.environ, "PYTHONPATH": str(ws), "MLFLOW_TRACKING_URI": f"sqlite:///{ws / 'mlflow.db'}",
+           "PIPELINE_HOME": str(ws), "OMP_NUM_THREADS": "1"}
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_PARENT_RUN_ID", "PIPELINE_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(var, None)
+
+    def pipeline(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ws, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    done = pipeline("hello")  # a bare call: dvc.yaml's paths
+    assert done.returncode == 0, done.stderr
+    said = json.loads((ws / "data/hello/said.json").read_text())
+    assert said == {"said": "heyhey", "paths": {"source": "data/prepared/preview.png", "out": "data/hello/said.json"}}
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.dvc_stage = 'hello'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["times"] == 2 and runs[0].data.params["hello.greeting"] == "hey"
+
+    helped = pipeline("hello", "--help")
+    assert helped.returncode == 0 and "--out PATH" in helped.stdout and "data/hello/said.json" in helped.stdout
+    text = (ws / "params.yaml").read_text()  # its section is validated like any other: the bad key is named
+    (ws / "params.yaml").write_text(text.replace("  greeting: hey\n", "  greeting: hey\n  loud: true\n"))
+    refused = pipeline("hello", "--out", "data/hello/other.json")
+    assert refused.returncode == 2 and "hello.loud: unknown key" in refused.stderr, refused.stderr
+    assert not (ws / "data/hello/other.json").exists()
