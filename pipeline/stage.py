@@ -128,11 +128,19 @@ def _marked(marker: str, package: str) -> tuple[tuple[str, str | None], ...]:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        if not pattern.search(text):
+        match = pattern.search(text)
+        if not match:
             continue
         parts = (root.name, *path.relative_to(root).with_suffix("").parts)
         module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        for node in ast.parse(text, str(path)).body:  # the line may be inside a string: the syntax tree decides
+        # the line may be inside a string: the syntax tree decides. The source up to the end of that line's
+        # statement parses when the line is code (cheap: markers sit near the top), else the whole file
+        end = text.find("\n", match.end())
+        try:
+            body = ast.parse(text[:end if end >= 0 else len(text)], str(path)).body
+        except SyntaxError:  # cut inside a string, or a statement going on past that line
+            body = ast.parse(text, str(path)).body
+        for node in body:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
                 if isinstance(node, ast.AnnAssign) else []
             if any(isinstance(t, ast.Name) and t.id == marker for t in targets):

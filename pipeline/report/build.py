@@ -58,7 +58,6 @@ EVAL_FIGURES = [
                         "actually plotted), averaged per setting"),
 ]
 CIFAR10_TEST_SIZE = 10000  # the test set the accuracy is measured on, when metrics.json does not say
-STAGES = ("download", "augment", "train_classifier", "train_compressor", "evaluate", "report")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -286,8 +285,10 @@ def mlflow_runs(experiment: str, current_run_id: str | None = None) -> list[dict
     if current_run_id:
         cur = mlflow.get_run(current_run_id)
         parent = cur.data.tags.get("mlflow.parentRunId")
+    from pipeline.stage import dvc_commands
+
     out = []
-    for stage in STAGES:
+    for stage in dvc_commands():  # every stage, in dvc.yaml's order
         cands = [r for r in runs if r.data.tags.get("dvc_stage") == stage]
         if parent:  # prefer runs of the same pipeline run
             same = [r for r in cands if r.data.tags.get("mlflow.parentRunId") == parent]
