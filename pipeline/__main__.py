@@ -16,8 +16,8 @@ import importlib
 import sys
 from pathlib import Path
 
-from pipeline.errors import run_cli
-from pipeline.stage import StagePaths, defaults, discover, option
+from pipeline.errors import PipelineError, run_cli
+from pipeline.stage import StagePaths, defaults, discover, dvc_commands, option
 from pipeline.schema import PROFILES
 
 
@@ -89,9 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _ordered(stages: dict[str, str]) -> dict[str, str]:
     """The found stages in dvc.yaml's order where it can be read (the help's listing), else as found."""
-    from pipeline.errors import PipelineError
-    from pipeline.stage import dvc_commands
-
     try:
         order = list(dvc_commands())
     except PipelineError:

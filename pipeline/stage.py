@@ -186,10 +186,11 @@ def dvc_commands(path: str | os.PathLike | None = None) -> dict[str, tuple[str, 
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise PipelineError(f"{path}: not readable as YAML ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise PipelineError(f"{path}: not readable as YAML ({type(err).__name__}: {first})") from None
     out = {}
-    for stage, spec in (doc.get("stages") or {}).items():
-        cmds = (spec or {}).get("cmd") if isinstance(spec, dict) else None
+    for stage, spec in ((doc.get("stages") or {}) if isinstance(doc, dict) else {}).items():
+        cmds = spec.get("cmd") if isinstance(spec, dict) else None
         for cmd in [cmds] if isinstance(cmds, str) else cmds or []:
             parsed = _parse_cmd(path, stage, str(cmd))
             if parsed is not None:

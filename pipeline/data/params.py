@@ -98,6 +98,6 @@ class AugmentationParams(Section):
     cutout: int = Field(0, ge=0)  # side of a zeroed random square, 0 disables
 
 
-#: the params.yaml sections this module defines: name -> schema (pipeline.config finds it: pipeline/stage.py); ``data`` is
-#: marked SOURCE whole: it says where the data comes from and what it must hash to
+#: the params.yaml sections this module defines: name -> schema (pipeline.config finds it: pipeline/stage.py);
+#: ``data`` is marked SOURCE whole: it says where the data comes from and what it must hash to
 PARAMS_SECTIONS = {"data": Annotated[DataParams, SOURCE], "augment": AugmentParams}
