@@ -31,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.classifier.data import CifarData, load_arrays  # noqa: E402
 from pipeline.classifier.inference import predict_logits  # noqa: E402
 from pipeline.classifier.recipes import make_recipe  # noqa: E402
-from pipeline.classifier.train import PATHS, keep_freed_memory, train  # noqa: E402
+from pipeline.classifier import train as stage  # noqa: E402
+from pipeline.classifier.train import keep_freed_memory, train  # noqa: E402
 from pipeline.config import deep_merge, parse_override, read_raw, resolve  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.stage import defaults  # noqa: E402
 from pipeline.utils import select_device  # noqa: E402
 
 
@@ -91,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, help="shorthand for --set epochs=E")
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     ap.add_argument("--target", type=float, default=0.94, help="accuracy target (default 0.94)")
-    ap.add_argument("--data", default=str(PATHS["data"]))
+    ap.add_argument("--data", help="default: dvc.yaml's train_classifier --data")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: params)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run on CUDA")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     os.environ.setdefault("PIPELINE_NO_PROGRESS", "1")
     try:
+        args.data = args.data or str(defaults(stage).data)
         overrides = args.set + ([f"epochs={args.epochs}"] if args.epochs else [])
         cfg = load_cfg(args.params, args.profile, overrides)
         device = select_device(args.device or cfg.device)

@@ -1,7 +1,7 @@
 """``python -m pipeline <stage> [--<path> PATH ...]``: run one pipeline stage (dvc.yaml calls exactly this).
 
-``python -m pipeline <stage> --help`` lists the stage's path options; the contract between this
-entry point and a stage is written in ``pipeline/stage.py``.
+``python -m pipeline <stage> --help`` lists the stage's path options, with dvc.yaml's paths as defaults; the
+contract between this entry point and a stage is written in ``pipeline/stage.py`` (stages are found, not listed).
 
 Also ``python -m pipeline configure [--profile P] [--set KEY=VALUE ...]`` (write params.yaml),
 ``python -m pipeline params`` (print the resolved params as YAML) and ``python -m pipeline log-model
@@ -16,8 +16,8 @@ import importlib
 import sys
 from pathlib import Path
 
-from pipeline.errors import run_cli
-from pipeline.stage import STAGES, StagePaths, option
+from pipeline.errors import PipelineError, run_cli
+from pipeline.stage import StagePaths, defaults, discover, dvc_commands, option
 from pipeline.schema import PROFILES
 
 
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
-    for name, module in STAGES.items():
+    for name, module in _ordered(discover()).items():
         sub.add_parser(name, help=f"run stage {name} ({module}); {name} --help: its path options")
     conf = sub.add_parser("configure", help="set the profile and KEY=VALUE overrides in params.yaml")
     conf.add_argument("--profile", choices=PROFILES)
@@ -87,19 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ordered(stages: dict[str, str]) -> dict[str, str]:
+    """The found stages in dvc.yaml's order where it can be read (the help's listing), else as found."""
+    try:
+        order = list(dvc_commands())
+    except PipelineError:
+        order = []
+    return dict(sorted(stages.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+
 def stage_parser(name: str, module) -> argparse.ArgumentParser:
-    """``python -m pipeline <name>``'s options: one ``--<path> PATH`` per entry of the module's ``PATHS``."""
+    """``python -m pipeline <name>``'s options: one ``--<path> PATH`` per name in the module's ``PATHS``, its
+    default the path dvc.yaml's cmd gives (PipelineError when that cmd and ``PATHS`` disagree)."""
     parser = argparse.ArgumentParser(prog=f"python -m pipeline {name}",
                                      description=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__
                                      else None)
-    for key, default in getattr(module, "PATHS", {}).items():
-        parser.add_argument(option(key), dest=key, default=default, metavar="PATH", help=f"default: {default}")
+    for key, default in defaults(module).items():
+        parser.add_argument(option(key), dest=key, default=str(default), metavar="PATH",
+                            help=f"default (dvc.yaml): {default}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in STAGES:
+    stages, code = _value_or_exit(discover)
+    if code:
+        return code
+    if not argv or argv[0] not in stages:
         args = build_parser().parse_args(argv)
         if args.command == "configure":
             return run_cli(lambda: _configure(args))
@@ -107,13 +121,23 @@ def main(argv: list[str] | None = None) -> int:
             return run_cli(lambda: _log_model(args))
         return run_cli(lambda: _show(args))
     name = argv[0]
-    module = importlib.import_module(STAGES[name])
-    paths = StagePaths(vars(stage_parser(name, module).parse_args(argv[1:])))
+    module = importlib.import_module(stages[name])
+    parser, code = _value_or_exit(lambda: stage_parser(name, module))  # dvc.yaml's paths
+    if code:
+        return code
+    paths = StagePaths(vars(parser.parse_args(argv[1:])))
     restore = _interrupt_on_sigterm()
     try:
         return run_cli(lambda: run_stage(name, module, paths))
     finally:
         restore()
+
+
+def _value_or_exit(make):
+    """``(make(), 0)``, or ``(None, exit code)`` after ``run_cli`` printed its error in one line."""
+    box = []
+    code = run_cli(lambda: box.append(make()))
+    return (box[0], 0) if box else (None, code)
 
 
 def run_stage(name: str, module, paths: StagePaths) -> None:

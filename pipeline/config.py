@@ -1,6 +1,10 @@
 """Load and validate params.yaml: the single source of truth for every knob.
 
-Each stage has one section. A section may carry ``profiles: {name: {key: value}}`` overrides; the
+Each stage has its section(s), found, not listed: every module-level ``PARAMS_SECTIONS = {name: schema}``
+under ``pipeline/`` (``pipeline.stage.marked``; today each package's ``params.py``) adds its sections to
+``Params``, after ``profile`` and ``seed``, in the order found (by file path), then ``tracking`` (this
+module's own). A module holding one must be light to import: importing this one must not import torch,
+PIL, imagecodecs or mlflow. A section may carry ``profiles: {name: {key: value}}`` overrides; the
 top-level ``profile`` switch picks which ones apply, so every value a run uses is written in
 params.yaml itself. ``load_params()`` returns the resolved, validated, frozen parameters.
 
@@ -13,20 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, create_model
 
-from pipeline.classifier.params import TrainClassifierParams
-from pipeline.compression.params import TrainCompressorParams
-from pipeline.data.params import AugmentParams, DataParams
 from pipeline.errors import ParamsError
-from pipeline.evaluation.params import EvaluateParams
-from pipeline.report.params import ReportParams
 from pipeline.schema import PROFILES, SOURCE, Section, is_source
+from pipeline.stage import marked
 
 PARAMS_FILE = "params.yaml"
 
@@ -36,32 +37,52 @@ class TrackingParams(Section):
     register_models: bool = True  # register trained models in the MLflow Model Registry
 
 
-#: section name -> schema, in pipeline order
-SECTIONS: dict[str, type[Section]] = {
-    "data": DataParams,
-    "augment": AugmentParams,
-    "train_classifier": TrainClassifierParams,
-    "train_compressor": TrainCompressorParams,
-    "evaluate": EvaluateParams,
-    "report": ReportParams,
-    "tracking": TrackingParams,
-}
+#: the sections that are no stage's: this module's own
+OWN_SECTIONS: dict[str, Any] = {"tracking": Annotated[TrackingParams, SOURCE]}  # where runs and models are recorded
 
 
-class Params(Section):
-    profile: Literal[PROFILES] = "cpu"  # type: ignore[valid-type]  (the tuple in pipeline.schema)
-    seed: int = Field(0, ge=0)
-    data: Annotated[DataParams, SOURCE]  # where the data comes from and what it must hash to
-    augment: AugmentParams
-    train_classifier: TrainClassifierParams
-    train_compressor: TrainCompressorParams
-    evaluate: EvaluateParams
-    report: ReportParams
-    tracking: Annotated[TrackingParams, SOURCE]  # where runs and models are recorded
+def _field_sections(annotation: Any) -> list[type[Section]]:
+    """The params sections a field's type holds (``X``, ``X | None``, ``Annotated[X, ...]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return [annotation]
+    return [s for arg in get_args(annotation) for s in _field_sections(arg)]
 
+
+def found_sections() -> dict[str, Any]:
+    """Section name -> its field type (a Section subclass, or ``Annotated[X, SOURCE]``: a section that says
+    where data or results are), from every module-level ``PARAMS_SECTIONS`` under ``pipeline/``, then ours."""
+    found: dict[str, Any] = {}
+    where = {"profile": __name__, "seed": __name__, **{name: __name__ for name in OWN_SECTIONS}}
+    for module_name in marked("PARAMS_SECTIONS"):
+        declared = getattr(importlib.import_module(module_name), "PARAMS_SECTIONS", None)
+        if not isinstance(declared, dict):
+            raise TypeError(f"{module_name}.PARAMS_SECTIONS: expected a dict, section name -> Section subclass")
+        for name, annotation in declared.items():
+            if name in where:
+                raise TypeError(f"params section {name!r}: defined in both {where[name]} and {module_name}")
+            if len(_field_sections(annotation)) != 1:
+                raise TypeError(f"{module_name}.PARAMS_SECTIONS[{name!r}]: expected a pipeline.schema.Section "
+                                f"subclass (or Annotated[it, SOURCE]), got {annotation!r}")
+            found[name], where[name] = annotation, module_name
+    return {**found, **OWN_SECTIONS}
+
+
+class _ParamsBase(Section):
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of every resolved value (what MLflow logs)."""
         return flatten(self.model_dump(mode="json"))
+
+
+_FIELDS = found_sections()
+#: section name -> schema
+SECTIONS: dict[str, type[Section]] = {name: _field_sections(annotation)[0] for name, annotation in _FIELDS.items()}
+#: the whole params.yaml: ``profile``, ``seed`` and one field per section (``params.train_classifier`` ...)
+Params = create_model(
+    "Params", __base__=_ParamsBase, __module__=__name__,
+    profile=(Literal[PROFILES], "cpu"),  # type: ignore[valid-type]  (the tuple in pipeline.schema)
+    seed=(int, Field(0, ge=0)),
+    **{name: (annotation, ...) for name, annotation in _FIELDS.items()},
+)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -175,13 +196,6 @@ def _effective_keys(doc: dict, keys: list[str], profile: str) -> list[str]:
             return keys
         node = node[k]
     return [keys[0], "profiles", profile, *keys[1:]]
-
-
-def _field_sections(annotation: Any) -> list[type[Section]]:
-    """The params sections a field's type holds (``X``, ``X | None``, ``Annotated[X, ...]``)."""
-    if isinstance(annotation, type) and issubclass(annotation, Section):
-        return [annotation]
-    return [s for arg in get_args(annotation) for s in _field_sections(arg)]
 
 
 def source_keys(schema: type[Section] | None = None, prefix: str = "") -> list[str]:

@@ -18,6 +18,7 @@ import pytest
 from pipeline.data import download
 from pipeline.data.params import DataParams
 from pipeline.errors import PipelineError
+from pipeline.stage import defaults
 
 DIV2K = "DIV2K_train_HR.zip"
 DIV2K_VALID = "DIV2K_valid_HR.zip"
@@ -114,7 +115,7 @@ def test_gpu_profile_names_div2k_by_its_official_url_and_checksum():
     # tensorflow/datasets, url_checksums/div2k.txt
     assert gpu.data.photos_sha256 == "9d0b9c463f6e35b6c62cc6a930ee2224f670b34c1df841a57670f9acf0f6c335"
     assert gpu.data.photos_size == 3530603713
-    assert gpu.augment.patch_source == download.PATHS["photos"]  # the codec trains on what download unpacked
+    assert gpu.augment.patch_source == str(defaults(download).photos)  # the codec trains on what download unpacked
     for profile in ("cpu", "coursework", "tiny"):  # everyone else: no photo set, CIFAR-10 patches
         p = resolve({**raw, "profile": profile})
         assert p.data.photos is None and p.augment.patch_source == "cifar10", profile

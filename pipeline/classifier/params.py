@@ -70,3 +70,7 @@ class TrainClassifierParams(Section):
         if self.recipe == "coursework" and self.epochs != int(self.epochs):
             raise ValueError("epochs must be a whole number for the coursework recipe")
         return self
+
+
+#: the params.yaml sections this module defines: name -> schema (pipeline.config finds it: pipeline/stage.py)
+PARAMS_SECTIONS = {"train_classifier": TrainClassifierParams}

@@ -40,8 +40,8 @@ from pipeline.errors import PipelineError
 from pipeline.utils import atomic_path, log, progress
 
 STAGE = "train_classifier"
-#: the stage's input and output (pipeline/stage.py); dvc.yaml's cmd passes them
-PATHS = {"data": "data/prepared/cifar10.npz", "out": "data/classifier"}
+#: the stage's input and output (pipeline/stage.py); dvc.yaml's cmd gives them
+PATHS = ("data", "out")
 DATASETS = {"data": "CIFAR-10 (arrays)"}  # logged to MLflow as the run's dataset input (pipeline/stage.py)
 SECTIONS = (STAGE,)
 CHECKPOINT = Path("data/checkpoints/train_classifier/last.pt")

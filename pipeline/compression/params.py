@@ -73,3 +73,7 @@ class TrainCompressorParams(Section):
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ValueError("lr_milestones: fractions strictly between 0 and 1")
         return self
+
+
+#: the params.yaml sections this module defines: name -> schema (pipeline.config finds it: pipeline/stage.py)
+PARAMS_SECTIONS = {"train_compressor": TrainCompressorParams}

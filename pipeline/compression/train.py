@@ -37,9 +37,9 @@ from pipeline.utils import (atomic_path, atomic_write_text, cpu_has_bf16, file_d
                             seed_everything)
 
 STAGE = "train_compressor"
-#: the stage's inputs and output (pipeline/stage.py); dvc.yaml's cmd passes them. ``init`` (the warm
+#: the stage's inputs and output (pipeline/stage.py); dvc.yaml's cmd gives them. ``init`` (the warm
 #: start) is params (train_compressor.init), not a path option.
-PATHS = {"patches": "data/prepared/patches.npz", "out": "data/compressor"}
+PATHS = ("patches", "out")
 DATASETS = {"patches": "codec training patches"}  # logged to MLflow as the run's dataset input (pipeline/stage.py)
 SECTIONS = (STAGE,)
 CKPT_DIR = Path("data/checkpoints") / STAGE
@@ -49,7 +49,7 @@ REGISTERED_NAME = "rnn-compressor"
 # ----------------------------------------------------------------------------------------- data
 
 
-def load_patches(path: Path = Path(PATHS["patches"])) -> tuple[np.ndarray, np.ndarray]:
+def load_patches(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) uint8 arrays (N, S, S, 3), S a multiple of 16."""
     if not path.is_file():
         raise PipelineError(f"{path}: missing; run `python -m pipeline augment` first")

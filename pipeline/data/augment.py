@@ -21,9 +21,9 @@ from pipeline.data.params import AugmentParams
 from pipeline.errors import PipelineError
 from pipeline.utils import atomic_path, log, progress
 
-#: the stage's input and outputs (pipeline/stage.py); dvc.yaml's cmd passes them
-PATHS = {"raw": "data/raw/cifar-10-batches-py", "cifar": "data/prepared/cifar10.npz",
-         "patches": "data/prepared/patches.npz", "preview": "data/prepared/preview.png"}
+STAGE = "augment"
+#: the stage's input and outputs (pipeline/stage.py); dvc.yaml's cmd gives them
+PATHS = ("raw", "cifar", "patches", "preview")
 DATASETS = {"raw": "CIFAR-10"}  # logged to MLflow as the run's dataset input (pipeline/stage.py)
 #: params it reads: its section, and the classifier's augmentation (shown in preview.png)
 SECTIONS = ("augment", "train_classifier.augmentation")
@@ -79,7 +79,7 @@ def _unpickle(path: Path) -> dict:
     return batch
 
 
-def load_cifar(raw: Path = Path(PATHS["raw"])) -> dict[str, np.ndarray]:
+def load_cifar(raw: Path) -> dict[str, np.ndarray]:
     """Read the original python batches into HWC uint8 arrays."""
     xs, ys = [], []
     for name in progress([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], desc="CIFAR-10 batches"):

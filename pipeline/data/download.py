@@ -33,9 +33,9 @@ from pipeline.data.params import DataParams
 from pipeline.errors import PipelineError, TransientError
 from pipeline.utils import atomic_path, file_digest, log, progress
 
-#: the stage's outputs (pipeline/stage.py); dvc.yaml's cmd passes them
-PATHS = {"cifar": "data/raw/cifar-10-batches-py", "kodak": "data/raw/kodak", "photos": "data/raw/photos",
-         "test_photos": "data/raw/test_photos"}
+STAGE = "download"
+#: the stage's outputs (pipeline/stage.py); dvc.yaml's cmd gives them
+PATHS = ("cifar", "kodak", "photos", "test_photos")
 SECTIONS = ("data",)
 CACHE = Path(".cache/downloads")  # verified downloads, reused by a re-run (not a DVC output)
 CIFAR_TARBALL = "cifar-10-python.tar.gz"

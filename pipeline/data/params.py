@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import PurePosixPath
+from typing import Annotated
 from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 
-from pipeline.schema import Section, Source
+from pipeline.schema import SOURCE, Section, Source
 
 
 class DataParams(Section):
@@ -95,3 +96,8 @@ class AugmentationParams(Section):
     flip: bool = True  # random horizontal flip
     translate: int = Field(2, ge=0)  # random shift of up to N px (reflect padding)
     cutout: int = Field(0, ge=0)  # side of a zeroed random square, 0 disables
+
+
+#: the params.yaml sections this module defines: name -> schema (pipeline.config finds it: pipeline/stage.py);
+#: ``data`` is marked SOURCE whole: it says where the data comes from and what it must hash to
+PARAMS_SECTIONS = {"data": Annotated[DataParams, SOURCE], "augment": AugmentParams}

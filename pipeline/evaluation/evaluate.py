@@ -43,14 +43,12 @@ from pipeline.records import (QUALITIES, AtRate, AtRateAvg, BDRate, CodecSummary
                               EvaluationSummary, Measurement, Pairwise, by_codec, read_csv, read_table, write_csv,
                               write_table)
 
-#: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd passes them: the three image
+STAGE = "evaluate"
+#: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd gives them: the three image
 #: sets' folders (``evaluate.dataset`` names one of them) and the output. The RNN codec's checkpoint is
 #: ``evaluate.rnn_model`` (a path or an MLflow model URI).
-PATHS = {"kodak": "data/raw/kodak", "images": "data/images", "test_photos": "data/raw/test_photos",
-         "out": "data/evaluation"}
+PATHS = ("kodak", "images", "test_photos", "out")
 SECTIONS = ("evaluate",)  # and data.test_photos: the name of the downloaded public set
-KODAK_DIR, OUT_DIR = Path(PATHS["kodak"]), Path(PATHS["out"])
-IMAGES_DIR, TEST_PHOTOS_DIR = Path(PATHS["images"]), Path(PATHS["test_photos"])
 COMPARED = ("ms_ssim", "psnr")  # pairwise comparisons at a rate are made on these
 BD_METRICS = ("ms_ssim_db", "psnr")  # Bjontegaard deltas are taken on these (dB scales)
 LABELS = {"ms_ssim": "MS-SSIM", "ms_ssim_db": "MS-SSIM (dB)", "psnr": "PSNR (dB)", "ssim": "SSIM (single-scale)"}
@@ -393,18 +391,23 @@ def megapixels(images: ImageSet) -> float:
     return sum(w * h for w, h in images.sizes) / 1e6
 
 
-def evaluate(params, out_dir: Path = OUT_DIR, kodak_dir: Path = KODAK_DIR, rnn_loader=None, *,
-             images_dir: Path = IMAGES_DIR, test_photos_dir: Path = TEST_PHOTOS_DIR) -> dict[str, Any]:
+def evaluate(params, out_dir: Path | None = None, kodak_dir: Path | None = None, rnn_loader=None, *,
+             images_dir: Path | None = None, test_photos_dir: Path | None = None) -> dict[str, Any]:
     """Run the whole evaluation for ``params`` (full Params) and write ``out_dir``; returns metrics.
 
     ``kodak_dir``, ``images_dir``, ``test_photos_dir``: the folders of the sets ``kodak``, ``images`` and
-    ``data.test_photos``. ``rnn_loader(model, device)`` returns the RNN codec object (default: ``load_rnn``).
+    ``data.test_photos``; a folder left out is dvc.yaml's. ``rnn_loader(model, device)`` returns the RNN codec
+    object (default: ``load_rnn``).
     """
     import platform
 
     import torch
 
+    from pipeline.stage import fill
     from pipeline.utils import atomic_path, log, select_device
+
+    dirs = fill(STAGE, PATHS, out=out_dir, kodak=kodak_dir, images=images_dir, test_photos=test_photos_dir)
+    out_dir, kodak_dir, images_dir, test_photos_dir = dirs.out, dirs.kodak, dirs.images, dirs.test_photos
 
     p = params.evaluate
     start = time.perf_counter()

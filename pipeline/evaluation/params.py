@@ -92,3 +92,7 @@ class EvaluateParams(CodecParams):
         if self.visual_crop[2] < 8 or self.visual_crop[3] < 8 or min(self.visual_crop) < 0:
             raise ValueError("visual_crop: left, top >= 0 and width, height >= 8")
         return self
+
+
+#: the params.yaml sections this module defines: name -> schema (pipeline.config finds it: pipeline/stage.py)
+PARAMS_SECTIONS = {"evaluate": EvaluateParams}

@@ -33,12 +33,10 @@ from pipeline.records import (AtRate, AtRateAvg, BDRate, ClassifierMetrics, Curv
                               Measurement, Pairwise, by_codec, read_table)
 from pipeline.utils import atomic_write_text, file_digest, load_json, log
 
-#: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd passes them
-PATHS = {"classifier": "data/classifier", "compressor": "data/compressor", "evaluation": "data/evaluation",
-         "out": "data/report"}
+STAGE = "report"
+#: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd gives them
+PATHS = ("classifier", "compressor", "evaluation", "out")
 SECTIONS = ("report",)  # and tracking.experiment, to find the stages' MLflow runs (not a result param)
-CLASSIFIER_DIR, COMPRESSOR_DIR = Path(PATHS["classifier"]), Path(PATHS["compressor"])
-EVAL_DIR, OUT_DIR = Path(PATHS["evaluation"]), Path(PATHS["out"])
 KODAK_DIR = Path("data/raw/kodak")  # hashed for the provenance only (or the evaluated set's folder)
 TEMPLATE = Path(__file__).with_name("template.html")
 CLASSIFIER_FIGURES = [
@@ -60,7 +58,6 @@ EVAL_FIGURES = [
                         "actually plotted), averaged per setting"),
 ]
 CIFAR10_TEST_SIZE = 10000  # the test set the accuracy is measured on, when metrics.json does not say
-STAGES = ("download", "augment", "train_classifier", "train_compressor", "evaluate", "report")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -132,8 +129,7 @@ class Inputs:
     pairwise: list[Pairwise] = field(default_factory=list)
 
 
-def read_inputs(classifier_dir: Path = CLASSIFIER_DIR, eval_dir: Path = EVAL_DIR,
-                compressor_dir: Path = COMPRESSOR_DIR) -> Inputs:
+def read_inputs(classifier_dir: Path, eval_dir: Path, compressor_dir: Path) -> Inputs:
     needed = [eval_dir / n for n in ("summary.json", "curves.csv", "at_rates.csv", "bd.csv", "per_image.csv",
                                      "at_rates_avg.csv", "pairwise.csv")]
     absent = [str(p) for p in needed if not p.is_file()]
@@ -289,8 +285,10 @@ def mlflow_runs(experiment: str, current_run_id: str | None = None) -> list[dict
     if current_run_id:
         cur = mlflow.get_run(current_run_id)
         parent = cur.data.tags.get("mlflow.parentRunId")
+    from pipeline.stage import dvc_commands
+
     out = []
-    for stage in STAGES:
+    for stage in dvc_commands():  # every stage, in dvc.yaml's order
         cands = [r for r in runs if r.data.tags.get("dvc_stage") == stage]
         if parent:  # prefer runs of the same pipeline run
             same = [r for r in cands if r.data.tags.get("mlflow.parentRunId") == parent]
@@ -609,8 +607,13 @@ def render_md(ctx: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def build(params, run_id: str | None = None, out_dir: Path = OUT_DIR, classifier_dir: Path = CLASSIFIER_DIR,
-          eval_dir: Path = EVAL_DIR, compressor_dir: Path = COMPRESSOR_DIR) -> dict[str, Any]:
+def build(params, run_id: str | None = None, out_dir: Path | None = None, classifier_dir: Path | None = None,
+          eval_dir: Path | None = None, compressor_dir: Path | None = None) -> dict[str, Any]:
+    """Write the report from the stages' outputs; a folder left out is dvc.yaml's."""
+    from pipeline.stage import fill
+
+    dirs = fill(STAGE, PATHS, out=out_dir, classifier=classifier_dir, evaluation=eval_dir, compressor=compressor_dir)
+    out_dir, classifier_dir, eval_dir, compressor_dir = dirs.out, dirs.classifier, dirs.evaluation, dirs.compressor
     inputs = read_inputs(classifier_dir, eval_dir, compressor_dir)
     for m in inputs.missing:
         log(f"[report] {m} is missing: its section says so")

@@ -21,3 +21,7 @@ class ReportParams(Section):
         if unknown:
             raise ValueError(f"claim_behind: {', '.join(unknown)} is not a codec ({', '.join(SPECS)})")
         return names
+
+
+#: the params.yaml sections this module defines: name -> schema (pipeline.config finds it: pipeline/stage.py)
+PARAMS_SECTIONS = {"report": ReportParams}
