@@ -12,7 +12,7 @@ each part ends (so a run cut short still returns what it measured), the device n
 2. codec, continued: the shipped ``models/rnnc-cpu.pt`` (cpu widths, 8 iterations) trained on with
    the stage's own ``train`` on CUDA (bf16 autocast, EMA, cosine decay sized to the budget from a short
    throughput probe); the published weights (EMA) come back as a compact checkpoint that
-   ``python -m pipeline.compression.release`` and ``load_model`` read, with snapshots along the way,
+   ``python -m tools.release`` and ``load_model`` read, with snapshots along the way,
    so Kodak quality against GPU time is measured back on the CPU machine;
 3. classifier: ``bench/bench_classifier.py --profile gpu`` (the airbench-style fast recipe), its
    time-to-94 % over ``--classifier-seeds`` seeds;

@@ -12,7 +12,10 @@ import pytest
 from PIL import Image
 
 from pipeline.compression.cli import main
-from pipeline.compression.codec import HEADER_SIZE, bits_per_pixel, load_codec, save_model, truncate
+from pipeline.compression.codec import load_codec
+from pipeline.compression.modelfile import save_model
+from pipeline.compression.rnncfile import HEADER_SIZE, truncate
+from pipeline.images import bits_per_pixel
 from tests.test_codec_format import make_image, make_model, records_v2
 
 REPO = Path(__file__).resolve().parents[1]

@@ -151,7 +151,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, recipe):
 def test_stage_on_tiny_profile(tiny_workspace, monkeypatch):
     import mlflow
 
-    from pipeline.compression.codec import load_codec, parse
+    from pipeline.compression.codec import load_codec
+    from pipeline.compression.rnncfile import parse
     from pipeline.config import load_params
 
     from pipeline.__main__ import main
@@ -219,7 +220,7 @@ def test_deterministic_binarizer_passes_gradients_straight_through():
 
 
 def test_warm_start_begins_from_the_init_weights(tmp_path):
-    from pipeline.compression.codec import save_model
+    from pipeline.compression.modelfile import save_model
 
     p = TrainCompressorParams(**{**TINY, "epochs": 1, "patches_per_epoch": 8, "lr": 1e-12})
     torch.manual_seed(123)

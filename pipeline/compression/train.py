@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from pipeline import distributed, training
-from pipeline.compression.codec import MODEL_FORMAT, model_fingerprint, save_model
 from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor, count_parameters, forward_flops
+from pipeline.compression.modelfile import MODEL_FORMAT, model_fingerprint, save_model
 from pipeline.compression.params import TrainCompressorParams
 from pipeline.errors import PipelineError
 from pipeline.utils import (atomic_path, atomic_write_text, cpu_has_bf16, file_digest, log, progress, save_json,
@@ -268,7 +268,7 @@ class EMA:
 
 def load_init(model: RNNCompressor, path: str) -> None:
     """Warm start: copy the weights of a model file (same architecture) into ``model``."""
-    from pipeline.compression.codec import load_model
+    from pipeline.compression.modelfile import load_model
 
     src = load_model(path)
     if src.config != model.config:
