@@ -40,7 +40,8 @@ os.environ.setdefault("PIPELINE_NO_PROGRESS", "1")  # a bar per 10-step "epoch" 
 from pipeline import distributed  # noqa: E402
 from pipeline.compression.model import count_parameters  # noqa: E402
 from pipeline.compression.params import TrainCompressorParams  # noqa: E402
-from pipeline.compression.train import CompressorTask, lr_factor, load_patches  # noqa: E402
+from pipeline.compression.recipe import lr_factor  # noqa: E402
+from pipeline.compression.train import CompressorTask, load_patches  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.utils import git_commit  # noqa: E402
 from tools.release import kodak_quality  # noqa: E402
