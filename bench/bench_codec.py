@@ -57,9 +57,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.compression.codec import (  # noqa: E402
-    DEFAULT_TILE, RNNCodec, _pack_coded, _pack_v1, bits_per_pixel, load_model, truncate,
-)
+from pipeline.compression.codec import RNNCodec  # noqa: E402
+from pipeline.compression.modelfile import load_model  # noqa: E402
+from pipeline.compression.rnncfile import DEFAULT_TILE, pack_coded, pack_v1, truncate  # noqa: E402
+from pipeline.images import bits_per_pixel  # noqa: E402
 from pipeline.compression.model import ModelConfig, RNNCompressor, count_parameters  # noqa: E402
 
 
@@ -330,13 +331,13 @@ def entropy_saving(codec: RNNCodec, images: list[tuple[str, np.ndarray]], iterat
     for name, img in images:
         codes = codec.encode(img, iterations)
         header = codec.header_for(img, iterations)
-        v1 = _pack_v1(header, codes)
+        v1 = pack_v1(header, codes)
         raw += header.iteration_bytes
         for k in range(1, iterations + 1):
             v1_sizes[k - 1] += len(truncate(v1, k))
         for v in versions:
             t0 = time.perf_counter()
-            data, sizes = _pack_coded(header, codes, table if v == 3 else None)
+            data, sizes = pack_coded(header, codes, table if v == 3 else None)
             if v == versions[0]:
                 code_s += time.perf_counter() - t0
                 t0 = time.perf_counter()

@@ -12,7 +12,7 @@ each part ends (so a run cut short still returns what it measured), the device n
 2. codec, continued: the shipped ``models/rnnc-cpu.pt`` (cpu widths, 8 iterations) trained on with
    the stage's own ``train`` on CUDA (bf16 autocast, EMA, cosine decay sized to the budget from a short
    throughput probe); the published weights (EMA) come back as a compact checkpoint that
-   ``python -m pipeline.compression.release`` and ``load_model`` read, with snapshots along the way,
+   ``python -m tools.release`` and ``load_model`` read, with snapshots along the way,
    so Kodak quality against GPU time is measured back on the CPU machine;
 3. classifier: ``bench/bench_classifier.py --profile gpu`` (the airbench-style fast recipe), its
    time-to-94 % over ``--classifier-seeds`` seeds;
@@ -56,7 +56,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEVICE = "cuda"  # --device cpu: a dry run of the whole script with tiny budgets, where there is no GPU
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import deep_merge, read_raw, resolve  # noqa: E402

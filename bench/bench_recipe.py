@@ -40,9 +40,11 @@ os.environ.setdefault("PIPELINE_NO_PROGRESS", "1")  # a bar per 10-step "epoch" 
 from pipeline import distributed  # noqa: E402
 from pipeline.compression.model import count_parameters  # noqa: E402
 from pipeline.compression.params import TrainCompressorParams  # noqa: E402
-from pipeline.compression.release import _git_commit, kodak_quality  # noqa: E402
-from pipeline.compression.train import CompressorTask, lr_factor, load_patches  # noqa: E402
+from pipeline.compression.recipe import lr_factor  # noqa: E402
+from pipeline.compression.train import CompressorTask, load_patches  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.utils import git_commit  # noqa: E402
+from tools.release import kodak_quality  # noqa: E402
 
 BASE = {"batch_size": 32, "amp": True, "binarizer": "deterministic", "ema_decay": None, "lr": 0.001,
         "lr_schedule": "constant", "lr_warmup": 0.01, "loss": "l1", "iterations": 8, "val_patches": 1,
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                "kodak_psnr": {k: round(q[k]["psnr"], 2) for k in ks},
                "kodak_ms_ssim": {k: round(q[k]["ms_ssim"], 4) for k in ks},
                "threads": a.threads, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "commit": _git_commit(Path(__file__).resolve().parents[1]), "date": time.strftime("%Y-%m-%d %H:%M")}
+               "commit": git_commit(Path(__file__).resolve().parents[1]), "date": time.strftime("%Y-%m-%d %H:%M")}
         print(f"[{name}] {r['steps']} steps, {row['patches_per_s']} patches/s; Kodak PSNR "
               + " / ".join(f"{row['kodak_psnr'][k]:.2f}" for k in ks) + " dB, MS-SSIM "
               + " / ".join(f"{row['kodak_ms_ssim'][k]:.4f}" for k in ks) + f" at {ks} iterations", flush=True)

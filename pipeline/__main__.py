@@ -58,7 +58,7 @@ def _log_model(args: argparse.Namespace) -> None:
         kind = "cifar10-classifier"
         load_classifier(path)
     else:
-        from pipeline.compression.codec import model_from_checkpoint
+        from pipeline.compression.modelfile import model_from_checkpoint
 
         kind = "rnn-compressor"
         model_from_checkpoint(blob, str(path))

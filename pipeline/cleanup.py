@@ -43,7 +43,7 @@ def remove_stale_temps(*targets: str | os.PathLike, stage: str = "") -> int:
 def stage_targets(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> list[Path]:
     """What ``stage`` writes: its dvc.yaml outs (and metrics, plots), the folders holding them below
     ``data/`` (written whole by some stages), and its checkpoints in ``data/checkpoints/<stage>/``."""
-    from pipeline.orchestration.dvcgraph import load_stages
+    from pipeline.dvcfile import load_stages
 
     if not Path(dvc_yaml).is_file():
         return []

@@ -43,7 +43,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def _mlflow():
+def mlflow_module():
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -59,7 +59,7 @@ def experiment_id(name: str) -> str:
     go to ``<project>/mlartifacts``."""
     from pipeline.errors import PipelineError
 
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     try:  # the first call that opens the store: a store MLflow refuses (e.g. a file:// one) fails here
         exp = mlflow.get_experiment_by_name(name)
     except mlflow.exceptions.MlflowException as err:
@@ -153,7 +153,7 @@ def close_orphaned_stage_runs(exp_id: str, stage: str | None = None) -> list[str
     """
     import datetime
 
-    client = _mlflow().MlflowClient()
+    client = mlflow_module().MlflowClient()
     query = "attributes.status = 'RUNNING'" + (f" and tags.dvc_stage = '{stage}'" if stage else "")
     runs = client.search_runs([exp_id], filter_string=query, max_results=1000)
     closed = []
@@ -176,7 +176,7 @@ def close_orphaned_parents(experiment: str, dag_run_over) -> list[str]:
     ``dag_run_over(dag_id, run_id)`` says whether Airflow considers that DAG run finished (a run whose
     orchestrator was killed, or whose failure was never recorded). Returns the ids of the runs closed.
     """
-    client = _mlflow().MlflowClient()
+    client = mlflow_module().MlflowClient()
     runs = client.search_runs([experiment_id(experiment)], filter_string="tags.pipeline_parent = 'true' and "
                               "attributes.status = 'RUNNING'", max_results=200)
     closed = []
@@ -222,7 +222,7 @@ def check_reachable(uri: str | None = None, timeout_s: float | None = None) -> N
 def start_parent_run(experiment: str, run_name: str, params: dict[str, Any] | None = None,
                      tags: dict[str, str] | None = None) -> str:
     """Create the parent run of one pipeline run and return its id (the run stays open)."""
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     client = mlflow.MlflowClient()
     run = client.create_run(experiment_id(experiment), run_name=run_name,
                             tags={**run_tags(), **(tags or {}), "pipeline_parent": "true"})
@@ -233,7 +233,7 @@ def start_parent_run(experiment: str, run_name: str, params: dict[str, Any] | No
 
 
 def end_parent_run(run_id: str, status: str = "FINISHED") -> None:
-    _mlflow().MlflowClient().set_terminated(run_id, status=status)
+    mlflow_module().MlflowClient().set_terminated(run_id, status=status)
 
 
 def _find_parent(experiment: str) -> str | None:
@@ -242,7 +242,7 @@ def _find_parent(experiment: str) -> str | None:
     label = os.environ.get(PIPELINE_RUN_ENV)
     if not label:
         return None
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     exp_id = experiment_id(experiment)
     found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_run_id = '{label}' "
                                "and tags.pipeline_parent = 'true'", output_format="list", max_results=1)
@@ -279,7 +279,7 @@ def log_datasets(datasets: dict[str, Path], root: Path | None = None) -> None:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     root = (root or Path.cwd()).resolve()
     hashes = _dvc_hashes(root)
     for name, path in datasets.items():
@@ -311,7 +311,7 @@ def stage_run(stage: str, params, sections: tuple[str, ...] | None = None,
     RUNNING runs of this stage left by a killed process.
     """
     check_reachable()
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     experiment = params.tracking.experiment
     exp_id = experiment_id(experiment)
     close_orphaned_stage_runs(exp_id, stage)
@@ -350,7 +350,7 @@ def _close_interrupted(run_id: str) -> None:
     if threading.current_thread() is threading.main_thread():
         held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        mlflow = _mlflow()
+        mlflow = mlflow_module()
         client = mlflow.MlflowClient()
         client.set_tag(run_id, "orphaned", "stage interrupted (SIGINT/SIGTERM)")
         client.set_terminated(run_id, status="KILLED")
@@ -379,7 +379,7 @@ def joined_run(run_id: str) -> Iterator[Any]:
     On exit the run is left RUNNING, whatever happened here: its owner (the launcher, whose pid its
     tags name) closes it FINISHED, FAILED or KILLED when the ranks are done.
     """
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     run = mlflow.start_run(run_id=run_id)
     try:
         yield run
@@ -389,7 +389,7 @@ def joined_run(run_id: str) -> Iterator[Any]:
 
 def record_failure(parent_run_id: str, stage: str, message: str = "") -> None:
     """Mark a pipeline's parent run FAILED, naming the stage that failed."""
-    client = _mlflow().MlflowClient()
+    client = mlflow_module().MlflowClient()
     client.set_tag(parent_run_id, "failed_stage", stage)
     if message:
         client.set_tag(parent_run_id, "failure", message[:5000])

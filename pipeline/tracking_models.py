@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.tracking import _mlflow, experiment_id, run_tags
+from pipeline.tracking import experiment_id, mlflow_module, run_tags
 
 #: How this project logs a model to MLflow: its own checkpoint file (config + state dict, read back with
 #: ``torch.load(weights_only=True)`` and the format's own checks), never a pickled module. The run, its
@@ -52,7 +52,7 @@ def log_model_checkpoint(checkpoint: str | os.PathLike, kind: str, registered_na
 
     from mlflow.models import Model
 
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     tags = {MODEL_FORMAT_TAG: CHECKPOINT_FORMAT, "pipeline.model_kind": kind}
     logged = mlflow.initialize_logged_model(name="model", tags=tags, model_type=kind)
     try:
@@ -77,7 +77,7 @@ def log_model_checkpoint(checkpoint: str | os.PathLike, kind: str, registered_na
 def log_model_file(checkpoint: str | os.PathLike, kind: str, experiment: str,
                    registered_name: str | None = None) -> str:
     """``python -m pipeline log-model``: log a checkpoint file in a run of its own; returns the run's id."""
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     with mlflow.start_run(experiment_id=experiment_id(experiment), run_name="log-model", tags=run_tags()) as run:
         mlflow.log_param("file", str(checkpoint))
         log_model_checkpoint(checkpoint, kind, registered_name)
@@ -111,7 +111,7 @@ def logged_checkpoint(uri: str, kind: str, what: str, error: type[Exception] | N
     if not _MLFLOW_MODEL_URI.match(uri):
         raise error(f"model {uri}: not a model file, models:/NAME/VERSION or runs:/RUN_ID/model (no other "
                     "URI is loaded)")
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 

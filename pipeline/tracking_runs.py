@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import platform
 
-from pipeline.tracking import _mlflow, project_root
+from pipeline.tracking import mlflow_module, project_root
 from pipeline.utils import log
 
 
@@ -23,7 +23,7 @@ def mark_unpublished(stage: str, since_ms: int, note: str, exp_id: str) -> list[
     """Mark FAILED, with ``note``, the FINISHED runs of ``stage`` that this workspace started since
     ``since_ms`` (epoch ms): the stage ran, but its outputs never reached the DVC remote (``dvc push``
     failed), so that attempt's run is not a result; the retry's run is. Returns their ids."""
-    client = _mlflow().MlflowClient()
+    client = mlflow_module().MlflowClient()
     query = f"attributes.status = 'FINISHED' and attributes.start_time >= {int(since_ms)}"
     marked = []
     for run in _workspace_stage_runs(client, stage, exp_id, query):
@@ -39,7 +39,7 @@ def republish_skipped(stage: str, since_ms: int, note: str, exp_id: str) -> str 
     ``since_ms`` (DVC skipped the stage as up to date, so what was pushed is an earlier attempt's output),
     the newest run of this workspace that :func:`mark_unpublished` failed is FINISHED again, with the
     tag ``published_on_retry``. Returns its id (None: the stage ran again, or nothing was unpublished)."""
-    client = _mlflow().MlflowClient()
+    client = mlflow_module().MlflowClient()
     runs = _workspace_stage_runs(client, stage, exp_id)
     if not runs or runs[0].info.start_time >= since_ms:
         return None

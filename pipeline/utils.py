@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -81,6 +82,16 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
 def load_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def git_commit(folder: str | os.PathLike) -> str | None:
+    """The commit checked out in the git work tree that holds ``folder`` (None: not in one, or no git)."""
+    try:
+        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True, timeout=30)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def seed_everything(seed: int) -> None:

@@ -6,7 +6,7 @@
 # over the cpu profile. Warm-starts from models/rnnc-cpu.pt when it exists (training continued across
 # sessions). Resumable: run the same command again after a kill and it resumes from the last epoch
 # (model, optimiser, scheduler, EMA and RNG state; checkpoint every epoch of EPOCH_PATCHES patches).
-# Then `python -m pipeline.compression.release` turns a snapshot into models/rnnc-cpu.pt + .json.
+# Then `python -m tools.release` turns a snapshot into models/rnnc-cpu.pt + .json.
 #
 #   scripts/train_codec_long.sh            # start or resume, in the foreground
 #   LONGRUN_DIR=/path THREADS=2 scripts/train_codec_long.sh

@@ -12,7 +12,10 @@ import pytest
 from PIL import Image
 
 from pipeline.compression.cli import main
-from pipeline.compression.codec import HEADER_SIZE, bits_per_pixel, load_codec, save_model, truncate
+from pipeline.compression.codec import load_codec
+from pipeline.compression.modelfile import save_model
+from pipeline.compression.rnncfile import HEADER_SIZE, truncate
+from pipeline.images import bits_per_pixel
 from tests.test_codec_format import make_image, make_model, records_v2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +232,7 @@ def test_info_shows_version_and_iteration_sizes(tmp_path, png, model_path, capsy
     assert rnnc("info", out) == 0
     text = capsys.readouterr().out
     sizes = [len(p) for p in records_v2(out.read_bytes())]
-    assert ".rnnc v2" in text and f"2/2 iterations" in text
+    assert ".rnnc v2" in text and "2/2 iterations" in text
     assert text.splitlines()[-1].endswith(" ".join(map(str, sizes)))
 
 

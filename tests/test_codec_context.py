@@ -8,9 +8,10 @@ import torch
 
 from pipeline.compression import context as cx
 from pipeline.compression.entropy import EntropyError
-from pipeline.compression.codec import (
-    BitstreamError, CodecError, RNNCodec, load_model, model_fingerprint, parse, save_model, truncate,
-)
+from pipeline.compression.codec import RNNCodec
+from pipeline.compression.errors import BitstreamError, CodecError
+from pipeline.compression.modelfile import load_model, model_fingerprint, save_model
+from pipeline.compression.rnncfile import parse, truncate
 from tests.test_codec_format import CFG, forge, make_image, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

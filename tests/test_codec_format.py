@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.compression.codec import (
-    CRC_SIZE, HEADER_SIZE, MAX_TILE, BitstreamError, CodecError, Header, ModelError, ModelMismatchError,
-    OutOfMemory, RNNCodec, bits_per_pixel, file_size, load_codec, max_file_size, parse, save_model, tile_grid,
-    truncate,
+from pipeline.compression.codec import RNNCodec, load_codec
+from pipeline.compression.errors import BitstreamError, CodecError, ModelError, ModelMismatchError, OutOfMemory
+from pipeline.compression.modelfile import save_model
+from pipeline.compression.rnncfile import (
+    CRC_SIZE, HEADER_SIZE, MAX_TILE, Header, file_size, max_file_size, parse, tile_grid, truncate,
 )
 from pipeline.compression.model import ModelConfig, RNNCompressor
 from pipeline.errors import PipelineError
+from pipeline.images import bits_per_pixel
 
 CFG = ModelConfig(encoder_widths=(8, 16, 16, 16), decoder_widths=(16, 16, 16, 16), bits=32, iterations=4)
 
@@ -442,3 +444,36 @@ def test_gru_one_shot_model_round_trips_through_files():
         data = codec.compress(img, k)
         np.testing.assert_array_equal(codec.decompress(data), codec.reconstruct(img, k))
         np.testing.assert_array_equal(RNNCodec(model, tile=32).decompress_progressive(data)[-1], codec.decompress(data))
+
+
+def test_the_file_format_module_needs_no_torch(tmp_path):
+    """pipeline.compression.rnncfile reads, checks and truncates .rnnc files without torch (numpy only):
+    imported in a fresh interpreter, torch is not loaded, and a file of every version parses and truncates."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = make_model()
+    codec = RNNCodec(model, tile=32)
+    img = make_image(40, 72)
+    for v in (1, 2):
+        (tmp_path / f"v{v}.rnnc").write_bytes(codec.compress(img, 3, version=v))
+    code = ("import sys\n"
+            "from pipeline.compression import rnncfile\n"
+            "for name in sys.argv[1:]:\n"
+            "    data = open(name, 'rb').read()\n"
+            "    header, chunks = rnncfile.parse(data)\n"
+            "    assert len(chunks) == 3 and rnncfile.parse(rnncfile.truncate(data, 2))[0].iterations == 2\n"
+            "    rnncfile.unpack_codes(header, chunks, 3)\n"
+            "print('torch' in sys.modules)\n")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code, *sorted(map(str, tmp_path.glob("*.rnnc")))], cwd=repo,
+                         capture_output=True, text=True, check=True, env={"PYTHONPATH": str(repo), "PATH": ""})
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_the_format_block_is_the_models():
+    from pipeline.compression import model as model_module
+    from pipeline.compression import rnncfile
+
+    assert rnncfile.BLOCK == model_module.BLOCK

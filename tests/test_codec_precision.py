@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from pipeline.compression import codec as codec_module
-from pipeline.compression import inference
 from pipeline.compression.cli import main
-from pipeline.compression.codec import HEADER_SIZE, CodecError, RNNCodec, load_codec, load_model, save_model
+from pipeline.compression.codec import RNNCodec, load_codec
+from pipeline.compression.errors import CodecError
+from pipeline.compression.modelfile import load_model, save_model
+from pipeline.compression.rnncfile import HEADER_SIZE
 from pipeline.compression.inference import InferenceNet, resolve_precision
 from pipeline.evaluation.metrics import psnr
 from tests.test_codec_format import CFG, make_image, make_model

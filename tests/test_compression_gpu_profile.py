@@ -37,7 +37,7 @@ def test_gpu_profile_codec_runs_on_cpu_with_a_tiny_override(tiny_workspace, monk
 
 @pytest.mark.slow
 def test_cpu_profile_warm_starts_from_the_shipped_model(tiny_workspace, monkeypatch):
-    from pipeline.compression.codec import load_model
+    from pipeline.compression.modelfile import load_model
     from pipeline.config import load_params, set_params
 
     ws = make_workspace(SESSION_TMP / "cpu_ws", profile="cpu")

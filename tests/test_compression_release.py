@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.compression import release
 from pipeline.compression import train as tc
-from pipeline.compression.codec import load_codec, load_model, parse
+from pipeline.compression.codec import load_codec
+from pipeline.compression.modelfile import load_model
 from pipeline.compression.params import TrainCompressorParams
+from pipeline.compression.rnncfile import parse
 from pipeline.config import set_params
+from tools import release
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from pipeline.compression import recipe
 from pipeline.compression import train as tc
 from pipeline.compression.params import TrainCompressorParams
 from pipeline.errors import PipelineError
@@ -33,12 +34,12 @@ def synthetic_patches(n: int, seed: int = 0) -> np.ndarray:
 
 def test_lr_schedule_warms_up_then_decays():
     p = TrainCompressorParams(**{**TINY, "lr_schedule": "cosine", "lr_warmup": 0.1})
-    f = tc.lr_factor(p, 100)
+    f = recipe.lr_factor(p, 100)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(99) < 0.05
     assert all(f(i) >= f(i + 1) for i in range(10, 99))
     p = TrainCompressorParams(**{**TINY, "lr_schedule": "multistep", "lr_warmup": 0, "lr_gamma": 0.5})
-    m = tc.lr_factor(p, 100)
+    m = recipe.lr_factor(p, 100)
     assert (m(49), m(50), m(75)) == (1.0, 0.5, 0.25)
 
 
@@ -52,19 +53,19 @@ def test_params_are_validated():
 def test_loss_is_mean_residual_over_iterations():
     x = torch.zeros(1, 3, 2, 2)
     recon = torch.stack([torch.full_like(x, 0.5), torch.full_like(x, 0.1)])
-    assert tc.residual_loss(x, recon, "l1").item() == pytest.approx(0.3)
-    assert tc.residual_loss(x, recon, "l2").item() == pytest.approx((0.25 + 0.01) / 2)
+    assert recipe.residual_loss(x, recon, "l1").item() == pytest.approx(0.3)
+    assert recipe.residual_loss(x, recon, "l2").item() == pytest.approx((0.25 + 0.01) / 2)
 
 
 def test_iteration_weights_weight_each_iteration_loss():
     x = torch.zeros(1, 3, 2, 2)
     recon = torch.stack([torch.full_like(x, 0.5), torch.full_like(x, 0.1)])
-    assert tc.residual_loss(x, recon, "l1", weights=(1.0, 0.0)).item() == pytest.approx(0.5)
-    assert tc.residual_loss(x, recon, "l1", weights=(1.0, 3.0)).item() == pytest.approx((0.5 + 3 * 0.1) / 4)
-    assert tc.residual_loss(x, recon, "l2", weights=(2.0, 2.0)).item() == pytest.approx((0.25 + 0.01) / 2)
-    assert tc.residual_loss(x, recon, "l1_ssim", ssim_weight=0.0, weights=(0.0, 1.0)).item() == pytest.approx(0.1)
+    assert recipe.residual_loss(x, recon, "l1", weights=(1.0, 0.0)).item() == pytest.approx(0.5)
+    assert recipe.residual_loss(x, recon, "l1", weights=(1.0, 3.0)).item() == pytest.approx((0.5 + 3 * 0.1) / 4)
+    assert recipe.residual_loss(x, recon, "l2", weights=(2.0, 2.0)).item() == pytest.approx((0.25 + 0.01) / 2)
+    assert recipe.residual_loss(x, recon, "l1_ssim", ssim_weight=0.0, weights=(0.0, 1.0)).item() == pytest.approx(0.1)
     p = TrainCompressorParams(**{**TINY, "iteration_weights": (1.0, 2.0)})
-    assert tc.task_loss(p, x, recon).item() == pytest.approx((0.5 + 2 * 0.1) / 3)
+    assert recipe.task_loss(p, x, recon).item() == pytest.approx((0.5 + 2 * 0.1) / 3)
     for bad in ((1.0,), (1.0, -1.0), (0.0, 0.0)):
         with pytest.raises(ValidationError, match="iteration_weights"):
             TrainCompressorParams(**{**TINY, "iteration_weights": bad})
@@ -90,9 +91,9 @@ def test_l1_ssim_loss_mixes_l1_with_ssim_of_each_iteration():
     c1 = 0.01 ** 2
     ssims = [(2 * 0.5 * b + c1) / (0.25 + b * b + c1) for b in (1.0, 0.6)]
     want = 0.84 * (1 - sum(ssims) / 2) + 0.16 * 0.3
-    assert tc.residual_loss(x, recon, "l1_ssim").item() == pytest.approx(want, rel=1e-4)  # float32 variances
-    assert tc.residual_loss(x, recon, "l1_ssim", ssim_weight=0.0).item() == pytest.approx(0.3)
-    assert tc.residual_loss(x, x[None].repeat(3, 1, 1, 1, 1), "l1_ssim").item() == pytest.approx(0.0, abs=1e-6)
+    assert recipe.residual_loss(x, recon, "l1_ssim").item() == pytest.approx(want, rel=1e-4)  # float32 variances
+    assert recipe.residual_loss(x, recon, "l1_ssim", ssim_weight=0.0).item() == pytest.approx(0.3)
+    assert recipe.residual_loss(x, x[None].repeat(3, 1, 1, 1, 1), "l1_ssim").item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_missing_or_bad_patches_give_clear_errors(tmp_path):
@@ -154,7 +155,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, recipe):
 def test_stage_on_tiny_profile(tiny_workspace, monkeypatch):
     import mlflow
 
-    from pipeline.compression.codec import load_codec, parse
+    from pipeline.compression.codec import load_codec
+    from pipeline.compression.rnncfile import parse
     from pipeline.config import load_params
 
     from pipeline.__main__ import main
@@ -196,7 +198,7 @@ def test_ema_is_the_exponential_average_and_is_what_gets_published():
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema = tc.EMA(model, 0.75)
+    ema = recipe.EMA(model, 0.75)
     with torch.no_grad():
         model.weight.fill_(3.0)
     ema.update()  # 0.75 * 1 + 0.25 * 3
@@ -224,7 +226,7 @@ def test_deterministic_binarizer_passes_gradients_straight_through():
 
 
 def test_warm_start_begins_from_the_init_weights(tmp_path):
-    from pipeline.compression.codec import save_model
+    from pipeline.compression.modelfile import save_model
 
     p = TrainCompressorParams(**{**TINY, "epochs": 1, "patches_per_epoch": 8, "lr": 1e-12})
     torch.manual_seed(123)

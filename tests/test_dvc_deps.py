@@ -131,3 +131,12 @@ def test_config_imports_only_schemas():
     assert imported and all(m.endswith(".params") or m in ("pipeline.errors", "pipeline.schema", "pipeline.stage",
                                                            "pipeline.utils")
                             for m in imported), imported
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_no_stage_depends_on_the_orchestrators(stage):
+    """pipeline/orchestration holds the orchestrators' helpers (its __init__): no stage, nor the clean-up every
+    stage runs, imports it (both read dvc.yaml through pipeline/dvcfile.py)."""
+    files = closure(STAGES[stage]) | closure("pipeline.cleanup")
+    assert not [p for p in files if (REPO / "pipeline/orchestration") in p.parents]
+    assert "pipeline.dvcfile" in imported_modules(REPO / "pipeline/cleanup.py")

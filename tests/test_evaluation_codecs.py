@@ -451,14 +451,14 @@ def tiny_real_model(path, iterations: int = 3, **variant):
     """A tiny randomly initialised RNNCompressor saved in the project's model format."""
     import torch
 
-    from pipeline.compression import codec as codec_mod
     from pipeline.compression import model as model_mod
+    from pipeline.compression import modelfile
     from pipeline.compression.params import TrainCompressorParams
 
     torch.manual_seed(0)
     cfg = TrainCompressorParams(encoder_widths=(8, 16, 16, 16), decoder_widths=(16, 16, 16, 16),
                                 iterations=iterations, val_iterations=(1, iterations), **variant)
-    codec_mod.save_model(model_mod.RNNCompressor(model_mod.ModelConfig.from_params(cfg)), path)
+    modelfile.save_model(model_mod.RNNCompressor(model_mod.ModelConfig.from_params(cfg)), path)
     return path
 
 
@@ -484,7 +484,8 @@ def test_rnn_wrapper_with_the_real_codec(tmp_path, one_thread):
 def test_truncation_equals_encoding_with_fewer_iterations(tmp_path, one_thread):
     """The real codec: truncate(compress(img, K), k) is byte for byte compress(img, k), and it decodes to
     the same pixels as the progressive decode of the full file (issue 12, item 5)."""
-    from pipeline.compression.codec import load_codec, truncate
+    from pipeline.compression.codec import load_codec
+    from pipeline.compression.rnncfile import truncate
 
     real = load_codec(tiny_real_model(tmp_path / "m.pt", 3), device="cpu")
     img = make_image(64, 96, seed=7)

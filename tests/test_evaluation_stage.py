@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline.config import deep_merge, read_raw, resolve
 from pipeline.errors import PipelineError
 from pipeline.evaluation import evaluate as E
+from pipeline.evaluation import summarise
 from tests.test_evaluation_codecs import FakeRNNCodec, make_image, tiny_real_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_evaluate_writes_every_output(tmp_path, kodak):
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["ms_ssim"]) == set(codecs)
     for c in codecs:
-        assert set(m["ms_ssim"][c]) == {E.rate_key(r) for r in p.rates}
+        assert set(m["ms_ssim"][c]) == {summarise.rate_key(r) for r in p.rates}
         assert set(m["images_at_rate"][c].values()) <= {0, 1}
     assert set(m["bd_rate_vs_jpeg"]) == set(codecs) - {"jpeg"}
     assert set(m["bd_rate_rnn_vs"]) == set(codecs) - {"rnn"}
@@ -185,7 +186,7 @@ def test_two_conventions_and_the_rnn_subset(tmp_path, kodak):
 
 
 def test_bd_pairs_cover_anchor_and_rnn():
-    pairs = E.bd_pairs(["jpeg", "webp", "rnn", "avif"], "jpeg")
+    pairs = summarise.bd_pairs(["jpeg", "webp", "rnn", "avif"], "jpeg")
     assert ("jpeg", "webp") in pairs and ("jpeg", "avif") in pairs and ("jpeg", "rnn") in pairs
     assert ("webp", "rnn") in pairs and ("avif", "rnn") in pairs
     assert len(pairs) == len(set(pairs)) == 5

@@ -58,7 +58,7 @@ def store(tmp_path_factory):
 
     from pipeline import tracking, tracking_models
     from pipeline.classifier.model import build_classifier, save_classifier
-    from pipeline.compression.codec import save_model
+    from pipeline.compression.modelfile import save_model
 
     root = tmp_path_factory.mktemp("mlflow")
     ns = type("Store", (), {})()
@@ -130,7 +130,7 @@ def test_a_pickled_model_in_the_registry_never_runs(store, tmp_path, png, capsys
     import mlflow
 
     from pipeline.classifier.predict import main as predict
-    from pipeline.compression.codec import load_model
+    from pipeline.compression.modelfile import load_model
 
     for uri in store.evil:
         attack_everywhere(uri, tmp_path, png, capsys, "pickled", "python -m pipeline log-model")
@@ -173,7 +173,7 @@ def test_logged_weights_round_trip_through_models_and_runs_uris(store, tmp_path,
     from pipeline import tracking_models
     from pipeline.classifier.predict import load_model as load_classifier_uri
     from pipeline.compression.cli import main as rnnc
-    from pipeline.compression.codec import load_model, model_fingerprint
+    from pipeline.compression.modelfile import load_model, model_fingerprint
 
     want = model_fingerprint(store.codec)
     for uri in ("models:/good-codec/1", f"runs:/{store.codec_run}/model"):
@@ -206,7 +206,7 @@ def test_log_model_command_relogs_a_model_file_as_weights(store, tmp_path, monke
     import mlflow
 
     from pipeline.__main__ import main
-    from pipeline.compression.codec import load_model, model_fingerprint
+    from pipeline.compression.modelfile import load_model, model_fingerprint
 
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -229,7 +229,8 @@ def test_other_uri_schemes_are_refused_before_any_request(uri, monkeypatch):
     import socket
 
     from pipeline.classifier.predict import load_model as load_classifier_uri
-    from pipeline.compression.codec import ModelError, load_model
+    from pipeline.compression.errors import ModelError
+    from pipeline.compression.modelfile import load_model
 
     def no_request(*args, **kwargs):
         raise AssertionError(f"a connection was attempted for {uri}")

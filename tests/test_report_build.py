@@ -17,6 +17,8 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import evaluate as E
 from pipeline.records import BDRate, ClassifierMetrics, EvaluationSummary, Measurement
 from pipeline.report import build as R
+from pipeline.report import claims as RC
+from pipeline.report.inputs import Inputs
 from pipeline.utils import file_digest
 from tests.test_evaluation_codecs import FakeRNNCodec, make_image
 from tests.test_evaluation_stage import tiny_params
@@ -126,15 +128,15 @@ def test_claim_verdicts_follow_the_intervals():
     above = per_image(rnn=(RATES, base + 0.01, spread), jpeg=(RATES, base, spread[::-1]))
     below = per_image(rnn=(RATES, base - 0.01, spread), jpeg=(RATES, base, spread[::-1]))
     mixed = per_image(rnn=(RATES, base, noisy), jpeg=(RATES, base, np.zeros(6)))
-    text, verdict = R.compare_below(above, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)
+    text, verdict = RC.compare_below(above, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)
     assert verdict == "confirmed" and "6 image(s), rnn ahead on 6" in text
-    assert R.compare_below(below, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)[1] == "refuted"
-    text, verdict = R.compare_below(mixed, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)
+    assert RC.compare_below(below, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)[1] == "refuted"
+    text, verdict = RC.compare_below(mixed, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)
     assert verdict == "not shown" and "rnn ahead on 3" in text  # three images each way: interval spans zero
     two = per_image(2, rnn=(RATES, base + 0.01, spread), jpeg=(RATES, base, spread))
-    assert R.compare_below(two, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)[1] == "not shown"  # too few images
+    assert RC.compare_below(two, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)[1] == "not shown"  # too few images
     apart = per_image(rnn=([1.0, 2.0], [0.9, 0.95], spread), jpeg=(RATES, base, spread))
-    assert R.compare_below(apart, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)[1] == "not checked"
+    assert RC.compare_below(apart, "rnn", "jpeg", "ms_ssim", 0.4, 32, BOOT)[1] == "not checked"
 
 
 def summary_of(labels: dict[str, str], **changes) -> EvaluationSummary:
@@ -157,14 +159,14 @@ def test_behind_claim_uses_the_per_image_bd_rate_interval():
     params = tiny_params()
     summary = summary_of({"webp": "WebP", "jpeg2000": "JPEG 2000", "rnn": "RNN", "jpeg": "JPEG"})
     bd = [bd_row("webp", 35.0, 20.0, 50.0), bd_row("jpeg2000", -12.0, -20.0, -3.0)]
-    inputs = R.Inputs(classifier=ClassifierMetrics(test_acc=0.85), compressor=None, summary=summary,
+    inputs = Inputs(classifier=ClassifierMetrics(test_acc=0.85), compressor=None, summary=summary,
                       curves=[], at_rates=[], bd=bd, visual=None, per_image=[])
-    claims = R.check_claims(inputs, params.report)
+    claims = RC.check_claims(inputs, params.report)
     assert claims[0].verdict == "refuted" and "85.00%" in claims[0].evidence
     behind = {c.claim: c.verdict for c in claims[3:]}
     assert behind == {"The RNN codec is behind WebP": "confirmed", "The RNN codec is behind JPEG 2000": "refuted"}
     inputs.bd = [bd_row("webp", 5.0, -10.0, 20.0), bd_row("jpeg2000", -12.0, -20.0, -3.0)]
-    assert R.check_claims(inputs, params.report)[3].verdict == "not shown"  # the interval contains zero
+    assert RC.check_claims(inputs, params.report)[3].verdict == "not shown"  # the interval contains zero
 
 
 def test_accuracy_claim_uses_a_wilson_interval():
@@ -175,18 +177,18 @@ def test_accuracy_claim_uses_a_wilson_interval():
     params = tiny_params()
     summary = summary_of({})
     for acc, verdict in ((0.91, "confirmed"), (0.905, "not shown"), (0.8995, "not shown"), (0.89, "refuted")):
-        inputs = R.Inputs(classifier=ClassifierMetrics(test_acc=acc), compressor=None, summary=summary, curves=[], at_rates=[],
+        inputs = Inputs(classifier=ClassifierMetrics(test_acc=acc), compressor=None, summary=summary, curves=[], at_rates=[],
                           bd=[], visual=None)
-        assert R.check_claims(inputs, params.report)[0].verdict == verdict
+        assert RC.check_claims(inputs, params.report)[0].verdict == verdict
 
 
 def test_accuracy_interval_counts_the_recorded_test_images():
     """A classifier measured on 256 test images (the tiny profile) gets a 256-image interval, not 10,000."""
     params = tiny_params()
     summary = summary_of({})
-    inputs = R.Inputs(classifier=ClassifierMetrics(test_acc=0.93, test_size=256), compressor=None, summary=summary,
+    inputs = Inputs(classifier=ClassifierMetrics(test_acc=0.93, test_size=256), compressor=None, summary=summary,
                       curves=[], at_rates=[], bd=[], visual=None)
-    claim = R.check_claims(inputs, params.report)[0]
+    claim = RC.check_claims(inputs, params.report)[0]
     lo, hi = R.wilson(0.93, 256)
     assert claim.verdict == "not shown" and lo < 0.90 < hi and "on 256 images" in claim.evidence
 

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from pipeline.errors import PipelineError, run_cli
+from pipeline.errors import run_cli
 
 DEFAULT_MODEL = "data/classifier/model.pt"
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -37,7 +37,7 @@ def note(msg: str) -> None:
 
 def read_image(path: str) -> np.ndarray:
     """Any image Pillow reads -> uint8 HxWx3 (``pipeline.images.read_image``; conversions noted on stderr)."""
-    from pipeline.compression.codec import InputError
+    from pipeline.compression.errors import InputError
     from pipeline.images import read_image as read
 
     return read(path, error=InputError, note=note)
@@ -143,7 +143,7 @@ def _decompress(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from pipeline.compression.codec import parse
+    from pipeline.compression.rnncfile import parse
     from pipeline.images import bits_per_pixel
 
     data = read_bytes(args.input)
@@ -210,7 +210,8 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.compression.codec import DEFAULT_MODEL, DEFAULT_TILE, MAX_TILE
+    from pipeline.compression.modelfile import DEFAULT_MODEL
+    from pipeline.compression.rnncfile import DEFAULT_TILE, MAX_TILE
 
     parser = argparse.ArgumentParser(prog="rnnc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

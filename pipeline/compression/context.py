@@ -34,7 +34,7 @@ import decimal
 
 import numpy as np
 
-from pipeline.compression.entropy import BitPlaneCoder, Lattice, _constriction
+from pipeline.compression.entropy import BitPlaneCoder, Lattice, constriction
 
 PROB_BITS = 16
 WEIGHT_SCALE = 64  # weights are multiples of 1/64 ...
@@ -130,7 +130,7 @@ class ContextCoder(BitPlaneCoder):
         logit += wt[:, 3 * bits + 3 + cls].T  # (P, bits) bias of each position's phase class
         cur = np.zeros((bits, (h + 2) * (w + 2)), dtype=np.int64)  # -1/+1 coded so far, zero elsewhere
         src = None if plane is None else plane.reshape(npos, bits)
-        family = _constriction().stream.model.Bernoulli(perfect=False) if coder is not None else None
+        family = constriction().stream.model.Bernoulli(perfect=False) if coder is not None else None
         for c in range(bits):
             for p in range(4):
                 where = lat.where[p]

@@ -48,7 +48,8 @@ class EntropyError(ValueError):
     """The coded bytes are not a valid coding of a plane of the expected shape."""
 
 
-def _constriction():
+def constriction():
+    """The ``constriction`` package, imported when first coding (a clear error when it is missing)."""
     try:
         import constriction
     except ImportError as err:  # pragma: no cover - a declared dependency
@@ -120,7 +121,7 @@ class BitPlaneCoder:
 
     def encode(self, plane: np.ndarray) -> bytes:
         """Range-coded bytes of ``plane`` (a multiple of 4 bytes: little-endian 32-bit words)."""
-        encoder = _constriction().stream.queue.RangeEncoder()
+        encoder = constriction().stream.queue.RangeEncoder()
         self._walk(self._check_plane(plane), encoder)
         return encoder.get_compressed().astype("<u4").tobytes()
 
@@ -129,7 +130,7 @@ class BitPlaneCoder:
         if len(data) % 4:
             raise EntropyError(f"coded length {len(data)} is not a multiple of 4 bytes")
         words = np.frombuffer(bytes(data), dtype="<u4").astype(np.uint32)
-        decoder = _constriction().stream.queue.RangeDecoder(words)
+        decoder = constriction().stream.queue.RangeDecoder(words)
         plane = self._walk(None, decoder)
         if not decoder.maybe_exhausted():
             raise EntropyError("coded bits continue past the end of the plane")
@@ -208,7 +209,7 @@ class PlaneCoder(BitPlaneCoder):
             self.shared = (self.shared + (1 << DECAY_SHIFT) - 1) >> DECAY_SHIFT
         cur = np.zeros((bits, (h + 2) * (w + 2)), dtype=np.int8)  # channel-major, zero border
         src = None if plane is None else np.ascontiguousarray(plane.transpose(2, 0, 1)).reshape(bits, -1)
-        family = _constriction().stream.model.Bernoulli(perfect=False) if coder is not None else None
+        family = constriction().stream.model.Bernoulli(perfect=False) if coder is not None else None
         for c in range(bits):
             for p in range(4):
                 ctx = self._context(cur, c, p)

@@ -20,7 +20,7 @@ import io
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, features
@@ -286,7 +286,7 @@ def load_rnn(model: str, device: str = "cpu", precision: str = "auto"):
 
 
 def _module_truncate(data: bytes, iterations: int) -> bytes:
-    from pipeline.compression.codec import truncate
+    from pipeline.compression.rnncfile import truncate
 
     return truncate(data, iterations)
 
@@ -315,7 +315,7 @@ class RNN(Codec):
 
     def __init__(self, codec, settings: Sequence[int] | None = None):
         self.codec = codec
-        # the codec object's own truncate (test stand-ins) or pipeline.compression.codec.truncate
+        # the codec object's own truncate (test stand-ins) or pipeline.compression.rnncfile.truncate
         self._truncate = getattr(codec, "truncate", None) or _module_truncate
         top = int(codec.max_iterations)
         settings = list(range(1, top + 1)) if settings is None else [int(k) for k in settings]

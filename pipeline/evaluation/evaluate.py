@@ -27,17 +27,19 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.evaluation import bdrate, stats
-from pipeline.evaluation.codecs import Codec, build, color, load_rnn
+from pipeline.evaluation import stats
+from pipeline.evaluation.codecs import Codec, build, load_rnn
 from pipeline.evaluation.datasets import KODAK, ImageSet, describe_sizes, folder_of, kodak_paths, open_set  # noqa: F401
 from pipeline.evaluation.datasets import load as load_image
+from pipeline.evaluation.figures import AT_RATE_FIGURES, FIGURES, plot_at_rate, plot_curves
 from pipeline.evaluation.metrics import Reference
+from pipeline.evaluation.summarise import at_rates, average_curves, bd_per_image_table, bd_table, metrics_json
 from pipeline.images import bits_per_pixel
 from pipeline.records import (QUALITIES, AtRate, AtRateAvg, BDRate, CodecSummary, CurvePoint,  # noqa: F401 - read_csv
                               EvaluationSummary, Measurement, Pairwise, by_codec, read_csv, read_table, write_csv,
@@ -50,8 +52,6 @@ STAGE = "evaluate"
 PATHS = ("kodak", "images", "test_photos", "out")
 SECTIONS = ("evaluate",)  # and data.test_photos: the name of the downloaded public set
 COMPARED = ("ms_ssim", "psnr")  # pairwise comparisons at a rate are made on these
-BD_METRICS = ("ms_ssim_db", "psnr")  # Bjontegaard deltas are taken on these (dB scales)
-LABELS = {"ms_ssim": "MS-SSIM", "ms_ssim_db": "MS-SSIM (dB)", "psnr": "PSNR (dB)", "ssim": "SSIM (single-scale)"}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -114,191 +114,8 @@ def run_sweeps(images: ImageSet, codecs: list[Codec], *, device, visual_image: s
     return rows, picks, original, seconds
 
 
-# ----------------------------------------------------------------------------- summarising
-
-def average_curves(rows: Iterable[Measurement]) -> list[CurvePoint]:
-    """One point per (codec, setting): the mean over images of bpp, qualities and times."""
-    groups: dict[tuple[str, float], list[Measurement]] = {}
-    order: list[tuple[str, float]] = []
-    for r in rows:
-        key = (r.codec, r.setting)
-        if key not in groups:
-            groups[key] = []
-            order.append(key)
-        groups[key].append(r)
-    curves = []
-    for codec, setting in order:
-        g = groups[(codec, setting)]
-        means = {field: float(np.mean([getattr(r, field) for r in g]))
-                 for field in ("bpp", *QUALITIES, "encode_s", "decode_s")}
-        curves.append(CurvePoint(codec=codec, setting_name=g[0].setting_name, setting=setting, images=len(g), **means))
-    curves.sort(key=lambda p: (p.codec, p.bpp))
-    return curves
-
-
-def at_rates(curves: list[CurvePoint], rates: list[float], slack: float = 0.0) -> list[dict[str, Any]]:
-    """Secondary convention: each codec's image-averaged curve interpolated at ``rates`` (PCHIP in
-    log-bpp, as the primary table); NaN outside its range."""
-    out = []
-    for codec, pts in by_codec(curves).items():
-        x = [p.bpp for p in pts]
-        values = {q: bdrate.interpolate(x, [getattr(p, q) for p in pts], rates, slack) for q in QUALITIES}
-        for i, rate in enumerate(rates):
-            out.append({"codec": codec, "bpp": rate, **{q: float(values[q][i]) for q in QUALITIES}})
-    return out
-
-
-def bd_pairs(names: list[str], anchor: str, ours: str = "rnn") -> list[tuple[str, str]]:
-    """(anchor, test): every codec against ``anchor``, and ``ours`` against every codec."""
-    pairs = [(anchor, n) for n in names if n != anchor and anchor in names]
-    if ours in names:
-        pairs += [(n, ours) for n in names if n != ours and (n, ours) not in pairs]
-    return pairs
-
-
-def bd_table(curves: list[CurvePoint], anchor: str, method: str) -> list[dict[str, Any]]:
-    """Secondary: BD deltas between the image-averaged curves."""
-    per = by_codec(curves)
-    rows = []
-    for a, t in bd_pairs(list(per), anchor):
-        for metric in BD_METRICS:
-            ra, qa = [p.bpp for p in per[a]], [getattr(p, metric) for p in per[a]]
-            rt, qt = [p.bpp for p in per[t]], [getattr(p, metric) for p in per[t]]
-            rows.append({"anchor": a, "test": t, "metric": metric, "method": method,
-                         "bd_rate_pct": bdrate.bd_rate(ra, qa, rt, qt, method),
-                         "bd_quality_db": bdrate.bd_quality(ra, qa, rt, qt, method)})
-    return rows
-
-
-def bd_per_image_table(img_curves, names: list[str], anchor: str, method: str, averaged: list[dict[str, Any]], *,
-                       n_boot: int, seed: int, min_images: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Primary BD table: per pair and metric, the per-image BD-rates' median with a bootstrap 95 %
-    interval of the median, how many images have one (curves overlap), on how many the test codec
-    saves bits; beside it the BD-rate of the image-averaged curves. Also every per-image value."""
-    avg = {(r["anchor"], r["test"], r["metric"]): r for r in averaged}
-    rows, each = [], []
-    for a, t in bd_pairs(names, anchor):
-        for metric in BD_METRICS:
-            per = stats.bd_per_image(img_curves, a, t, metric, method)
-            for im, (rate, qual) in per.items():
-                each.append({"anchor": a, "test": t, "metric": metric, "image": im, "bd_rate_pct": rate,
-                             "bd_quality_db": qual})
-            r = stats.summarise([v[0] for v in per.values()], n_boot=n_boot, seed=seed, min_images=min_images,
-                                stat=np.median)
-            qual = [v[1] for v in per.values()]
-            qual = [v for v in qual if math.isfinite(v)]
-            old = avg.get((a, t, metric), {})
-            rows.append({"anchor": a, "test": t, "metric": metric, "method": method, "images": r["n"],
-                         "of_images": len(per), "bd_rate_pct": r["value"], "bd_rate_lo": r["lo"],
-                         "bd_rate_hi": r["hi"], "test_saves": r["losses"],
-                         "bd_quality_db": float(np.median(qual)) if qual else float("nan"),
-                         "bd_rate_avg_curve_pct": old.get("bd_rate_pct", float("nan")),
-                         "bd_quality_avg_curve_db": old.get("bd_quality_db", float("nan"))})
-    return rows, each
-
-
-def _num(v: float) -> float | None:
-    return None if v is None or not math.isfinite(v) else round(float(v), 6)
-
-
-def rate_key(rate: float) -> str:
-    return f"bpp_{rate:g}"
-
-
-def metrics_json(points: list[dict[str, Any]], bd: list[dict[str, Any]], anchor: str, n_images: int,
-                 duration_s: float, averaged: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """What ``dvc metrics show`` lists: qualities at the fixed rates per codec (per-image convention,
-    with the number of images per cell), the median per-image BD-rates, and the secondary
-    (average-per-setting) MS-SSIM at the rates."""
-    out: dict[str, Any] = {"images": n_images, "duration_s": round(duration_s, 2)}
-    for q in ("ms_ssim", "ms_ssim_db", "psnr"):
-        out[q] = {}
-        for p in points:
-            out[q].setdefault(p["codec"], {})[rate_key(p["bpp"])] = _num(p[q])
-    out["images_at_rate"] = {}
-    for p in points:
-        if "images" in p:
-            out["images_at_rate"].setdefault(p["codec"], {})[rate_key(p["bpp"])] = int(p["images"])
-    if averaged is not None:
-        out["ms_ssim_avg_setting"] = {}
-        for p in averaged:
-            out["ms_ssim_avg_setting"].setdefault(p["codec"], {})[rate_key(p["bpp"])] = _num(p["ms_ssim"])
-    out[f"bd_rate_vs_{anchor}"] = {r["test"]: {} for r in bd if r["anchor"] == anchor}
-    out["bd_rate_rnn_vs"] = {r["anchor"]: {} for r in bd if r["test"] == "rnn"}
-    for r in bd:
-        if r["anchor"] == anchor:
-            out[f"bd_rate_vs_{anchor}"][r["test"]][r["metric"]] = _num(r["bd_rate_pct"])
-        if r["test"] == "rnn":
-            out["bd_rate_rnn_vs"][r["anchor"]][r["metric"]] = _num(r["bd_rate_pct"])
-    return out
-
-
 # ----------------------------------------------------------------------------- writing
-
-def _axes(title: str, quality: str, max_bpp: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    ax.set_xlim(0, max_bpp)
-    ax.set_xlabel("bits per pixel (bpp, from file size)")
-    ax.set_ylabel(LABELS[quality])
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    return fig, ax, plt
-
-
-def _save(fig, plt, ax, path: Path) -> None:
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_curves(curves: list[CurvePoint], quality: str, path: Path, labels: dict[str, str],
-                max_bpp: float, title: str | None = None) -> None:
-    """Secondary convention: one point per setting, bpp and quality averaged over images."""
-    fig, ax, plt = _axes(title or f"{LABELS[quality]} vs bpp: mean over images per setting (secondary)",
-                         quality, max_bpp)
-    for codec, pts in by_codec(curves).items():
-        ax.plot([p.bpp for p in pts], [getattr(p, quality) for p in pts], marker="o", ms=3.5,
-                lw=2.2 if codec == "rnn" else 1.4, color=color(codec), label=labels.get(codec, codec))
-    _save(fig, plt, ax, path)
-
-
-def plot_at_rate(img_curves, points: list[dict[str, Any]], quality: str, path: Path, labels: dict[str, str],
-                 images_of: dict[str, int], max_bpp: float, slack: float = 0.0) -> None:
-    """Primary convention: at each bpp, the mean over images of each image's interpolated quality, drawn
-    where every image of the codec reaches that bpp; the report's rates with their 95 % intervals."""
-    fig, ax, plt = _axes(f"{LABELS[quality]} at equal rate: mean of per-image interpolation "
-                         "(primary; bars: 95% bootstrap CI)", quality, max_bpp)
-    grid = np.exp(np.linspace(math.log(0.03), math.log(max_bpp), 96))
-    codecs = list(labels)
-    for codec in codecs:
-        mine = [c for (name, _), c in img_curves.items() if name == codec]
-        if not mine:
-            continue
-        vals = np.stack([bdrate.interpolate(c["bpp"], c[quality], grid, slack) for c in mine])
-        mean = vals.mean(0)  # NaN wherever one of the images does not reach the rate
-        colour = color(codec)
-        ax.plot(grid, mean, lw=2.2 if codec == "rnn" else 1.4, color=colour,
-                label=f"{labels.get(codec, codec)} ({len(mine)} images)")
-        at = [p for p in points if p["codec"] == codec and math.isfinite(p[quality])]
-        if at:
-            y = np.array([p[quality] for p in at])
-            err = np.array([[p[quality] - p[f"{quality}_lo"] for p in at], [p[f"{quality}_hi"] - p[quality] for p in at]])
-            err = np.where(np.isfinite(err), err, 0)
-            ax.errorbar([p["bpp"] for p in at], y, yerr=err, fmt="o", ms=3.5, color=colour, capsize=3)
-    _save(fig, plt, ax, path)
-
-
-FIGURES = {"ms_ssim": "ms_ssim_vs_bpp.png", "ms_ssim_db": "ms_ssim_db_vs_bpp.png",
-           "psnr": "psnr_vs_bpp.png", "ssim": "ssim_vs_bpp.png"}  # secondary: averaged per setting
-AT_RATE_FIGURES = {"ms_ssim": "ms_ssim_at_rate.png", "psnr": "psnr_at_rate.png"}  # primary
-
+# (the tables: summarise.py; the figures: figures.py)
 
 def write_visual(out: Path, original: np.ndarray, picks: dict[str, tuple[Measurement, np.ndarray]],
                  box: list[int], image: str, target: float) -> dict[str, Any]:

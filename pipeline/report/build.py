@@ -12,26 +12,19 @@ other side, "not shown" otherwise (see ``pipeline.evaluation.stats``).
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import hashlib
-import math
-import os
-import platform
 import re
-import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.evaluation import stats
 from pipeline.evaluation.stats import wilson  # noqa: F401 - also the report's public name
-from pipeline.evaluation.codecs import REGISTRY
-from pipeline.records import (AtRate, AtRateAvg, BDRate, ClassifierMetrics, CurvePoint, EvaluationSummary,
-                              Measurement, Pairwise, by_codec, read_table)
-from pipeline.utils import atomic_write_text, file_digest, load_json, log
+from pipeline.records import AtRate, BDRate, ClassifierMetrics, EvaluationSummary, Measurement, by_codec, read_table
+from pipeline.report.claims import CIFAR10_TEST_SIZE, check_claims
+from pipeline.report.formatting import finite, fmt
+from pipeline.report.inputs import Inputs, read_inputs
+from pipeline.report.provenance import provenance
+from pipeline.utils import atomic_write_text, load_json, log
 
 STAGE = "report"
 #: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd gives them
@@ -57,7 +50,6 @@ EVAL_FIGURES = [
     ("ssim_vs_bpp.png", "Secondary convention: single-scale SSIM vs bpp (the metric the coursework's Figure 1.7 "
                         "actually plotted), averaged per setting"),
 ]
-CIFAR10_TEST_SIZE = 10000  # the test set the accuracy is measured on, when metrics.json does not say
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -68,36 +60,6 @@ def data_uri(path: Path) -> str | None:
     mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
     kind = mime.get(path.suffix.lower(), "application/octet-stream")
     return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
-
-
-def finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def fmt(v: Any, digits: int = 4, pct: bool = False, signed: bool = False) -> str:
-    if not finite(v):
-        return "n/a"
-    text = f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
-    return text + ("%" if pct else "")
-
-
-def md5_path(path: Path) -> tuple[str, int] | None:
-    """md5 of a file (= DVC's file hash), or of a directory's sorted 'relpath md5' lines; and the file count."""
-    if path.is_file():
-        return file_digest(path, "md5"), 1
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        lines = "".join(f"{p.relative_to(path).as_posix()} {file_digest(p, 'md5')}\n" for p in files)
-        return hashlib.md5(lines.encode()).hexdigest(), len(files)
-    return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -114,227 +76,10 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-@dataclass
-class Inputs:
-    classifier: ClassifierMetrics | None
-    compressor: dict[str, Any] | None
-    summary: EvaluationSummary
-    curves: list[CurvePoint]
-    at_rates: list[AtRate]
-    bd: list[BDRate]
-    visual: dict[str, Any] | None
-    missing: list[str] = field(default_factory=list)
-    per_image: list[Measurement] = field(default_factory=list)
-    at_rates_avg: list[AtRateAvg] = field(default_factory=list)
-    pairwise: list[Pairwise] = field(default_factory=list)
-
-
-def read_inputs(classifier_dir: Path, eval_dir: Path, compressor_dir: Path) -> Inputs:
-    needed = [eval_dir / n for n in ("summary.json", "curves.csv", "at_rates.csv", "bd.csv", "per_image.csv",
-                                     "at_rates_avg.csv", "pairwise.csv")]
-    absent = [str(p) for p in needed if not p.is_file()]
-    if absent:
-        raise PipelineError(f"report: missing {', '.join(absent)} (run the evaluate stage first)")
-    missing = []
-    classifier = None
-    if (classifier_dir / "metrics.json").is_file():
-        classifier = ClassifierMetrics.read(classifier_dir / "metrics.json")
-    else:
-        missing.append(str(classifier_dir / "metrics.json"))
-    compressor = load_json(compressor_dir / "metrics.json") if (compressor_dir / "metrics.json").is_file() else None
-    visual = load_json(eval_dir / "visual" / "visual.json") if (eval_dir / "visual" / "visual.json").is_file() else None
-    return Inputs(classifier=classifier, compressor=compressor, summary=EvaluationSummary.read(eval_dir / "summary.json"),
-                  curves=read_table(eval_dir / "curves.csv", CurvePoint),
-                  at_rates=read_table(eval_dir / "at_rates.csv", AtRate), bd=read_table(eval_dir / "bd.csv", BDRate),
-                  visual=visual, missing=missing, per_image=read_table(eval_dir / "per_image.csv", Measurement),
-                  at_rates_avg=read_table(eval_dir / "at_rates_avg.csv", AtRateAvg),
-                  pairwise=read_table(eval_dir / "pairwise.csv", Pairwise))
-
-
 # ----------------------------------------------------------------------------- claims
-
-@dataclass
-class Claim:
-    claim: str  # the coursework's statement
-    metric: str  # what we compare
-    evidence: str  # our numbers
-    verdict: str  # confirmed / refuted / not shown / not checked
-
-
-def _interval(s: dict[str, Any], digits: int = 4, pct: bool = False) -> str:
-    if not finite(s["lo"]):
-        return "no interval (too few images)"
-    return f"95% CI [{fmt(s['lo'], digits, pct, True)}, {fmt(s['hi'], digits, pct, True)}]"
-
-
-def compare_below(per_image: list[Measurement], ours: str, other: str, quality: str, below: float, n: int,
-                  boot: dict[str, int], lowest: float = 0.03) -> tuple[str, str]:
-    """Is ``ours`` above ``other`` in ``quality`` below ``below`` bpp? Per image: the mean difference over
-    a log-spaced grid of ``n`` rates in [lowest, below] that both of its curves reach; then the mean over
-    images with a bootstrap interval and the number of images where ``ours`` is ahead."""
-    curves = stats.image_curves(per_image)
-    have = {c for c, _ in curves}
-    if ours not in have or other not in have:
-        return f"no {ours if ours not in have else other} curve", "not checked"
-    hi = below if math.isfinite(below) else max(r.bpp for r in per_image)
-    diffs = stats.range_difference(curves, ours, other, quality, lowest, hi, n)
-    if not diffs:
-        return f"no image where both curves reach a rate in {lowest:g}-{hi:g} bpp", "not checked"
-    s = stats.summarise(list(diffs.values()), **boot)
-    span = f"below {below:g} bpp" if math.isfinite(below) else "over the rates both reach"
-    text = (f"per image, mean {quality} difference {ours} - {other} {span} (on the rates both of its curves reach): "
-            f"{s['n']} image(s), {ours} ahead on {s['wins']}; mean {fmt(s['value'], 4, signed=True)}, {_interval(s)}")
-    return text, s["verdict"]
-
-
-def check_claims(inputs: Inputs, rp) -> list[Claim]:
-    claims = []
-    boot = inputs.summary.boot()
-    claim_acc = f"The CNN reaches {rp.claim_accuracy:.0%} test accuracy on CIFAR-10"
-    if inputs.classifier is None:
-        claims.append(Claim(claim_acc, "test accuracy", "no classifier metrics", "not checked"))
-    else:
-        value = inputs.classifier.test_acc
-        n = inputs.classifier.test_size or CIFAR10_TEST_SIZE
-        lo, hi = wilson(value, n)
-        verdict = "confirmed" if lo >= rp.claim_accuracy else ("refuted" if hi < rp.claim_accuracy else "not shown")
-        claims.append(Claim(claim_acc, "test accuracy (Wilson 95% interval over the test images)",
-                            f"{value:.2%} (test_acc in data/classifier/metrics.json, profile "
-                            f"{inputs.summary.profile}); 95% CI [{lo:.2%}, {hi:.2%}] on {n} images"
-                            + ("" if inputs.classifier.test_size else " (assumed: metrics.json has no test_size)"),
-                            verdict))
-    for quality, name in (("ms_ssim", "MS-SSIM (5-scale), per image"),
-                          ("ssim", "single-scale SSIM (what the coursework called MS-SSIM), per image")):
-        text, verdict = compare_below(inputs.per_image, "rnn", "jpeg", quality, rp.claim_jpeg_below_bpp,
-                                      rp.claim_grid, boot)
-        claims.append(Claim(f"The RNN codec is better than JPEG below {rp.claim_jpeg_below_bpp:g} bpp", name,
-                            text, verdict))
-    bd = {(r.anchor, r.test, r.metric): r for r in inputs.bd}
-    labels = inputs.summary.labels
-    for other in rp.claim_behind:
-        label = labels.get(other, other)
-        row = bd.get((other, "rnn", "ms_ssim_db"))
-        if row is not None and finite(row.bd_rate_pct) and row.images >= boot["min_images"]:
-            lo, hi = row.bd_rate_lo, row.bd_rate_hi
-            verdict = stats.verdict(lo, hi, row.images, boot["min_images"])
-            text = (f"per-image BD-rate of the RNN against {label} on MS-SSIM dB: median "
-                    f"{fmt(row.bd_rate_pct, 1, True, True)}, 95% CI [{fmt(lo, 1, True, True)}, "
-                    f"{fmt(hi, 1, True, True)}] over {row.images} of {row.of_images} images "
-                    f"(the others: curves do not overlap); the RNN saves bits on {row.test_saves}; "
-                    f"on the image-averaged curves {fmt(row.bd_rate_avg_curve_pct, 1, True, True)}")
-            claims.append(Claim(f"The RNN codec is behind {label}", "BD-rate per image, MS-SSIM dB", text, verdict))
-            continue
-        text, verdict = compare_below(inputs.per_image, other, "rnn", "ms_ssim", float("inf"), rp.claim_grid, boot)
-        if verdict != "not checked":
-            text = f"too few per-image BD-rates (curves barely overlap); instead, {text}"
-        claims.append(Claim(f"The RNN codec is behind {label}", "MS-SSIM on the rates both reach, per image",
-                            text, verdict))
-    return claims
 
 
 # ----------------------------------------------------------------------------- provenance
-
-def hardware() -> dict[str, str]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": str(os.cpu_count())}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["memory"] = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-                break
-    except OSError:
-        pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["gpu"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
-    except Exception:  # torch missing or CUDA broken: the report still builds
-        info["gpu"] = "unknown"
-    try:
-        info["codecs"] = ", ".join(v for v in (cls.library() for cls in REGISTRY.values()) if v)
-    except Exception:  # a library that cannot say its version: the report still builds
-        pass
-    return info
-
-
-def data_hashes(paths: list[Path]) -> list[dict[str, str]]:
-    rows = []
-    for p in paths:
-        h = md5_path(p)
-        if h is not None:
-            rows.append({"path": p.as_posix(), "md5": h[0], "files": str(h[1]),
-                         "kind": "file md5 (as DVC)" if p.is_file() else "md5 of sorted 'path md5' lines"})
-    return rows
-
-
-def mlflow_runs(experiment: str, current_run_id: str | None = None) -> list[dict[str, str]]:
-    """The latest MLflow run of every stage (id, status, start, duration), found by the dvc_stage tag."""
-    from pipeline import tracking
-
-    mlflow = tracking._mlflow()
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs = mlflow.search_runs([exp.experiment_id], order_by=["attribute.start_time DESC"], max_results=500,
-                              output_format="list")
-    parent = None
-    if current_run_id:
-        cur = mlflow.get_run(current_run_id)
-        parent = cur.data.tags.get("mlflow.parentRunId")
-    from pipeline.stage import dvc_commands
-
-    out = []
-    for stage in dvc_commands():  # every stage, in dvc.yaml's order
-        cands = [r for r in runs if r.data.tags.get("dvc_stage") == stage]
-        if parent:  # prefer runs of the same pipeline run
-            same = [r for r in cands if r.data.tags.get("mlflow.parentRunId") == parent]
-            cands = same or cands
-        if stage == "report" and current_run_id:
-            cands = [r for r in cands if r.info.run_id == current_run_id] or cands
-        if not cands:
-            continue
-        r = cands[0]
-        start = dt.datetime.fromtimestamp(r.info.start_time / 1000, dt.timezone.utc)
-        dur = (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time else None
-        this = r.info.run_id == current_run_id
-        out.append({"stage": stage, "run_id": r.info.run_id, "status": "this run" if this else r.info.status,
-                    "start": start.strftime("%Y-%m-%d %H:%M:%S UTC"),
-                    "duration": f"{dur:.1f} s" if dur is not None else ("-" if this else "unfinished")})
-    return out
-
-
-def provenance(params, run_id: str | None, classifier_dir: Path, eval_dir: Path,
-               compressor_dir: Path) -> dict[str, Any]:
-    from pipeline import tracking
-
-    runs: list[dict[str, str]] = []
-    runs_note = ""
-    if params.report.mlflow_runs:
-        try:
-            runs = mlflow_runs(params.tracking.experiment, run_id)
-        except Exception as err:  # the report must not fail because the tracking store is unreachable
-            runs_note = f"MLflow lookup failed: {type(err).__name__}: {err}"
-    try:  # the evaluated image set's folder (summary.json records it)
-        image_dir = Path(EvaluationSummary.read(eval_dir / "summary.json").dataset_folder)
-    except PipelineError:
-        image_dir = KODAK_DIR
-    hashes = data_hashes([image_dir, compressor_dir / "model.pt", classifier_dir / "model.pt",
-                          classifier_dir / "metrics.json", compressor_dir / "metrics.json",
-                          eval_dir / "per_image.csv", eval_dir / "curves.csv", eval_dir / "bd.csv",
-                          eval_dir / "metrics.json", Path("params.yaml"), Path("dvc.yaml")])
-    return {
-        "git_commit": tracking.git_commit(),
-        "git_date": _git("log", "-1", "--format=%cI") or "unknown",
-        "profile": params.profile, "seed": params.seed,
-        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "mlflow_uri": tracking.tracking_uri(), "experiment": params.tracking.experiment,
-        "report_run_id": run_id, "runs": runs, "runs_note": runs_note,
-        "hashes": hashes, "hardware": hardware(),
-    }
 
 
 # ----------------------------------------------------------------------------- assembling
@@ -617,7 +362,7 @@ def build(params, run_id: str | None = None, out_dir: Path | None = None, classi
     inputs = read_inputs(classifier_dir, eval_dir, compressor_dir)
     for m in inputs.missing:
         log(f"[report] {m} is missing: its section says so")
-    prov = provenance(params, run_id, classifier_dir, eval_dir, compressor_dir)
+    prov = provenance(params, run_id, classifier_dir, eval_dir, compressor_dir, KODAK_DIR)
     ctx = context(params, inputs, prov, classifier_dir, eval_dir)
     html, md = render_html(ctx), render_md(ctx)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ def store(tmp_path_factory):
     import mlflow
 
     yield home, mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    mlflow.set_tracking_uri(None)  # tracking._mlflow() set it (and the variable) for this process
+    mlflow.set_tracking_uri(None)  # tracking.mlflow_module() set it (and the variable) for this process
     for key, value in old.items():
         if value is None:
             os.environ.pop(key, None)

@@ -21,7 +21,10 @@ import pytest
 from PIL import Image
 
 from pipeline.compression.cli import main as rnnc_main
-from pipeline.compression.codec import HEADER_SIZE, CodecError, RNNCodec, save_model
+from pipeline.compression.codec import RNNCodec
+from pipeline.compression.errors import CodecError
+from pipeline.compression.modelfile import save_model
+from pipeline.compression.rnncfile import HEADER_SIZE
 from tests.test_codec_format import make_image, make_model
 
 REPO = Path(__file__).resolve().parents[2]

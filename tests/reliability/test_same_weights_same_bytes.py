@@ -8,7 +8,7 @@ import hashlib
 
 import torch
 
-from pipeline.compression.codec import load_model, save_model
+from pipeline.compression.modelfile import load_model, save_model
 from pipeline.compression.model import ModelConfig, RNNCompressor
 
 

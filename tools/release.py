@@ -1,6 +1,6 @@
 """Ship a trained codec: a training checkpoint -> ``models/rnnc-cpu.pt`` (fp16 weights) + a JSON record.
 
-    python -m pipeline.compression.release CHECKPOINT [--workdir DIR] [--out models/rnnc-cpu.pt]
+    python -m tools.release CHECKPOINT [--workdir DIR] [--out models/rnnc-cpu.pt]
                                            [--kodak data/raw/kodak] [--curve-iterations 2]
 
 CHECKPOINT is a ``train_compressor`` checkpoint (``data/checkpoints/train_compressor/last.pt``); its
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +27,7 @@ import torch
 
 from pipeline.compression.model import ModelConfig, RNNCompressor
 from pipeline.errors import PipelineError, run_cli
-from pipeline.utils import atomic_path, atomic_write_text, log
+from pipeline.utils import atomic_path, atomic_write_text, git_commit, log
 
 DEFAULT_OUT = Path("models/rnnc-cpu.pt")
 
@@ -61,7 +60,7 @@ def to_half(model: RNNCompressor) -> RNNCompressor:
 
 def save_half(model: RNNCompressor, path: Path, meta: dict[str, Any]) -> str:
     """Write a model file with float16 weights (already rounded by ``to_half``); returns its fingerprint."""
-    from pipeline.compression.codec import model_fingerprint, save_model
+    from pipeline.compression.modelfile import model_fingerprint, save_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, path, meta, dtype=torch.float16)
@@ -119,15 +118,6 @@ def plot_curve(record: dict[str, Any], path: Path, reference: dict[str, float] |
     plt.close(fig)
 
 
-def _git_commit(workdir: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(workdir), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True, timeout=30)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def fit_context(model: RNNCompressor, workdir: Path, n: int) -> dict[str, Any] | None:
     """Fit the model's .rnnc v3 entropy model on the codes of the run's first ``n`` training patches."""
     from pipeline.compression import context
@@ -139,10 +129,10 @@ def fit_context(model: RNNCompressor, workdir: Path, n: int) -> dict[str, Any] |
     log(f"[release] fitting the entropy model on the codes of {min(n, len(train_u8))} training patches "
         f"of {train_u8.shape[1]} px")
     fitted = context.fit_model(model, train_u8[:n])
-    log(f"[release] entropy model: bits per code bit on its patches by iteration "
+    log("[release] entropy model: bits per code bit on its patches by iteration "
         + " ".join(f"{c:.3f}" for c in fitted["fit_bits_per_bit"]))
     # fitted by this code, which may be newer than the training run's
-    return {**fitted, "code_commit": _git_commit(Path(__file__).resolve().parent)}
+    return {**fitted, "code_commit": git_commit(Path(__file__).resolve().parent)}
 
 
 def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curve_iterations: int,
@@ -203,8 +193,8 @@ def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curv
     record = {
         "file": out.name,
         "how": "python -m pipeline train_compressor (scripts/train_codec_long.sh), then "
-               "python -m pipeline.compression.release; weights are the run's EMA rounded to float16",
-        "training_code_commit": _git_commit(workdir),
+               "python -m tools.release; weights are the run's EMA rounded to float16",
+        "training_code_commit": git_commit(workdir),
         "profile": params.profile, "seed": params.seed,
         "config": {"augment": params.augment.model_dump(mode="json"),
                    "train_compressor": p.model_dump(mode="json")},
@@ -228,7 +218,7 @@ def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curv
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.compression.release", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tools.release", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--workdir", type=Path, default=Path("."), help="the training run's project folder")
