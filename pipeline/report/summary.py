@@ -110,7 +110,7 @@ def rnn_bd_rate(ws: Path, anchor: str = "jpeg", metric: str = "ms_ssim_db") -> s
 def evaluate_line(ws: Path) -> str:
     jpeg, bd = rnn_versus(ws, "jpeg"), rnn_bd_rate(ws)
     jpeg = "" if jpeg.startswith("no image") else jpeg
-    parts = ([f"RNN - JPEG MS-SSIM @{RATE} bpp {jpeg.split(',')[0]}"] if jpeg else []) + (
+    parts = ([f"RNN - JPEG MS-SSIM @{RATE} bpp {jpeg.split(', better')[0]}"] if jpeg else []) + (
         [f"BD-rate vs JPEG {bd.split(' (')[0]}"] if bd else [])
     return "; ".join(parts)
 
