@@ -106,7 +106,8 @@ def make_workspace(dest: Path, profile: str = "tiny", git: bool = False, src: Pa
 
 def copy_workspace(src: Path, dest: Path, *skip: str) -> Path:
     """A copy of the stage workspace ``src`` at ``dest`` for one test, lean on disk (CI machines can be short of
-    it): the download cache (``.cache``, the CIFAR-10 tarball) and the names in ``skip`` stay behind, and the
+    it): the download cache (``.cache``, the CIFAR-10 tarball) and the names in ``skip`` stay behind (run state:
+    only at the top or in ``data/``, so ``classifier`` is data/classifier, never pipeline/classifier), and the
     inputs that ``download`` and ``augment`` left in ``data/raw`` and ``data/prepared`` are hard links (the
     later stages only read them; a re-run of those two replaces its outputs by rename, never writes into a
     file in place), copies where the file system refuses a link."""
@@ -121,7 +122,12 @@ def copy_workspace(src: Path, dest: Path, *skip: str) -> Path:
                 pass
         shutil.copy2(a, b)
 
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".cache", "__pycache__", *skip), copy_function=copy)
+    run_state = {Path(src), Path(src) / "data"}  # where the names in ``skip`` are left behind
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if n in (".cache", "__pycache__") or (n in skip and Path(folder) in run_state)}
+
+    shutil.copytree(src, dest, ignore=ignore, copy_function=copy)
     return dest
 
 
