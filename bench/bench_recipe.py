@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         train_u8, _ = load_patches(a.patches)
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None
+    commit = git_commit(Path(__file__).resolve().parents[1])  # the code this process runs (HEAD may move meanwhile)
     print(f"{len(train_u8)} patches of {train_u8.shape[1]} px; {a.minutes} min ({a.clock}) per variant; {a.threads} thread(s); "
           f"{platform.processor() or platform.machine()}; torch {torch.__version__}")
     for name, over, p in variants:
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                "kodak_psnr": {k: round(q[k]["psnr"], 2) for k in ks},
                "kodak_ms_ssim": {k: round(q[k]["ms_ssim"], 4) for k in ks},
                "threads": a.threads, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "commit": git_commit(Path(__file__).resolve().parents[1]), "date": time.strftime("%Y-%m-%d %H:%M")}
+               "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M")}
         print(f"[{name}] {r['steps']} steps, {row['patches_per_s']} patches/s; Kodak PSNR "
               + " / ".join(f"{row['kodak_psnr'][k]:.2f}" for k in ks) + " dB, MS-SSIM "
               + " / ".join(f"{row['kodak_ms_ssim'][k]:.4f}" for k in ks) + f" at {ks} iterations", flush=True)
