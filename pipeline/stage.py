@@ -231,9 +231,7 @@ def default_paths(stage: str, declared: tuple[str, ...] | list[str],
         raise PipelineError(f"{path}: no stage {stage} with cmd `python -m pipeline {stage} ...` (a module declares "
                             f"STAGE = {stage!r}: its paths are written in its dvc.yaml cmd)")
     runs, given = commands[stage]
-    if runs != stage:
-        raise PipelineError(f"{path}: stage {stage}: cmd runs `python -m pipeline {runs}`; a dvc.yaml stage runs the "
-                            "pipeline stage of its own name")
+    _check_runs_own_name(path, stage, runs)
     if isinstance(declared, str) or not all(isinstance(n, str) for n in declared):
         raise PipelineError(f"stage {stage}: PATHS must be a tuple of path names, e.g. (\"data\", \"out\")")
     wanted = {option(name): name for name in declared}
@@ -248,6 +246,13 @@ def default_paths(stage: str, declared: tuple[str, ...] | list[str],
     return StagePaths({name: given[opt] for opt, name in wanted.items()})
 
 
+def _check_runs_own_name(path: str | os.PathLike, stage: str, runs: str) -> None:
+    """A dvc.yaml stage's cmd runs ``python -m pipeline <the stage's own name>``."""
+    if runs != stage:
+        raise PipelineError(f"{path}: stage {stage}: cmd runs `python -m pipeline {runs}`; a dvc.yaml stage runs the "
+                            "pipeline stage of its own name")
+
+
 def defaults(module, path: str | os.PathLike | None = None) -> StagePaths:
     """A stage module's default paths (dvc.yaml's cmd for its ``STAGE``), e.g. for calling ``run`` from a test."""
     return default_paths(module.STAGE, tuple(getattr(module, "PATHS", ())), path)
@@ -260,9 +265,7 @@ def check(path: str | os.PathLike | None = None, package: str | os.PathLike = PA
     path = Path(path) if path is not None else dvc_file()
     found, commands = discover(package), dvc_commands(path)
     for stage, (runs, _) in commands.items():
-        if runs != stage:
-            raise PipelineError(f"{path}: stage {stage}: cmd runs `python -m pipeline {runs}`; a dvc.yaml stage "
-                                "runs the pipeline stage of its own name")
+        _check_runs_own_name(path, stage, runs)
         if runs not in found:
             raise PipelineError(f"{path}: stage {stage}: cmd runs `python -m pipeline {stage}`, but no module under "
                                 f"pipeline/ declares STAGE = {stage!r}")
