@@ -35,7 +35,9 @@
 # runs unchanged; with host networking every service would need its own port and name rewrites, and its
 # listeners (Celery's log server on 0.0.0.0:8793, ...) would be on the host's interfaces. Only the
 # published ports (Airflow, MLflow, S3) reach the host, on BIND_ADDRESS (127.0.0.1).
-set -euo pipefail
+set -Eeuo pipefail
+# a failing command ends the script (set -e); say which, rather than ending silently
+trap 'rc=$?; echo "container_stack: error: line $LINENO: \`$BASH_COMMAND\` exited with $rc" >&2' ERR
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${RNNC_PODMAN_DIR:-/var/tmp/rnnc-podman}"
@@ -165,7 +167,9 @@ build_debian() {
 
 clear_rootfs() {  # an interrupted debootstrap can leave /proc mounted in it: unmount before removing
   [[ -e "$1" ]] || return 0
-  findmnt -R -n -o TARGET --list "$1" 2>/dev/null | sort -r | xargs -r -n 1 umount -l
+  # findmnt exits 1 when nothing is mounted there (the usual case): under pipefail that ended the
+  # script, silently, right after the Debian base was imported on a machine that had none
+  { findmnt -R -n -o TARGET --list "$1" 2>/dev/null || true; } | sort -r | xargs -r -n 1 umount -l
   rm -rf --one-file-system "$1"
 }
 
@@ -431,5 +435,5 @@ case "${1:-}" in
   status) cmd_status ;;
   compose) shift; start_service; compose "$@" ;;
   env) echo "export CONTAINERS_CONF=$CONTAINERS_CONF DOCKER_HOST=$DOCKER_HOST DOCKER_BUILDKIT=0" ;;
-  *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,/^set -Eeuo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -84,6 +84,34 @@ def test_standin_containerfiles_lint_clean(name: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _script_function(name: str) -> str:
+    """The text of one shell function of scripts/container_stack.sh (to run it alone)."""
+    lines = SCRIPT.read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith(f"{name}() {{")))
+    return "\n".join(lines[start:lines.index("}", start) + 1])
+
+
+def test_clearing_a_rootfs_with_nothing_mounted_does_not_end_the_script(tmp_path: Path) -> None:
+    """findmnt exits 1 when nothing is mounted below the folder: under `set -o pipefail` that once ended
+    `images` silently right after a cold machine's Debian base was imported."""
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    script = f"set -Eeuo pipefail\n{_script_function('clear_rootfs')}\nclear_rootfs {rootfs}\necho cleared\n"
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "cleared"), proc.stderr
+    assert not rootfs.exists()
+
+
+def test_a_failing_step_names_the_command_that_failed(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # the state folder cannot be made below a file
+    proc = subprocess.run([str(SCRIPT), "setup"], env={**os.environ, "RNNC_PODMAN_DIR": str(blocker / "state")},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "container_stack: error: line " in proc.stderr and '`mkdir -p "$STATE"` exited with 1' in proc.stderr, \
+        proc.stderr
+
+
 def _rendered(env_file: Path, *files: Path) -> dict:
     args = [str(COMPOSE)] + [a for f in files for a in ("-f", str(f))]
     proc = subprocess.run(args + ["--env-file", str(env_file), "config", "--format", "json"], capture_output=True,
