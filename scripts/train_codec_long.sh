@@ -17,6 +17,8 @@
 #     scripts/train_codec_long.sh   # phase 5 (session 6): 128-px patches (8x8 code blocks)
 #   PATCH=64 SCALE=2 BATCH=16 PATCHES=20000 EPOCH_PATCHES=2400 EPOCHS=24 LR=0.0002 LR_SCHEDULE=cosine LR_WARMUP=0.03 \
 #     VAL_PATCHES=64 scripts/train_codec_long.sh   # phase 7 (session 8): x2-upsampled CIFAR-10, sharper detail
+#   INIT_MODEL=none CELL=gru LR=0.002 PATCH=64 SCALE=2 BATCH=8 PATCHES=50000 EPOCH_PATCHES=2400 EPOCHS=1000 \
+#     LONGRUN_DIR=../longrun-gru scripts/train_codec_long.sh   # session 13: the equal-time winner, from scratch
 #   LOSS=l1_ssim EPOCHS=20 LR=0.0004 LR_SCHEDULE=cosine LR_WARMUP=0.02 scripts/train_codec_long.sh  # tried: worse on Kodak (README)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,12 +30,13 @@ LR=${LR:-0.001}                # peak Adam learning rate
 LR_SCHEDULE=${LR_SCHEDULE:-constant}  # constant | cosine | multistep; a warm start's decay phase: cosine
 LR_WARMUP=${LR_WARMUP:-0.002}  # fraction of steps
 LOSS=${LOSS:-l1}               # l1 | l2 | l1_ssim (train_compressor.loss)
+CELL=${CELL:-lstm}             # lstm | gru (train_compressor.cell; a new cell needs INIT_MODEL=none)
 PATCH=${PATCH:-32}             # patch side in px (64: 4x4 code blocks; 128: the whole x4-upsampled CIFAR-10 image)
 SCALE=${SCALE:-4}              # bicubic upsampling of CIFAR-10 before cropping (augment.patch_scale; 2: sharper detail)
 BATCH=${BATCH:-32}             # patches per step
 PATCHES=${PATCHES:-100000}     # training patches cut by augment
 VAL_PATCHES=${VAL_PATCHES:-512}  # held-out patches scored every epoch (at 128 px, 512 cost more time than 600 trained)
-INIT_MODEL=${INIT_MODEL:-$ROOT/models/rnnc-cpu.pt}  # the warm start (with its release JSON beside it)
+INIT_MODEL=${INIT_MODEL:-$ROOT/models/rnnc-cpu.pt}  # the warm start (with its release JSON beside it); none: from scratch
 PY=$ROOT/.venv/bin/python
 if [ -z "${DATA_MIRROR:-}" ] && [ -f "$ROOT/../shared/datasets/SHA256SUMS" ]; then
   export DATA_MIRROR=$ROOT/../shared/datasets
@@ -43,7 +46,7 @@ export DVC_NO_ANALYTICS=1 PIPELINE_NO_PROGRESS=${PIPELINE_NO_PROGRESS:-1}
 if [ ! -d "$DIR" ]; then
   git -C "$ROOT" worktree add --detach "$DIR" HEAD
   INIT=null
-  if [ -f "$INIT_MODEL" ]; then  # the release's JSON travels too: hours and curve accumulate
+  if [ "$INIT_MODEL" != none ] && [ -f "$INIT_MODEL" ]; then  # the release's JSON travels too: hours and curve accumulate
     cp "$INIT_MODEL" "$DIR/init.pt"; cp "${INIT_MODEL%.pt}.json" "$DIR/init.json"; INIT=init.pt
   fi
   cd "$DIR"
@@ -52,7 +55,7 @@ if [ ! -d "$DIR" ]; then
     --set augment.patches=$PATCHES --set augment.val_patches=1000 --set augment.patch_scale=$SCALE \
     --set augment.patch_size=$PATCH --set train_compressor.batch_size=$BATCH --set train_compressor.lr=$LR \
     --set train_compressor.lr_schedule=$LR_SCHEDULE --set train_compressor.lr_warmup=$LR_WARMUP \
-    --set train_compressor.loss=$LOSS --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
+    --set train_compressor.loss=$LOSS --set train_compressor.cell=$CELL --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
     --set train_compressor.amp=true --set train_compressor.epochs=$EPOCHS \
     --set train_compressor.patches_per_epoch=$EPOCH_PATCHES --set train_compressor.val_patches=$VAL_PATCHES \
     --set train_compressor.snapshot_every=4 --set train_compressor.init=$INIT \
