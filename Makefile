@@ -75,10 +75,11 @@ status:
 clean-runs:
 	rm -rf airflow mlflow.db mlartifacts
 
-# docker/compose.yaml for real with Debian's Podman (tests/test_container_stack.py, CI's last step): installs
+# docker/compose.yaml for real with Debian's Podman (tests/test_container_stack.py; not in .ci/run): installs
 # podman & co. (root), builds a Debian base, the project image and stand-ins for postgres/redis/MinIO here,
-# brings the stack up, runs the pipeline DAG through it with a worker kill, takes it down. 25-40 min on
-# 2 busy cores (images cached or not). The stack alone: scripts/container_stack.sh images | up | down (see docs/scaling.md).
+# brings the stack up, runs the pipeline DAG through it with a worker kill, takes it down. About 25 min
+# on 2 cores from nothing (images 12, stack up 2, DAG run 5, GPU image 5.5; session 13).
+# The stack alone: scripts/container_stack.sh images | up | down (see docs/scaling.md).
 .PHONY: docker-test
 docker-test: setup
 	CONTAINER_STACK_TEST=1 $(BIN)/python -m pytest -m containers tests/test_container_stack.py $(PYTEST_ARGS)

@@ -11,8 +11,8 @@ the Airflow REST API, SIGKILLs the worker container mid-stage, and checks: the t
 run succeeded; one MLflow parent run with a finished child per stage, in PostgreSQL; the children's
 artifacts in the S3 bucket; a fresh clone ``dvc pull``s the same outputs from the S3 remote; after
 ``down`` no container, volume, network or process of the stack is left. It needs root and Debian's
-apt (it installs podman); it runs when CONTAINER_STACK_TEST=1 (``make docker-test``; CI's last step),
-else it is skipped, since it takes 25-40 minutes on 2 cores.
+apt (it installs podman); it runs when CONTAINER_STACK_TEST=1 (``make docker-test``; not in .ci/run),
+else it is skipped, since it takes about 25 minutes on 2 cores (cold: nothing built yet).
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def _unavailable() -> str | None:
 @pytest.fixture(scope="module")
 def podman_stack(tmp_path_factory, mirror):
     if os.environ.get("CONTAINER_STACK_TEST") != "1":
-        pytest.skip("the containerised stack takes 25-40 min: run it with `make docker-test` (CONTAINER_STACK_TEST=1)")
+        pytest.skip("the containerised stack takes about 25 min: run it with `make docker-test` (CONTAINER_STACK_TEST=1)")
     reason = _unavailable()
     if reason:
         pytest.skip(f"containerised stack: {reason}")
