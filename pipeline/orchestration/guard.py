@@ -12,6 +12,11 @@ replaces bash and its parent is the task process. It
   death, sends SIGTERM to the whole group (DVC and the stage process), then SIGKILL after
   ``PIPELINE_KILL_GRACE_S`` seconds (default 10), and exits with 128 + the signal.
 
+CMD runs with this interpreter's folder first on PATH, so that dvc.yaml's ``python -m pipeline`` is the
+interpreter that runs the guard: the task's ``bash -c`` may have read a ~/.bashrc (Debian's bash does when
+its stdin is a socket) whose ``pyenv init`` or ``conda activate`` put another ``python`` first, and the
+stage then failed with ``No module named 'mlflow'``.
+
 Otherwise it exits with CMD's exit status, except when the stage under it failed for a reason a retry
 cannot fix: the stage says so in the file the guard names in ``PIPELINE_STATUS_FILE``
 (``pipeline.errors.run_cli``), and the guard then exits with ``errors.EXIT_PERMANENT``, which the DAG
@@ -83,6 +88,12 @@ def _stop_group(child: subprocess.Popen, grace_s: float) -> None:
     child.poll()
 
 
+def interpreter_first(path: str) -> str:
+    """``path`` (a PATH value) with this interpreter's folder first, and not again further on."""
+    own = str(Path(sys.executable).parent)
+    return os.pathsep.join([own, *(p for p in path.split(os.pathsep) if p and p != own)])
+
+
 def _say(message: str) -> None:
     """One line to stderr, if anyone still reads it: when the task process died, stderr is a pipe with
     no reader, and a BrokenPipeError here would end the guard before it stops the group (the stage
@@ -120,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     events.emit("task_start", task=task)
     try:
-        child = subprocess.Popen(args, env={**os.environ, events.STATUS_ENV: status})
+        child = subprocess.Popen(args, env={**os.environ, events.STATUS_ENV: status,
+                                            "PATH": interpreter_first(os.environ.get("PATH", ""))})
     except OSError as err:
         print(f"error: cannot run {args[0]}: {err}", file=sys.stderr)
         events.emit("task_end", task=task, rc=127, seconds=0.0, retryable=False, error=str(err))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from tests.conftest import REPO
@@ -95,6 +95,32 @@ def test_guard_takes_the_stage_down_with_its_task(tmp_path):
 def test_guard_passes_the_exit_status_through(tmp_path):
     assert subprocess.run([sys.executable, "-m", "pipeline.orchestration.guard", "--", "bash", "-c", "exit 3"],
                           cwd=REPO).returncode == 3
+
+
+def test_the_stage_command_runs_the_guards_python_whatever_the_shell_read(tmp_path):
+    """A task's ``bash -c`` reads ~/.bashrc when its stdin is a socket (Debian's bash, as sshd's; so under
+    Airflow task runners that talk to their task over it), and a ``pyenv init`` there puts another
+    ``python`` first on PATH: the stage's ``python -m pipeline`` once ran the system interpreter and failed
+    with ``No module named 'mlflow'`` (make test, two xdist workers). The guard puts its own interpreter's
+    folder first for what it runs; DVC runs the stage's cmd with ``bash --noprofile --norc``."""
+    home, other = tmp_path / "home", tmp_path / "other-bin"
+    home.mkdir()
+    other.mkdir()
+    (other / "python").write_text("#!/bin/sh\necho another-python\n")
+    (other / "python").chmod(0o755)
+    (home / ".bashrc").write_text(f"export PATH={other}:$PATH\n")
+    stage = "python -c 'import sys; print(sys.executable)'"   # as DVC runs dvc.yaml's cmd
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(home)}
+    task_end, _ = socket.socketpair()
+    with task_end:
+        seen = subprocess.run(["bash", "-c", "command -v python"], stdin=task_end, env=env,
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+        task = f"exec {sys.executable} -m pipeline.orchestration.guard -- bash --noprofile --norc -c \"{stage}\""
+        out = subprocess.run(["bash", "-c", task], stdin=task_end, env=env, capture_output=True, text=True, timeout=60)
+    if seen != str(other / "python"):
+        pytest.skip(f"this bash does not read ~/.bashrc with a socket on stdin (python is {seen or 'not found'})")
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).parent == Path(sys.executable).parent, out.stdout
 
 
 @pytest.mark.slow
