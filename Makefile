@@ -54,8 +54,11 @@ services:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql redis-server > /dev/null; \
 	  else echo "postgresql/redis-server missing and cannot be installed here: the production-stack test will be skipped"; fi; }
 
+# TEST_WORKERS: pytest-xdist processes. Most of the suite waits on subprocesses (Airflow, DVC, stage runs):
+# on 2 cores, 2 workers take ~12 min where one took ~29 (CPU 127 % busy); TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
 test: setup browser services
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The Compose topology run as processes, with its faults (tests/test_production_stack.py), alone: about 5
 # minutes on 2 cores (it is part of `make test` and CI too).
@@ -75,7 +78,7 @@ status:
 clean-runs:
 	rm -rf airflow mlflow.db mlartifacts
 
-# docker/compose.yaml for real with Debian's Podman (tests/test_container_stack.py; not in .ci/run): installs
+# docker/compose.yaml for real with Debian's Podman (tests/test_container_stack.py; .ci/run runs it beside `make test`): installs
 # podman & co. (root), builds a Debian base, the project image and stand-ins for postgres/redis/MinIO here,
 # brings the stack up, runs the pipeline DAG through it with a worker kill, takes it down. About 25 min
 # on 2 cores from nothing (images 12, stack up 2, DAG run 5, GPU image 5.5; session 13).
