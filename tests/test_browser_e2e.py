@@ -173,6 +173,9 @@ def test_trigger_tiny_pipeline_from_the_ui_and_find_it_in_mlflow(stack: Stack, b
 
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     context.set_default_timeout(30_000)
+    # assertions wait as long as actions: on 2 busy cores (CI builds the container images beside the suite)
+    # the UI once took more than expect's default 5 s to render the DAG page's translations and grid
+    expect.set_options(timeout=30_000)
     page = context.new_page()
 
     # 1. log into Airflow with the password Airflow generated on first start
