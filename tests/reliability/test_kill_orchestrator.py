@@ -98,11 +98,11 @@ def test_guard_passes_the_exit_status_through(tmp_path):
 
 
 def test_the_stage_command_runs_the_guards_python_whatever_the_shell_read(tmp_path):
-    """A task's ``bash -c`` reads ~/.bashrc when its stdin is a socket (Debian's bash, as sshd's; so under
-    Airflow task runners that talk to their task over it), and a ``pyenv init`` there puts another
-    ``python`` first on PATH: the stage's ``python -m pipeline`` once ran the system interpreter and failed
-    with ``No module named 'mlflow'`` (make test, two xdist workers). The guard puts its own interpreter's
-    folder first for what it runs; DVC runs the stage's cmd with ``bash --noprofile --norc``."""
+    """Debian's ``bash -c`` reads ~/.bashrc when its stdin is a socket (as under sshd), and a ``pyenv init``
+    there puts another ``python`` first on PATH. Seen in the browser test's DAG run under two xdist workers:
+    the stage's PATH had pyenv's shims ahead of the venv, and ``python -m pipeline`` ran the system
+    interpreter (``No module named 'mlflow'``). The guard puts its own interpreter's folder first for what it
+    runs; DVC runs the stage's cmd with ``bash --noprofile --norc``."""
     home, other = tmp_path / "home", tmp_path / "other-bin"
     home.mkdir()
     other.mkdir()
