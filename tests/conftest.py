@@ -32,7 +32,7 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@example.invalid")
 #: commit dvc.lock): lock, DVC cache, run outputs, MLflow/Airflow stores, test artifacts, environments
 RUN_STATE = ("dvc.lock", ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "data", "mlruns", "mlartifacts",
              "mlflow.db", "airflow", ".cache", ".stack", ".dvc-remote", "tests/artifacts", ".venv", ".git",
-             ".pytest_cache", "out")
+             ".pytest_cache", "out", "runs")   # runs/: the long trainings' state kept across sessions
 #: project files inside a run-state folder: data/images (evaluate.dataset: images) is in git, with its README
 PROJECT_DATA = ("data/images/README.md",)
 #: outside a git checkout only these are copied (the project's sources and configuration)
