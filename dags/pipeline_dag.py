@@ -33,6 +33,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from pipeline import events
 from pipeline.errors import EXIT_PERMANENT
 from pipeline.orchestration.dvcgraph import descendants, load_stages, model_outputs
+from pipeline.orchestration.guard import interpreter_first
 from pipeline.schema import PROFILES  # the one list of profile names
 
 WORKSPACE = Path(os.environ.get("PIPELINE_WORKSPACE") or Path(__file__).resolve().parents[1]).resolve()
@@ -64,10 +65,10 @@ DEFAULT_ARGS = {
 
 
 def _stage_env() -> dict[str, str]:
-    # dvc.yaml's `python -m pipeline ...` must find this interpreter's environment first
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # dvc.yaml's `python -m pipeline ...` must find this interpreter's environment first (the guard
+    # puts it first again for what it runs, whatever the task's shell read)
     return {
-        "PATH": path,
+        "PATH": interpreter_first(os.environ.get("PATH", "")),
         "PIPELINE_HOME": str(WORKSPACE),
         "MLFLOW_PARENT_RUN_ID": "{{ ti.xcom_pull(task_ids='start') or '' }}",
         "DVC_NO_ANALYTICS": "1",

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from pipeline import events
+from pipeline.orchestration.guard import interpreter_first
 
 
 def _log(msg: str) -> None:
@@ -304,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"another run holds {home / 'local_run.lock'}: waiting for it to finish")
         fcntl.flock(fd, fcntl.LOCK_EX)
     fail_orphaned_test_runs()
-    airflow = shutil.which("airflow", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                            os.environ.get("PATH", "")]))
+    airflow = shutil.which("airflow", path=interpreter_first(os.environ.get("PATH", "")))
     if airflow is None:
         _log("airflow not found (run `make setup`)")
         return 1
