@@ -242,3 +242,26 @@ def test_warm_start_begins_from_the_init_weights(tmp_path):
     other = TrainCompressorParams(**{**TINY, "epochs": 1, "bits": 8, "init": str(tmp_path / "init.pt")})
     with pytest.raises(PipelineError, match="another architecture"):
         tc.train(other, synthetic_patches(8), synthetic_patches(8, 1), seed=0, device=torch.device("cpu"))
+
+
+def test_a_warm_start_may_train_more_iterations_than_its_init(tmp_path):
+    """A model trained at 2 iterations starts a run at 4 (the weights are the same at every iteration):
+    every weight is copied, and the context table keeps its rows, its last one repeated for the new ones."""
+    from pipeline.compression.modelfile import save_model
+
+    torch.manual_seed(7)
+    source = tc.RNNCompressor(tc.ModelConfig.from_params(TrainCompressorParams(**TINY)))
+    with torch.no_grad():
+        source.context.copy_(torch.randn_like(source.context))
+    save_model(source, tmp_path / "init.pt")
+    more = TrainCompressorParams(**{**TINY, "iterations": 4, "init": str(tmp_path / "init.pt")})
+    model = tc.RNNCompressor(tc.ModelConfig.from_params(more))
+    tc.load_init(model, more.init)
+    for name, tensor in source.state_dict().items():
+        if name != "context":
+            assert torch.equal(model.state_dict()[name], tensor), name
+    assert torch.equal(model.context[:2], source.context)
+    assert torch.equal(model.context[2], source.context[1]) and torch.equal(model.context[3], source.context[1])
+    fewer = tc.RNNCompressor(tc.ModelConfig.from_params(TrainCompressorParams(**{**TINY, "iterations": 1, "val_iterations": (1,)})))
+    tc.load_init(fewer, more.init)
+    assert torch.equal(fewer.context, source.context[:1])

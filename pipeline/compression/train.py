@@ -124,14 +124,22 @@ def evaluate(model: RNNCompressor, val: torch.Tensor, p: TrainCompressorParams, 
 
 
 def load_init(model: RNNCompressor, path: str) -> None:
-    """Warm start: copy the weights of a model file (same architecture) into ``model``."""
+    """Warm start: copy the weights of a model file (same architecture) into ``model``. The iteration
+    count may differ (E, B and D are the same at every iteration: a model trained at 8 can be trained on
+    at 16); the context table's rows are then cut, or extended with its last row, until it is refitted."""
+    import dataclasses
+
     from pipeline.compression.modelfile import load_model
 
     src = load_model(path)
-    if src.config != model.config:
+    if dataclasses.replace(src.config, iterations=model.config.iterations) != model.config:
         raise PipelineError(f"{STAGE}: init {path} has another architecture ({src.config.to_dict()}) than "
                             f"train_compressor's params ({model.config.to_dict()})")
-    model.load_state_dict(src.state_dict())
+    state = src.state_dict()
+    table, rows = state["context"], model.config.iterations
+    state["context"] = table[:rows] if len(table) >= rows else \
+        torch.cat([table, table[-1:].expand(rows - len(table), *table.shape[1:])])
+    model.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
