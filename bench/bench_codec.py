@@ -1,5 +1,5 @@
 """Benchmark the RNN codec: encode and decode seconds per megapixel and peak memory, per precision; the
-quality of each precision against the fp32 codec on Kodak; and what the entropy coding of .rnnc v3 (v2 for a
+quality of each precision against the fp32 codec on Kodak; and what the entropy coding of .rnnc v4 and v3 (v2 for a
 model without a fitted context model) saves over the raw bits, iteration by iteration, on Kodak.
 
     python bench/bench_codec.py                          # cpu-profile-sized model, 768x512, all iterations
@@ -318,10 +318,10 @@ def kodak_images(folder: str, n: int) -> list[tuple[str, np.ndarray]]:
 
 def entropy_saving(codec: RNNCodec, images: list[tuple[str, np.ndarray]], iterations: int) -> dict:
     """Raw vs coded bytes per iteration, and coded vs v1 (raw) file sizes per iteration count, over the
-    images, for the version the codec writes (3 with a fitted context model) and, when that is 3, for
-    version 2 as well."""
+    images, for the version the codec writes (4 with a fitted context model) and, when that is 4, for
+    versions 3 and 2 as well."""
     table = codec.context_table
-    versions = [3, 2] if table is not None else [2]
+    versions = [4, 3, 2] if table is not None else [2]
     raw = np.zeros(iterations)
     v1_sizes = np.zeros(iterations)
     coded = {v: np.zeros(iterations) for v in versions}
@@ -337,7 +337,7 @@ def entropy_saving(codec: RNNCodec, images: list[tuple[str, np.ndarray]], iterat
             v1_sizes[k - 1] += len(truncate(v1, k))
         for v in versions:
             t0 = time.perf_counter()
-            data, sizes = pack_coded(header, codes, table if v == 3 else None)
+            data, sizes = pack_coded(header, codes, table, v) if v in (3, 4) else pack_coded(header, codes)
             if v == versions[0]:
                 code_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -438,7 +438,7 @@ def main() -> None:
     if args.kodak and args.images:
         images = kodak_images(args.kodak, args.images)
         saving = entropy_saving(RNNCodec(model, tile=args.tile), images, k)
-        for v in (3, 2):
+        for v in (4, 3, 2):
             if f"v{v}" not in saving:
                 continue
             e = saving[f"v{v}"]

@@ -19,6 +19,8 @@
 #     VAL_PATCHES=64 scripts/train_codec_long.sh   # phase 7 (session 8): x2-upsampled CIFAR-10, sharper detail
 #   INIT_MODEL=none CELL=gru LR=0.002 PATCH=64 SCALE=2 BATCH=8 PATCHES=50000 EPOCH_PATCHES=2400 EPOCHS=1000 \
 #     LONGRUN_DIR=../longrun-gru scripts/train_codec_long.sh   # session 13: the equal-time winner, from scratch
+#   INIT_MODEL=../rnnc-gru/model.pt CELL=gru ITERATIONS=16 LR=0.002 PATCH=64 SCALE=2 BATCH=8 PATCHES=50000 \
+#     EPOCH_PATCHES=1200 EPOCHS=1000 LONGRUN_DIR=../longrun-gru16 scripts/train_codec_long.sh  # 16 iterations
 #   LOSS=l1_ssim EPOCHS=20 LR=0.0004 LR_SCHEDULE=cosine LR_WARMUP=0.02 scripts/train_codec_long.sh  # tried: worse on Kodak (README)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,6 +33,7 @@ LR_SCHEDULE=${LR_SCHEDULE:-constant}  # constant | cosine | multistep; a warm st
 LR_WARMUP=${LR_WARMUP:-0.002}  # fraction of steps
 LOSS=${LOSS:-l1}               # l1 | l2 | l1_ssim (train_compressor.loss)
 CELL=${CELL:-lstm}             # lstm | gru (train_compressor.cell; a new cell needs INIT_MODEL=none)
+ITERATIONS=${ITERATIONS:-8}    # iterations trained = the most a file holds (16: the coursework's; an init trained at 8 may start it)
 PATCH=${PATCH:-32}             # patch side in px (64: 4x4 code blocks; 128: the whole x4-upsampled CIFAR-10 image)
 SCALE=${SCALE:-4}              # bicubic upsampling of CIFAR-10 before cropping (augment.patch_scale; 2: sharper detail)
 BATCH=${BATCH:-32}             # patches per step
@@ -55,7 +58,9 @@ if [ ! -d "$DIR" ]; then
     --set augment.patches=$PATCHES --set augment.val_patches=1000 --set augment.patch_scale=$SCALE \
     --set augment.patch_size=$PATCH --set train_compressor.batch_size=$BATCH --set train_compressor.lr=$LR \
     --set train_compressor.lr_schedule=$LR_SCHEDULE --set train_compressor.lr_warmup=$LR_WARMUP \
-    --set train_compressor.loss=$LOSS --set train_compressor.cell=$CELL --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
+    --set train_compressor.loss=$LOSS --set train_compressor.cell=$CELL --set train_compressor.iterations=$ITERATIONS \
+    --set "train_compressor.val_iterations=[$(for k in 1 2 4 8 12 16; do [ "$k" -le "$ITERATIONS" ] && printf '%s,' "$k"; done | sed 's/,$//')]" \
+    --set train_compressor.binarizer=deterministic --set train_compressor.ema_decay=0.999 \
     --set train_compressor.amp=true --set train_compressor.epochs=$EPOCHS \
     --set train_compressor.patches_per_epoch=$EPOCH_PATCHES --set train_compressor.val_patches=$VAL_PATCHES \
     --set train_compressor.snapshot_every=4 --set train_compressor.init=$INIT \

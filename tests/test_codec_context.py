@@ -1,4 +1,4 @@
-"""The .rnnc v3 entropy model (pipeline.compression.context): exact, lossless, learnable, and tied to the model."""
+"""The .rnnc v3 and v4 entropy models (pipeline.compression.context): exact, lossless, learnable, tied to the model."""
 
 from __future__ import annotations
 
@@ -37,9 +37,12 @@ def random_table(iterations: int = 3, bits: int = BITS, seed: int = 0) -> np.nda
     return cx.quantize(rng.normal(0, 1.5, (iterations, bits, cx.n_features(bits))))
 
 
-def round_trip(planes: np.ndarray, table: np.ndarray) -> list[bytes]:
+CODERS = [cx.ContextCoder, cx.AdaptiveContextCoder]  # versions 3 and 4
+
+
+def round_trip(planes: np.ndarray, table: np.ndarray, coder=cx.ContextCoder) -> list[bytes]:
     h, w, bits = planes.shape[1:]
-    enc, dec = cx.ContextCoder(h, w, bits, table), cx.ContextCoder(h, w, bits, table)
+    enc, dec = coder(h, w, bits, table), coder(h, w, bits, table)
     out = []
     for plane in planes:
         data = enc.encode(plane)
@@ -59,20 +62,22 @@ def test_logistic_table_is_exact_and_symmetric():
                                   [32768, 47911, 65536 - 47911, lut[-1]])
 
 
+@pytest.mark.parametrize("coder", CODERS)
 @pytest.mark.parametrize("kind", ["random", "zeros", "ones", "correlated"])
-def test_round_trip_is_lossless(kind):
+def test_round_trip_is_lossless(kind, coder):
     rng = np.random.default_rng(1)
     shape = (4, 5, 7, BITS)
     planes = {"random": rng.random(shape) < 0.5, "zeros": np.zeros(shape, bool), "ones": np.ones(shape, bool),
               "correlated": correlated_planes(4, 5, 7)}[kind]
-    coded = round_trip(planes, random_table())  # 4 planes with a 3-row table: the last row serves plane 4
+    coded = round_trip(planes, random_table(), coder)  # 4 planes with a 3-row table: the last row serves plane 4
     assert all(len(d) % 4 == 0 for d in coded)
 
 
-def test_one_block_and_one_channel_planes():
+@pytest.mark.parametrize("coder", CODERS)
+def test_one_block_and_one_channel_planes(coder):
     for h, w, bits in ((1, 1, 1), (1, 9, 3), (6, 1, 2)):
         planes = np.random.default_rng(h * w).random((3, h, w, bits)) < 0.5
-        round_trip(planes, random_table(2, bits))
+        round_trip(planes, random_table(2, bits), coder)
 
 
 def test_the_coder_sees_exactly_the_features_the_fit_used():
@@ -117,15 +122,41 @@ def test_a_fitted_table_compresses_correlated_bits():
     assert sum(map(len, coded)) < 0.6 * 3 * raw
 
 
-def test_corrupt_coded_bytes_are_refused():
+@pytest.mark.parametrize("coder", CODERS)
+def test_corrupt_coded_bytes_are_refused(coder):
     table = random_table()
-    data = cx.ContextCoder(4, 4, BITS, table).encode(np.ones((4, 4, BITS), bool))
+    data = coder(4, 4, BITS, table).encode(np.ones((4, 4, BITS), bool))
     with pytest.raises(EntropyError, match="multiple of 4"):
-        cx.ContextCoder(4, 4, BITS, table).decode(data + b"\0")
+        coder(4, 4, BITS, table).decode(data + b"\0")
     with pytest.raises(EntropyError, match="continue past"):
-        cx.ContextCoder(4, 4, BITS, table).decode(data + b"\xff" * 8)
+        coder(4, 4, BITS, table).decode(data + b"\xff" * 8)
     with pytest.raises(ValueError, match="does not fit"):
-        cx.ContextCoder(4, 4, BITS, table[:, :, :-1])
+        coder(4, 4, BITS, table[:, :, :-1])
+
+
+def test_v4_without_learning_codes_exactly_as_v3(monkeypatch):
+    """Version 4 is version 3 plus the learned delta: with a learning rate of zero it writes v3's very bytes
+    (the same features, table and probabilities, computed its own way)."""
+    monkeypatch.setattr(cx, "ETA_FIRST", 0)
+    monkeypatch.setattr(cx, "ETA_LATER", 0)
+    for shape, seed in (((5, 7), 0), ((1, 1), 1), ((12, 9), 2)):
+        planes = correlated_planes(4, *shape, seed=seed)
+        assert round_trip(planes, random_table(seed=seed), cx.AdaptiveContextCoder) == \
+            round_trip(planes, random_table(seed=seed))
+
+
+def test_v4_learns_what_the_table_does_not_know():
+    """Planes whose bits are 1 with probability 0.85 under a table that knows nothing (all zero: P = 1/2
+    everywhere): v3 spends a bit per bit, v4 learns the bias as it codes and spends far less."""
+    planes = np.random.default_rng(3).random((3, 16, 16, BITS)) < 0.85
+    table = np.zeros((3, BITS, cx.n_features(BITS)), dtype=np.int64)
+    v3 = sum(map(len, round_trip(planes, table)))
+    v4 = sum(map(len, round_trip(planes, table, cx.AdaptiveContextCoder)))
+    assert v3 >= 0.99 * planes.size / 8 and v4 < 0.8 * v3  # entropy of 0.85: 0.61 bits per bit
+    # the delta it learned is a positive bias for every channel, and bounded
+    coder = cx.AdaptiveContextCoder(16, 16, BITS, table)
+    coder.encode(planes[0])
+    assert (coder.delta[:, 3 * BITS + 3:].sum(axis=1) > 0).all() and np.abs(coder.delta).max() <= cx.DELTA_LIMIT
 
 
 # ----------------------------------------------------------------------------------------- with the codec
@@ -153,16 +184,16 @@ def test_an_unfitted_model_keeps_its_fingerprint_and_writes_v2():
         codec.compress(make_image(32, 48), 2, version=3)
 
 
-def test_fitted_model_writes_v3_that_decodes_and_truncates(fitted, tmp_path):
+def test_fitted_model_writes_v4_that_decodes_and_truncates(fitted, tmp_path):
     codec = RNNCodec(fitted, tile=32)
     img = make_image(37, 53, seed=3)
     data = codec.compress(img, 4)
-    assert parse(data)[0].version == 3
+    assert parse(data)[0].version == 4
     np.testing.assert_array_equal(codec.decompress(data), codec.reconstruct(img, 4))
     for k in (1, 2, 3):
         assert truncate(data, k) == codec.compress(img, k)  # truncation equals fewer iterations
         np.testing.assert_array_equal(codec.decompress(data, k), codec.reconstruct(img, k))
-    for version in (1, 2):  # the same model still reads its older versions
+    for version in (1, 2, 3):  # the same model still reads its older versions
         np.testing.assert_array_equal(codec.decompress(codec.compress(img, 4, version=version)),
                                       codec.decompress(data))
     # the table travels in the model file and is in the fingerprint; on its 1/64 grid float16 holds it exactly
@@ -174,16 +205,18 @@ def test_fitted_model_writes_v3_that_decodes_and_truncates(fitted, tmp_path):
     np.testing.assert_array_equal(RNNCodec(loaded, tile=32).decompress(data), codec.decompress(data))
 
 
-def test_v3_file_for_a_model_without_a_table_is_refused():
-    codec = RNNCodec(make_model(), tile=32)  # unfitted: its fingerprint, but a version-3 header
-    with pytest.raises(BitstreamError, match="context model"):
-        codec.decompress(forge(codec, {"version": 3}, [bytes(16)]))
+@pytest.mark.parametrize("version", [3, 4])
+def test_a_table_version_file_for_a_model_without_a_table_is_refused(version):
+    codec = RNNCodec(make_model(), tile=32)  # unfitted: its fingerprint, but a version-3/4 header
+    with pytest.raises(BitstreamError, match=f"version {version} needs the model's context model"):
+        codec.decompress(forge(codec, {"version": version}, [bytes(16)]))
 
 
-def test_corrupt_v3_payload_is_a_bitstream_error(fitted):
+@pytest.mark.parametrize("version", [3, 4])
+def test_corrupt_table_version_payload_is_a_bitstream_error(fitted, version):
     codec = RNNCodec(fitted, tile=32)
     with pytest.raises(BitstreamError, match="iteration 1"):
-        codec.decompress(forge(codec, {"version": 3}, [b"\xff" * 8]))
+        codec.decompress(forge(codec, {"version": version}, [b"\xff" * 8]))
 
 
 def test_v3_coded_bytes_are_pinned():
@@ -197,3 +230,15 @@ def test_v3_coded_bytes_are_pinned():
         for data in round_trip(planes, random_table(seed=seed)):
             digest.update(data)
     assert digest.hexdigest() == "be8d4cb40e9cebcc81e04af36614ce5a6827aaf89146159310e5db2007defab8"
+
+
+def test_v4_coded_bytes_are_pinned():
+    """The same for version 4 (its learning steps included)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for shape, seed in (((5, 7), 0), ((1, 1), 1), ((32, 48), 2)):
+        planes = correlated_planes(4, *shape, seed=seed)
+        for data in round_trip(planes, random_table(seed=seed), cx.AdaptiveContextCoder):
+            digest.update(data)
+    assert digest.hexdigest() == "0484f749e98c6f90bafbe47250c00d229dbc1c87aa4dd0cf58592c28f5d39169"

@@ -26,10 +26,10 @@ import torch
 from pipeline.compression.errors import BitstreamError, CodecError, InputError, ModelMismatchError, OutOfMemory
 from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor
 from pipeline.compression.modelfile import load_model, model_fingerprint
-from pipeline.compression.rnncfile import (CRC_SIZE, DEFAULT_TILE, HEADER_SIZE, LENGTH_SIZE, MAX_SIDE, VERSIONS,
-                                           CodedRecords, Header, check_tile, default_max_pixels, max_file_size,
-                                           pack_coded, pack_v1, padded_size, parse_header, record_spans, tile_grid,
-                                           truncate, unpack_codes)
+from pipeline.compression.rnncfile import (CRC_SIZE, DEFAULT_TILE, HEADER_SIZE, LENGTH_SIZE, MAX_SIDE,
+                                           TABLE_VERSIONS, VERSION, VERSIONS, CodedRecords, Header, check_tile,
+                                           default_max_pixels, max_file_size, pack_coded, pack_v1, padded_size,
+                                           parse_header, record_spans, tile_grid, truncate, unpack_codes)
 from pipeline.images import bits_per_pixel
 
 EARLY_STOP_BYTES = 2 << 30  # compress_to_bpp codes iteration by iteration when every tile's state fits this
@@ -216,21 +216,24 @@ class RNNCodec:
     def compress(self, img: np.ndarray, iterations: int, version: int | None = None) -> bytes:
         """The .rnnc file bytes of ``img`` (uint8 HxWx3) coded with ``iterations`` iterations.
 
-        ``version`` None: 3 (the model's learned context model) when the model has one, else 2 (an
-        adaptive context model); 1 writes the raw bits (the old format, and the entropy coders' baseline)."""
+        ``version`` None: 4 (the model's learned context model, adapted to the image as it is coded) when the
+        model has one, else 2 (an adaptive context model); 3 the learned model alone; 1 the raw bits (the old
+        format, and the entropy coders' baseline)."""
         if version is None:
-            version = 3 if self.context_table is not None else 2
+            version = VERSION if self.context_table is not None else 2
         if version not in VERSIONS:
             raise CodecError(f"version: this build writes versions {VERSIONS} (got {version})")
-        if version == 3 and self.context_table is None:
-            raise CodecError("version 3: this model has no fitted context model (write version 2)")
+        if version in TABLE_VERSIONS and self.context_table is None:
+            raise CodecError(f"version {version}: this model has no fitted context model (write version 2)")
         codes = self.encode(img, iterations)
         header = self.header_for(img, codes.shape[0])
         if (header.iteration_bytes + CRC_SIZE + LENGTH_SIZE) * codes.shape[0] + HEADER_SIZE > 0xFFFFFFFF:
             raise InputError(f"image {img.shape[1]}x{img.shape[0]} too large for one .rnnc file")
         if version == 1:
             return pack_v1(header, codes)
-        return pack_coded(header, codes, self.context_table if version == 3 else None)[0]
+        if version == 2:
+            return pack_coded(header, codes)[0]
+        return pack_coded(header, codes, self.context_table, version)[0]
 
     def compress_to_bpp(self, img: np.ndarray, bpp: float) -> tuple[bytes, int]:
         """The file with the most iterations whose size stays within ``bpp`` bits per pixel, header
@@ -295,9 +298,9 @@ class RNNCodec:
     def _checked_header(self, data: bytes) -> Header:
         header = parse_header(data)
         self._check_model(header)
-        if header.version == 3 and self.context_table is None:
-            raise BitstreamError("invalid .rnnc file: version 3 needs the model's context model, and this model "
-                                 "has none")
+        if header.version in TABLE_VERSIONS and self.context_table is None:
+            raise BitstreamError(f"invalid .rnnc file: version {header.version} needs the model's context model, "
+                                 "and this model has none")
         limit = default_max_pixels() if self.max_pixels is None else self.max_pixels
         if limit and header.pixels > limit:
             raise BitstreamError(f"image of {header.width}x{header.height} = {header.pixels} pixels is over the "

@@ -1,4 +1,5 @@
-"""The .rnnc v3 entropy model: a context model learned with the codec, and a range coder.
+"""The .rnnc v3 and v4 entropy models: a context model learned with the codec (v4: and corrected as it codes
+by what it learns of the image, :class:`AdaptiveContextCoder`), and a range coder.
 
 The codec's bits are nearly incompressible one by one (after the first iteration a trained model
 uses each bit at close to 1 bit of entropy, and the adaptive model of version 2 saves only 0.3-3.5 %
@@ -31,6 +32,7 @@ the model (its ``context`` buffer, covered by the model fingerprint); a model wh
 from __future__ import annotations
 
 import decimal
+import math
 
 import numpy as np
 
@@ -145,6 +147,82 @@ class ContextCoder(BitPlaneCoder):
                 cur[c, lat.padded[where]] = 2 * group.astype(np.int64) - 1
             # channel c is complete: its bits join the later channels' logits
             logit[:, c + 1:] += np.outer(cur[c, lat.padded], wt[c + 1:, 2 * bits + c])
+        plane_pm = cur[:, lat.padded].T  # (P, bits) in {-1, +1}
+        self.history = (self.history + [plane_pm])[-2:]
+        self.planes += 1
+        return (plane_pm > 0).reshape(h, w, bits)
+
+
+# ------------------------------------------------------------------------ version 4: adapting to the image
+
+FINE = 4096  # version 4 works in weights of 1/4096: the table's 1/64 steps times 64, plus the learned delta
+ETA_FIRST, ETA_LATER = 41, 10  # learning rate per plane, in units of 1/1024: ~0.04 on the first, ~0.01 later
+DELTA_LIMIT = 16 * FINE  # the delta stays within +-16
+
+
+def probability_fine(logit: np.ndarray) -> np.ndarray:
+    """Integer logits in units of 1/4096 -> P(1) in units of 2**-16 (int64): the same table as
+    :func:`probability` (a logit of k/64 maps to the same entry)."""
+    step = LUT_STEP * (FINE // WEIGHT_SCALE)
+    return LUT[np.clip(np.floor_divide(logit + step // 2, step), -LUT_HALF, LUT_HALF) + LUT_HALF]
+
+
+class AdaptiveContextCoder(ContextCoder):
+    """Version 4: the fitted table of version 3 plus a correction learned from this image as it is coded.
+
+    The table is fitted on CIFAR-10 crops; an image's statistics differ (fitted on Kodak's own codes, the
+    table would spend 0.58 instead of 0.67 bits per bit at iteration 1). Both sides keep a delta of the
+    same shape as a table row, added to the row of every plane's iteration, and after each (channel,
+    phase) group move that channel's delta one gradient step against the group's log loss:
+    ``delta[c] -= eta * sum((p - y) * x) / sqrt(n)`` over its n bits, eta ~0.04 on the first plane and
+    ~0.01 after, the delta halved at each new plane. All in integers (weights in units of 1/4096,
+    probabilities in 2**-16, floor divisions), so encoder and decoder agree on every machine. With the
+    delta at zero it predicts exactly what version 3 does. Measured on the 24 Kodak images' codes of the
+    shipped model: bits per code bit 0.686 / 0.847 / 0.891 at iterations 1-3 -> 0.643 / 0.820 / 0.875.
+    """
+
+    def __init__(self, height_blocks: int, width_blocks: int, bits: int, table: np.ndarray):
+        super().__init__(height_blocks, width_blocks, bits, table)
+        self.delta = np.zeros((bits, n_features(bits)), dtype=np.int64)
+        self._class = np.eye(3, dtype=np.int64)[np.minimum(self.lattice.phase, 2)]  # (P, 3) phase-class one-hot
+        self._isqrt = [max(1, math.isqrt(len(wh))) for wh in self.lattice.where]
+
+    def _walk(self, plane: np.ndarray | None, coder) -> np.ndarray:
+        h, w, bits = self.shape
+        lat = self.lattice
+        npos = h * w
+        wt = self.table[min(self.planes, len(self.table) - 1)] * (FINE // WEIGHT_SCALE)  # (bits, F), 1/4096
+        eta = ETA_FIRST if self.planes == 0 else ETA_LATER
+        if self.planes:
+            self.delta = np.floor_divide(self.delta, 2)
+        zeros = np.zeros((npos, bits), dtype=np.int64)
+        prev = self.history[-1] if self.history else zeros
+        prev2 = self.history[-2] if len(self.history) > 1 else zeros
+        prev_direct = lat.pad(prev)[:, lat.direct].sum(axis=2).T  # (P, bits)
+        cur = np.zeros((bits, (h + 2) * (w + 2)), dtype=np.int64)  # -1/+1 coded so far, zero elsewhere
+        src = None if plane is None else plane.reshape(npos, bits)
+        family = constriction().stream.model.Bernoulli(perfect=False) if coder is not None else None
+        for c in range(bits):
+            for p in range(4):
+                where = lat.where[p]
+                n = len(where)
+                seen = cur[:c, lat.padded[where]].T  # this plane's channels before c
+                nb = np.zeros((n, 2), dtype=np.int64)
+                if p == 1:
+                    nb[:, 0] = cur[c][lat.diagonal[where]].sum(axis=1)
+                elif p >= 2:
+                    nb[:, 1] = cur[c][lat.direct[where]].sum(axis=1)
+                x = np.concatenate([prev[where], prev2[where], seen, np.zeros((n, bits - c), dtype=np.int64), nb,
+                                    prev_direct[where, c:c + 1], self._class[where]], axis=1)  # (n, F)
+                q = probability_fine(x @ (wt[c] + self.delta[c]))
+                group = None if plane is None else src[where, c].astype(np.int32)
+                if coder is not None:
+                    group = self._code_group(coder, family, group, q.astype(np.float64) / (1 << PROB_BITS))
+                group = np.asarray(group, dtype=np.int64)
+                cur[c, lat.padded[where]] = 2 * group - 1
+                grad = (q - (group << PROB_BITS)) @ x  # units of 2**-16
+                step = np.floor_divide(grad * eta, 1024 * (1 << PROB_BITS) // FINE * self._isqrt[p])
+                self.delta[c] = np.clip(self.delta[c] - step, -DELTA_LIMIT, DELTA_LIMIT)
         plane_pm = cur[:, lat.padded].T  # (P, bits) in {-1, +1}
         self.history = (self.history + [plane_pm])[-2:]
         self.planes += 1

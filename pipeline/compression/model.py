@@ -201,7 +201,7 @@ class RNNCompressor(nn.Module):
         self.decoder = Decoder(cfg)
         # training only (not part of the model file): the binarizer in train mode; eval is always sign(z)
         self.stochastic_binarizer = True
-        # the .rnnc v3 entropy model, fitted to the trained codec's bits (pipeline.compression.context.fit):
+        # the .rnnc v3/v4 entropy model, fitted to the trained codec's bits (pipeline.compression.context.fit):
         # per iteration and code channel, logistic weights over 3 * bits + 6 context features; all zero
         # (never fitted) means files are written as version 2. Not trained by gradient descent.
         self.register_buffer("context", torch.zeros(cfg.iterations, cfg.bits, 3 * cfg.bits + 6))

@@ -4,7 +4,7 @@ File layout (little-endian). The header is the same in every version::
 
     header (30 bytes)
       magic        4s   b"RNNC"
-      version      u8   3 when the model has a fitted context model, else 2 (1: raw bits; all still read)
+      version      u8   4 when the model has a fitted context model, else 2 (1 raw bits, 3: all still read)
       bits         u8   code bits per 16x16 block per iteration (the model's)
       block        u8   16: pixels per code cell side
       tile         u16  side of the coding tiles in pixels (a multiple of 16, 16..2048; 0: one tile,
@@ -15,14 +15,17 @@ File layout (little-endian). The header is the same in every version::
       iterations   u8   iterations stored, K
       header_crc   u32  CRC-32 of the 26 bytes above
 
-Versions 2 and 3, then K times, iteration by iteration::
+Versions 2 to 4, then K times, iteration by iteration::
 
       length       u32  n, the payload's bytes: at most R, the raw size of an iteration (below)
       payload      n    n == R: the raw bits as in version 1; n < R: the bits entropy-coded, n a
                         multiple of 4, by a range coder with -- version 3 -- the model's own learned
                         context model (:class:`pipeline.compression.context.ContextCoder`: each bit
                         predicted from the same block's other bits of this and the two previous
-                        iterations and its coded neighbours), or -- version 2 -- an adaptive context
+                        iterations and its coded neighbours), -- version 4 -- the same corrected as it
+                        goes by what it learns of this image
+                        (:class:`pipeline.compression.context.AdaptiveContextCoder`), or -- version 2 --
+                        an adaptive context
                         model carried over from the iterations before
                         (:class:`pipeline.compression.entropy.PlaneCoder`)
       crc          u32  CRC-32 of length and payload
@@ -62,8 +65,9 @@ from pipeline.compression.errors import BitstreamError, CodecError
 BLOCK = 16  # pixels per code cell side: the model's (pipeline.compression.model.BLOCK; a test checks they agree)
 
 MAGIC = b"RNNC"
-VERSION = 3  # what a model with a fitted context model writes (one without writes 2)
-VERSIONS = (1, 2, 3)  # versions this build reads
+VERSION = 4  # what a model with a fitted context model writes (one without writes 2)
+VERSIONS = (1, 2, 3, 4)  # versions this build reads
+TABLE_VERSIONS = (3, 4)  # versions coded with the model's context table
 _FIELDS = struct.Struct("<4sBBBH8sIIB")
 _CRC = struct.Struct("<I")
 _LENGTH = struct.Struct("<I")
@@ -173,7 +177,7 @@ def parse_header(data: bytes) -> Header:
 
 
 def record_spans(data: bytes, header: Header) -> list[tuple[int, int]]:
-    """(start, end) of each whole iteration record present, CRCs checked; payload bytes for v2 and v3 exclude
+    """(start, end) of each whole iteration record present, CRCs checked; payload bytes for v2 to v4 exclude
     the length field. Fewer whole iterations than the header says is a valid progressive prefix."""
     raw = header.iteration_bytes
     k = header.iterations
@@ -243,25 +247,27 @@ def pack_v1(header: Header, codes: np.ndarray) -> bytes:
 
 
 def _plane_coder(version: int, shape: tuple[int, int, int], table: np.ndarray | None):
-    """The entropy coder of one image's planes for a version-2 or version-3 file."""
-    if version == 3:
-        from pipeline.compression.context import ContextCoder
+    """The entropy coder of one image's planes for a version-2, -3 or -4 file."""
+    if version in TABLE_VERSIONS:
+        from pipeline.compression.context import AdaptiveContextCoder, ContextCoder
 
         if table is None:
-            raise BitstreamError("invalid .rnnc file: version 3 needs the model's context model, and this model "
-                                 "has none")
-        return ContextCoder(*shape, table)
+            raise BitstreamError(f"invalid .rnnc file: version {version} needs the model's context model, and this "
+                                 "model has none")
+        return (ContextCoder if version == 3 else AdaptiveContextCoder)(*shape, table)
     from pipeline.compression.entropy import PlaneCoder
 
     return PlaneCoder(*shape)
 
 
 class CodedRecords:
-    """The iteration records (length, payload, crc) of a version-2 file -- version 3 when given the model's
-    context table -- one iteration at a time: the i-th call of :meth:`add` codes iteration i."""
+    """The iteration records (length, payload, crc) of a version-2 file -- version 4 (or ``version`` 3) when
+    given the model's context table -- one iteration at a time: the i-th call of :meth:`add` codes iteration i."""
 
-    def __init__(self, header: Header, table: np.ndarray | None = None):
-        self.version = 2 if table is None else 3
+    def __init__(self, header: Header, table: np.ndarray | None = None, version: int = VERSION):
+        if table is not None and version not in TABLE_VERSIONS:
+            raise ValueError(f"version {version} does not use a context table")
+        self.version = 2 if table is None else version
         self.raw = header.iteration_bytes
         self.coder = _plane_coder(self.version, (*header.blocks, header.bits), table)
 
@@ -274,10 +280,11 @@ class CodedRecords:
         return record + _CRC.pack(binascii.crc32(record)), len(payload)
 
 
-def pack_coded(header: Header, codes: np.ndarray, table: np.ndarray | None = None) -> tuple[bytes, list[int]]:
-    """The version-2 file of codes (K, Hb, Wb, bits) -- version 3 when given the model's context table --
-    and each iteration's payload size."""
-    records = CodedRecords(header.replace(iterations=codes.shape[0]), table)
+def pack_coded(header: Header, codes: np.ndarray, table: np.ndarray | None = None,
+               version: int = VERSION) -> tuple[bytes, list[int]]:
+    """The version-2 file of codes (K, Hb, Wb, bits) -- version 4 (or ``version`` 3) when given the model's
+    context table -- and each iteration's payload size."""
+    records = CodedRecords(header.replace(iterations=codes.shape[0]), table, version)
     parts = [header.replace(version=records.version).pack()]
     sizes = []
     for t in range(codes.shape[0]):
@@ -288,7 +295,7 @@ def pack_coded(header: Header, codes: np.ndarray, table: np.ndarray | None = Non
 
 
 def unpack_codes(header: Header, chunks: list[bytes], k: int, table: np.ndarray | None = None) -> np.ndarray:
-    """Codes (k, Hb, Wb, bits) bool of the first k payloads (version 3: with the model's context table)."""
+    """Codes (k, Hb, Wb, bits) bool of the first k payloads (versions 3 and 4: with the model's context table)."""
     hb, wb = header.blocks
     n = hb * wb * header.bits
     codes = np.empty((k, hb, wb, header.bits), dtype=bool)

@@ -99,7 +99,7 @@ def mutate(rng: np.random.Generator, seeds: list[bytes]) -> bytes:
         if rng.random() < 0.5:
             buf[:5] = b"RNNC" + bytes([int(rng.integers(1, 4))])
     else:  # a plausible header (random size, tile, iterations) over a random payload
-        head = struct.pack("<4sBBBH8sIIB", b"RNNC", int(rng.integers(1, 4)), 32, 16,
+        head = struct.pack("<4sBBBH8sIIB", b"RNNC", int(rng.integers(1, 5)), 32, 16,
                            int(rng.choice([0, 16, 32, 768, 2048])), seeds[0][9:17], int(rng.integers(1, 80)),
                            int(rng.integers(1, 80)), int(rng.integers(1, 6)))
         buf = bytearray(head + bytes(4)) + bytearray(rng.integers(0, 256, int(rng.integers(0, 120)),
@@ -114,7 +114,7 @@ def codec(one_thread) -> RNNCodec:
     from pipeline.compression.context import fit_model
 
     model = make_model()
-    fit_model(model, np.stack([make_image(48, 48, seed) for seed in range(16)]))  # writes v3, reads v1-v3
+    fit_model(model, np.stack([make_image(48, 48, seed) for seed in range(16)]))  # writes v4, reads v1-v4
     return RNNCodec(model, tile=32, max_pixels=MAX_PIXELS)
 
 
@@ -124,7 +124,7 @@ def seeds(codec) -> list[bytes]:
     files = []
     for (h, w), k, seed in [((16, 16), 1, 0), ((37, 53), 3, 1), ((33, 20), 4, 2), ((48, 64), 2, 3)]:
         img = make_image(h, w, seed)
-        files += [codec.compress(img, k), codec.compress(img, k, version=1), codec.compress(img, k, version=2)]
+        files += [codec.compress(img, k)] + [codec.compress(img, k, version=v) for v in (1, 2, 3)]
     flat = np.full((64, 64, 3), 77, dtype=np.uint8)
     files += [codec.compress(flat, 4), codec.compress(flat, 4, version=2)]  # entropy-coded records
     return files
