@@ -64,6 +64,9 @@ def load_cfg(params_file: str, profile: str | None, overrides: list[str]):
         for key in reversed(keys):
             patch = {key: patch}
         section = deep_merge(section, patch)
+        active = (section.get("profiles") or {}).get(raw.get("profile", "cpu"))
+        if isinstance(active, dict):  # the profile's own value would win over the base one: override it there too
+            section["profiles"] = {**section["profiles"], raw.get("profile", "cpu"): deep_merge(active, patch)}
     raw["train_classifier"] = section
     cfg = resolve(raw, params_file).train_classifier
     if cfg.recipe != "fast":
@@ -79,7 +82,8 @@ def run_seed(cfg, data: CifarData, seed: int, device: torch.device, target: floa
     accs = [(lg.argmax(1) == data.y_test).float().mean().item() for lg in levels]
     res.history[-1]["test_acc"] = accs[0]
     reached = next((r["train_time_s"] for r in res.history if r["test_acc"] >= target), None)
-    return {"seed": seed, "test_acc": accs[-1], "test_acc_no_tta": accs[0], "train_time_s": res.train_time_s,
+    return {"seed": seed, "test_acc": accs[-1], "test_acc_no_tta": accs[0], "test_acc_by_tta_level": accs,
+            "train_time_s": res.train_time_s,
             "images_per_s": res.images_seen / res.train_time_s, "epoch_time_to_target_s": reached,
             "history": [{k: r[k] for k in ("epoch", "train_acc", "test_acc", "train_time_s")} for r in res.history]}
 
@@ -91,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override train_classifier.KEY (e.g. epochs=0.5)")
     ap.add_argument("--epochs", type=float, help="shorthand for --set epochs=E")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    ap.add_argument("--seeds", type=int, default=1, help="how many seeds: FIRST..FIRST+N-1 (default 1)")
+    ap.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0, params.yaml's)")
     ap.add_argument("--target", type=float, default=0.94, help="accuracy target (default 0.94)")
     ap.add_argument("--data", help="default: dvc.yaml's train_classifier --data")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: params)")
@@ -118,17 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg.model_copy(update={"epochs": min(cfg.epochs, 1.0)}), data, 999, device, eval_last=False)
         print(f"warm-up run: {time.perf_counter() - t0:.1f} s (untimed)", flush=True)
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         r = run_seed(cfg, data, seed, device, args.target)
         runs.append(r)
         ttt = f"{r['epoch_time_to_target_s']:.2f} s" if r["epoch_time_to_target_s"] is not None else "not reached"
+        levels = " / ".join(f"{100 * a:.2f}" for a in r["test_acc_by_tta_level"])
         print(f"seed {seed}: test acc {100 * r['test_acc']:.2f}% (TTA {cfg.tta}), {100 * r['test_acc_no_tta']:.2f}% "
-              f"plain; training {r['train_time_s']:.2f} s, {r['images_per_s']:.0f} images/s; "
+              f"plain (TTA levels 0..{cfg.tta}: {levels} %); training {r['train_time_s']:.2f} s, {r['images_per_s']:.0f} images/s; "
               f"first epoch >= {100 * args.target:g}% plain: {ttt}", flush=True)
     accs = [r["test_acc"] for r in runs]
     times = [r["train_time_s"] for r in runs]
     summary = {
-        "device": device_name(device), "seeds": args.seeds, "epochs": cfg.epochs, "target": args.target,
+        "device": device_name(device), "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "epochs": cfg.epochs, "target": args.target,
         "mean_test_acc": statistics.fmean(accs), "std_test_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
         "mean_test_acc_no_tta": statistics.fmean(r["test_acc_no_tta"] for r in runs),
         "mean_train_time_s": statistics.fmean(times),
