@@ -4,7 +4,7 @@ File layout (little-endian). The header is the same in every version::
 
     header (30 bytes)
       magic        4s   b"RNNC"
-      version      u8   4 when the model has a fitted context model, else 2 (1 raw bits, 3: all still read)
+      version      u8   4 when the model has a fitted context model, else 2 (1 and 3 are read too)
       bits         u8   code bits per 16x16 block per iteration (the model's)
       block        u8   16: pixels per code cell side
       tile         u16  side of the coding tiles in pixels (a multiple of 16, 16..2048; 0: one tile,
@@ -25,8 +25,7 @@ Versions 2 to 4, then K times, iteration by iteration::
                         iterations and its coded neighbours), -- version 4 -- the same corrected as it
                         goes by what it learns of this image
                         (:class:`pipeline.compression.context.AdaptiveContextCoder`), or -- version 2 --
-                        an adaptive context
-                        model carried over from the iterations before
+                        an adaptive context model carried over from the iterations before
                         (:class:`pipeline.compression.entropy.PlaneCoder`)
       crc          u32  CRC-32 of length and payload
 
