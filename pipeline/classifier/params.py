@@ -54,11 +54,11 @@ class FastRecipe(Section):
 class TrainClassifierParams(Section):
     recipe: Literal["coursework", "fast"] = "fast"  # which training recipe runs
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present, else all CPU cores
-    epochs: float = Field(6.0, gt=0)  # passes over the training set (fast: fractions allowed)
+    epochs: float = Field(8.0, gt=0)  # passes over the training set (fast: fractions allowed)
     batch_size: int = Field(256, ge=1)  # training images per step
     eval_batch_size: int = Field(1000, ge=1)  # images per inference batch
     eval_every: int = Field(1, ge=1)  # epochs between test evaluations (the last epoch always)
-    tta: Literal[0, 1, 2] = 1  # test-time augmentation: 0 none, 1 + flip, 2 + flip and 1px shifts
+    tta: Literal[0, 1, 2] = 2  # test-time augmentation: 0 none, 1 + flip, 2 + flip and 1px shifts
     augmentation: AugmentationParams = AugmentationParams()  # on-the-fly, on the training device
     checkpoint: bool = True  # save data/checkpoints/train_classifier/last.pt each epoch (resume)
     nproc: int = Field(1, ge=1)  # processes (GPUs) for DistributedDataParallel; >1 relaunches under torchrun
