@@ -123,18 +123,20 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg.model_copy(update={"epochs": min(cfg.epochs, 1.0)}), data, 999, device, eval_last=False)
         print(f"warm-up run: {time.perf_counter() - t0:.1f} s (untimed)", flush=True)
     runs = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    for seed in seeds:
         r = run_seed(cfg, data, seed, device, args.target)
         runs.append(r)
         ttt = f"{r['epoch_time_to_target_s']:.2f} s" if r["epoch_time_to_target_s"] is not None else "not reached"
         levels = " / ".join(f"{100 * a:.2f}" for a in r["test_acc_by_tta_level"])
         print(f"seed {seed}: test acc {100 * r['test_acc']:.2f}% (TTA {cfg.tta}), {100 * r['test_acc_no_tta']:.2f}% "
-              f"plain (TTA levels 0..{cfg.tta}: {levels} %); training {r['train_time_s']:.2f} s, {r['images_per_s']:.0f} images/s; "
+              f"plain (TTA levels 0..{cfg.tta}: {levels} %); training {r['train_time_s']:.2f} s, "
+              f"{r['images_per_s']:.0f} images/s; "
               f"first epoch >= {100 * args.target:g}% plain: {ttt}", flush=True)
     accs = [r["test_acc"] for r in runs]
     times = [r["train_time_s"] for r in runs]
     summary = {
-        "device": device_name(device), "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "epochs": cfg.epochs, "target": args.target,
+        "device": device_name(device), "seeds": seeds, "epochs": cfg.epochs, "target": args.target,
         "mean_test_acc": statistics.fmean(accs), "std_test_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
         "mean_test_acc_no_tta": statistics.fmean(r["test_acc_no_tta"] for r in runs),
         "mean_train_time_s": statistics.fmean(times),
