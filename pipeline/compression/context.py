@@ -113,6 +113,14 @@ class ContextCoder(BitPlaneCoder):
         self.history: list[np.ndarray] = []  # the last two planes, (P, bits) in {-1, +1}
         self.planes = 0
 
+    def _end_plane(self, cur: np.ndarray) -> np.ndarray:
+        """The plane just walked (``cur``: (bits, padded positions) in -1/+1) joins the history; returns it as
+        (h, w, bits) bool."""
+        plane_pm = cur[:, self.lattice.padded].T  # (P, bits) in {-1, +1}
+        self.history = (self.history + [plane_pm])[-2:]
+        self.planes += 1
+        return (plane_pm > 0).reshape(self.shape)
+
     def _walk(self, plane: np.ndarray | None, coder) -> np.ndarray:
         h, w, bits = self.shape
         lat = self.lattice
@@ -147,10 +155,7 @@ class ContextCoder(BitPlaneCoder):
                 cur[c, lat.padded[where]] = 2 * group.astype(np.int64) - 1
             # channel c is complete: its bits join the later channels' logits
             logit[:, c + 1:] += np.outer(cur[c, lat.padded], wt[c + 1:, 2 * bits + c])
-        plane_pm = cur[:, lat.padded].T  # (P, bits) in {-1, +1}
-        self.history = (self.history + [plane_pm])[-2:]
-        self.planes += 1
-        return (plane_pm > 0).reshape(h, w, bits)
+        return self._end_plane(cur)
 
 
 # ------------------------------------------------------------------------ version 4: adapting to the image
@@ -223,10 +228,7 @@ class AdaptiveContextCoder(ContextCoder):
                 grad = (q - (group << PROB_BITS)) @ x  # units of 2**-16
                 step = np.floor_divide(grad * eta, 1024 * (1 << PROB_BITS) // FINE * self._isqrt[p])
                 self.delta[c] = np.clip(self.delta[c] - step, -DELTA_LIMIT, DELTA_LIMIT)
-        plane_pm = cur[:, lat.padded].T  # (P, bits) in {-1, +1}
-        self.history = (self.history + [plane_pm])[-2:]
-        self.planes += 1
-        return (plane_pm > 0).reshape(h, w, bits)
+        return self._end_plane(cur)
 
 
 # ----------------------------------------------------------------------------------------- fitting
