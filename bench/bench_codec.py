@@ -337,7 +337,7 @@ def entropy_saving(codec: RNNCodec, images: list[tuple[str, np.ndarray]], iterat
             v1_sizes[k - 1] += len(truncate(v1, k))
         for v in versions:
             t0 = time.perf_counter()
-            data, sizes = pack_coded(header, codes, table, v) if v in (3, 4) else pack_coded(header, codes)
+            data, sizes = pack_coded(header, codes, table, v)
             if v == versions[0]:
                 code_s += time.perf_counter() - t0
                 t0 = time.perf_counter()

@@ -231,8 +231,6 @@ class RNNCodec:
             raise InputError(f"image {img.shape[1]}x{img.shape[0]} too large for one .rnnc file")
         if version == 1:
             return pack_v1(header, codes)
-        if version == 2:
-            return pack_coded(header, codes)[0]
         return pack_coded(header, codes, self.context_table, version)[0]
 
     def compress_to_bpp(self, img: np.ndarray, bpp: float) -> tuple[bytes, int]:

@@ -261,12 +261,14 @@ def _plane_coder(version: int, shape: tuple[int, int, int], table: np.ndarray | 
 
 class CodedRecords:
     """The iteration records (length, payload, crc) of a version-2 file -- version 4 (or ``version`` 3) when
-    given the model's context table -- one iteration at a time: the i-th call of :meth:`add` codes iteration i."""
+    given the model's context table -- one iteration at a time: the i-th call of :meth:`add` codes iteration i.
+    Version 2 ignores the table; without one, every version is 2."""
 
     def __init__(self, header: Header, table: np.ndarray | None = None, version: int = VERSION):
-        if table is not None and version not in TABLE_VERSIONS:
-            raise ValueError(f"version {version} does not use a context table")
-        self.version = 2 if table is None else version
+        if version not in (2, *TABLE_VERSIONS):
+            raise ValueError(f"version {version} is not an entropy-coded version")
+        self.version = version if table is not None else 2
+        table = table if self.version in TABLE_VERSIONS else None
         self.raw = header.iteration_bytes
         self.coder = _plane_coder(self.version, (*header.blocks, header.bits), table)
 
