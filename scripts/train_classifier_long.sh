@@ -10,19 +10,13 @@
 #
 #   LONGRUN_DIR=/work/runs/cw scripts/train_classifier_long.sh                 # start or resume
 #   RESUME_FROM=/path/last.pt LONGRUN_DIR=/work/runs/cw scripts/train_classifier_long.sh
-set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DIR=${LONGRUN_DIR:-$ROOT/../longrun-classifier}
-THREADS=${THREADS:-1}          # torch CPU threads (1 leaves a core for other work)
+LONGRUN_DEFAULT=longrun-classifier
+source "$(dirname "$0")/longrun.sh"
 PROFILE=${PROFILE:-coursework}
-PY=$ROOT/.venv/bin/python
-if [ -z "${DATA_MIRROR:-}" ] && [ -f "$ROOT/../shared/datasets/SHA256SUMS" ]; then
-  export DATA_MIRROR=$ROOT/../shared/datasets
-fi
-export DVC_NO_ANALYTICS=1 PIPELINE_NO_PROGRESS=${PIPELINE_NO_PROGRESS:-1} OMP_NUM_THREADS=$THREADS
+export OMP_NUM_THREADS=$THREADS
+[ -z "${RESUME_FROM:-}" ] || RESUME_FROM=$(realpath "$RESUME_FROM")  # before the cd below
 
-if [ ! -d "$DIR" ]; then
-  git -C "$ROOT" worktree add --detach "$DIR" HEAD
+if longrun_worktree; then
   (cd "$DIR" && "$PY" -m pipeline configure --profile "$PROFILE" --set tracking.register_models=false)
 fi
 cd "$DIR"

@@ -22,10 +22,8 @@
 #   INIT_MODEL=../rnnc-gru/model.pt CELL=gru ITERATIONS=16 LR=0.002 PATCH=64 SCALE=2 BATCH=8 PATCHES=50000 \
 #     EPOCH_PATCHES=1200 EPOCHS=1000 LONGRUN_DIR=../longrun-gru16 scripts/train_codec_long.sh  # 16 iterations
 #   LOSS=l1_ssim EPOCHS=20 LR=0.0004 LR_SCHEDULE=cosine LR_WARMUP=0.02 scripts/train_codec_long.sh  # tried: worse on Kodak (README)
-set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DIR=${LONGRUN_DIR:-$ROOT/../longrun}
-THREADS=${THREADS:-1}          # torch CPU threads (1 leaves a core for other work; 2 threads are ~1.7x, not 2x)
+LONGRUN_DEFAULT=longrun
+source "$(dirname "$0")/longrun.sh"
 EPOCH_PATCHES=${EPOCH_PATCHES:-9600}  # patches per epoch = per checkpoint (300 steps of 32, ~2 min on 1 thread)
 EPOCHS=${EPOCHS:-1000}         # the schedule spans this many epochs (cosine: set it to what the session can afford)
 LR=${LR:-0.001}                # peak Adam learning rate
@@ -40,14 +38,8 @@ BATCH=${BATCH:-32}             # patches per step
 PATCHES=${PATCHES:-100000}     # training patches cut by augment
 VAL_PATCHES=${VAL_PATCHES:-512}  # held-out patches scored every epoch (at 128 px, 512 cost more time than 600 trained)
 INIT_MODEL=${INIT_MODEL:-$ROOT/models/rnnc-cpu.pt}  # the warm start (with its release JSON beside it); none: from scratch
-PY=$ROOT/.venv/bin/python
-if [ -z "${DATA_MIRROR:-}" ] && [ -f "$ROOT/../shared/datasets/SHA256SUMS" ]; then
-  export DATA_MIRROR=$ROOT/../shared/datasets
-fi
-export DVC_NO_ANALYTICS=1 PIPELINE_NO_PROGRESS=${PIPELINE_NO_PROGRESS:-1}
 
-if [ ! -d "$DIR" ]; then
-  git -C "$ROOT" worktree add --detach "$DIR" HEAD
+if longrun_worktree; then
   INIT=null
   if [ "$INIT_MODEL" != none ] && [ -f "$INIT_MODEL" ]; then  # the release's JSON travels too: hours and curve accumulate
     cp "$INIT_MODEL" "$DIR/init.pt"; cp "${INIT_MODEL%.pt}.json" "$DIR/init.json"; INIT=init.pt
