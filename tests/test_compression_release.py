@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -98,3 +99,9 @@ def test_the_kodak_curve_ends_at_the_published_weights(tmp_path):
     cache = json.loads((ckpt.parent / "snapshots" / "kodak_k1.json").read_text())
     assert set(cache) == {"epoch_00002.pt", "published_epoch_00003"}
     assert release.release(ckpt, work, out, kodak=kodak, curve_iterations=1)["kodak_curve"] == record["kodak_curve"]
+    # a copy of the checkpoint taken elsewhere still finds the run's snapshots (and their cache)
+    shutil.copytree(ckpt.parent, work / "data" / "checkpoints" / "train_compressor")
+    copy = tmp_path / "elsewhere" / "last.pt"
+    copy.parent.mkdir()
+    shutil.copy(ckpt, copy)
+    assert release.release(copy, work, out, kodak=kodak, curve_iterations=1)["kodak_curve"] == record["kodak_curve"]

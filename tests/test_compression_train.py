@@ -72,16 +72,18 @@ def test_iteration_weights_weight_each_iteration_loss():
 
 
 def test_new_fields_at_their_defaults_keep_run_keys():
-    """cell, reconstruction, iteration_weights and priming came after checkpoints were written: at their defaults
-    they leave the run key alone (a checkpoint from before still resumes); off them they change it."""
-    p = TrainCompressorParams(**TINY)
+    """cell, reconstruction, iteration_weights and priming came after checkpoints were written: at the values
+    runs had before them (cell lstm, though the default is now gru) they leave the run key alone (a checkpoint from
+    before still resumes); off them they change it."""
+    before = {**TINY, "cell": "lstm"}
+    p = TrainCompressorParams(**before)
     key = tc.run_key(p, 0, "data")
     dump = p.model_dump(mode="json", exclude={"nproc", "cpu_threads", "context_patches", "cell", "reconstruction",
                                               "iteration_weights", "lr_floor", "ssim_weight", "priming"})
     old = hashlib.sha256(json.dumps({"params": dump, "seed": 0, "data": "data"}, sort_keys=True).encode()).hexdigest()
     assert key == old[:16]
     for change in ({"cell": "gru"}, {"reconstruction": "one-shot"}, {"iteration_weights": (1.0, 1.0)}, {"priming": 1}):
-        assert tc.run_key(TrainCompressorParams(**{**TINY, **change}), 0, "data") != key
+        assert tc.run_key(TrainCompressorParams(**{**before, **change}), 0, "data") != key
 
 
 def test_l1_ssim_loss_mixes_l1_with_ssim_of_each_iteration():

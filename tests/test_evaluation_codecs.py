@@ -466,8 +466,10 @@ def test_rnn_wrapper_with_the_real_codec(tmp_path, one_thread):
     """Through pipeline.compression.codec's real file format (untrained tiny model)."""
     codec = C.RNN(C.load_rnn(str(tiny_real_model(tmp_path / "m.pt", 2)), device="cpu"), None)
     assert codec.settings == [1, 2]
-    assert "ConvLSTM, additive" in codec.describe()  # the report says which variant it evaluated
-    assert (codec.config()["cell"], codec.config()["reconstruction"]) == ("lstm", "additive")
+    assert "ConvGRU, additive" in codec.describe()  # the report says which variant it evaluated
+    assert (codec.config()["cell"], codec.config()["reconstruction"]) == ("gru", "additive")
+    lstm = C.RNN(C.load_rnn(str(tiny_real_model(tmp_path / "l.pt", 2, cell="lstm")), device="cpu"), None)
+    assert "ConvLSTM, additive" in lstm.describe() and lstm.config()["cell"] == "lstm"
     assert "priming" not in codec.config() and "priming" not in codec.describe()
     primed = C.RNN(C.load_rnn(str(tiny_real_model(tmp_path / "p.pt", 2, priming=2)), device="cpu"), None)
     assert "2 priming steps" in primed.describe() and primed.config()["priming"] == "2 steps"

@@ -163,9 +163,12 @@ def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curv
     fitted = fit_context(model, workdir, p.context_patches if context_patches is None else context_patches)
 
     curve = list(prior.get("kodak_curve", []))
-    snaps = sorted((checkpoint.parent / "snapshots").glob("epoch_*.pt"))
+    snap_dir = checkpoint.parent / "snapshots"
+    if not snap_dir.is_dir():  # a copy of the checkpoint taken elsewhere: the run's own snapshots
+        snap_dir = workdir / "data" / "checkpoints" / "train_compressor" / "snapshots"
+    snaps = sorted(snap_dir.glob("epoch_*.pt"))
     if kodak is not None:
-        cache_path = checkpoint.parent / "snapshots" / f"kodak_k{curve_iterations}.json"
+        cache_path = snap_dir / f"kodak_k{curve_iterations}.json"
         cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
         for snap in snaps:
             if snap.name not in cache:  # each snapshot is scored once (about a minute on 2 cores)

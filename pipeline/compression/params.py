@@ -17,7 +17,7 @@ class TrainCompressorParams(Section):
     decoder_widths: tuple[int, int, int, int] = (128, 128, 64, 32)  # channels of the 4 ConvLSTMs (÷4 by depth-to-space)
     bits: int = Field(32, ge=1, le=255)  # binary code channels per 16x16 block per iteration (32 -> 0.125 bpp)
     iterations: int = Field(8, ge=1, le=255)  # residual iterations trained (= most a file can hold)
-    cell: Literal["lstm", "gru"] = "lstm"  # recurrent cell of E and D (Toderici 2017 compares both)
+    cell: Literal["lstm", "gru"] = "gru"  # recurrent cell of E and D (Toderici 2017 compares both)
     reconstruction: Literal["additive", "one-shot"] = "additive"  # x̂_t = D_t(b_t) + x̂_{t-1}, or = D_t(b_t)
     priming: int = Field(0, ge=0, le=MAX_PRIMING)  # extra E and D steps at the first iteration (Johnston et al. 2018)
     # --- optimisation ---
