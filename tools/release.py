@@ -105,7 +105,8 @@ def plot_curve(record: dict[str, Any], path: Path, reference: dict[str, float] |
     ax.plot([c["train_hours"] for c in curve], [c["ms_ssim"] for c in curve], "o-", label=f"RNN codec, {k} iterations")
     for name, value in (reference or {}).items():
         ax.axhline(value, ls="--", lw=1, color="grey")
-        ax.annotate(name, (0, value), textcoords="offset points", xytext=(2, 2), fontsize=8, color="grey")
+        ax.annotate(name, (0, value), xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(4, 3),
+                    fontsize=8, color="grey")
     threads = record.get("cpu_threads") or "all"
     ax.set_xlabel(f"training hours ({threads} CPU thread{'' if threads == 1 else 's'}, 2-core machine)")
     ax.set_ylabel(f"Kodak MS-SSIM at {k * 0.125:g} bpp (raw bits)")
