@@ -15,7 +15,10 @@ appended to ``--out`` with its whole configuration, steps, throughput, machine a
 
 ``--base`` (a JSON object) sets the shared recipe; its default is the long run's first phase (batch 32,
 bf16 autocast, deterministic binarizer, constant lr 0.001 after a 1 % warm-up, L1; EMA off: a 0.999 average
-of ~1,400 steps from scratch still holds a quarter of the random init).
+of ~1,400 steps from scratch still holds a quarter of the random init) with the cpu profile's cell (ConvGRU;
+``cell=lstm`` for the coursework's ConvLSTM). Scores are of raw bits: two cells whose codes differ in how well the
+entropy coder predicts them spend different bytes on the same iterations, so compare shipped candidates at equal
+file size with ``bench/bench_models.py``.
 Variants run one after another in this process; for equal conditions run them on an otherwise idle
 core each (``--threads``) or one at a time.
 """

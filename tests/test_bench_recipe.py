@@ -54,13 +54,14 @@ def test_tiny_comparison_writes_one_scored_line_per_variant(tmp_path):
     out = tmp_path / "r.jsonl"
     tiny = json.dumps({"encoder_widths": [8, 16, 16, 16], "decoder_widths": [16, 16, 16, 16], "batch_size": 4})
     assert bench_recipe.main(["--minutes", "0.01", "--patches", str(patches), "--kodak", str(kodak), "--images", "4,7",
-                              "--base", tiny, "--variant", "a", "--variant", "b:iterations=2,cell=gru",
+                              "--base", tiny, "--variant", "a", "--variant", "b:iterations=2,cell=lstm",
                               "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["variant"] for r in rows] == ["a", "b"]
     assert rows[0]["steps"] > 0 and rows[0]["recipe"]["batch_size"] == 4
     assert set(rows[0]["kodak_ms_ssim"]) == {"1", "2", "4", "8"} and set(rows[1]["kodak_ms_ssim"]) == {"1", "2"}
-    assert rows[1]["recipe"]["cell"] == "gru" and rows[1]["parameters"] < rows[0]["parameters"]
+    assert rows[0]["recipe"]["cell"] == "gru"  # the base recipe's cell, as the cpu profile's
+    assert rows[1]["recipe"]["cell"] == "lstm" and rows[1]["parameters"] > rows[0]["parameters"]  # 4 gates, not 3
     assert all(0 < v <= 1 for r in rows for v in r["kodak_ms_ssim"].values())
 
 

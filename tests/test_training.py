@@ -19,7 +19,7 @@ class _Data:  # what fingerprint reads of CifarData
 
 
 #: the section classes' defaults when the values below were computed (they are params.yaml's now)
-COMPRESSOR_THEN = dict(epochs=8, lr=0.002, lr_warmup=0.02, binarizer="stochastic", init=None)
+COMPRESSOR_THEN = dict(epochs=8, lr=0.002, lr_warmup=0.02, binarizer="stochastic", init=None, cell="lstm")
 CLASSIFIER_THEN = dict(epochs=2.0, batch_size=1024, tta=2, fast={"widths": [64, 256, 256]})
 
 
