@@ -8,6 +8,9 @@
 # (model, optimiser, scheduler, EMA and RNG state; checkpoint every epoch of EPOCH_PATCHES patches).
 # Then `python -m tools.release` turns a snapshot into models/rnnc-cpu.pt + .json.
 #
+# The defaults are the shipped ConvGRU's recipe (docs/codec-training.md); the ConvLSTM's phases below set theirs,
+# over the defaults of then: CELL=lstm LR=0.001 PATCH=32 SCALE=4 BATCH=32 PATCHES=100000 EPOCH_PATCHES=9600.
+#
 #   scripts/train_codec_long.sh            # start or resume, in the foreground
 #   LONGRUN_DIR=/path THREADS=2 scripts/train_codec_long.sh
 #   EPOCHS=40 LR=0.0008 LR_SCHEDULE=cosine LR_WARMUP=0.01 scripts/train_codec_long.sh   # a decay phase
@@ -24,18 +27,18 @@
 #   LOSS=l1_ssim EPOCHS=20 LR=0.0004 LR_SCHEDULE=cosine LR_WARMUP=0.02 scripts/train_codec_long.sh  # tried: worse on Kodak (README)
 LONGRUN_DEFAULT=longrun
 source "$(dirname "$0")/longrun.sh"
-EPOCH_PATCHES=${EPOCH_PATCHES:-9600}  # patches per epoch = per checkpoint (300 steps of 32, ~2 min on 1 thread)
+EPOCH_PATCHES=${EPOCH_PATCHES:-2400}  # patches per epoch = per checkpoint (300 steps of 8, ~5 min on 1 thread)
 EPOCHS=${EPOCHS:-1000}         # the schedule spans this many epochs (cosine: set it to what the session can afford)
-LR=${LR:-0.001}                # peak Adam learning rate
+LR=${LR:-0.002}                # peak Adam learning rate
 LR_SCHEDULE=${LR_SCHEDULE:-constant}  # constant | cosine | multistep; a warm start's decay phase: cosine
 LR_WARMUP=${LR_WARMUP:-0.002}  # fraction of steps
 LOSS=${LOSS:-l1}               # l1 | l2 | l1_ssim (train_compressor.loss)
-CELL=${CELL:-lstm}             # lstm | gru (train_compressor.cell; a new cell needs INIT_MODEL=none)
+CELL=${CELL:-gru}              # gru | lstm (train_compressor.cell; the init's cell, or INIT_MODEL=none)
 ITERATIONS=${ITERATIONS:-8}    # iterations trained = the most a file holds (16: the coursework's; an init trained at 8 may start it)
-PATCH=${PATCH:-32}             # patch side in px (64: 4x4 code blocks; 128: the whole x4-upsampled CIFAR-10 image)
-SCALE=${SCALE:-4}              # bicubic upsampling of CIFAR-10 before cropping (augment.patch_scale; 2: sharper detail)
-BATCH=${BATCH:-32}             # patches per step
-PATCHES=${PATCHES:-100000}     # training patches cut by augment
+PATCH=${PATCH:-64}             # patch side in px (64: 4x4 code blocks; 128: the whole x4-upsampled CIFAR-10 image)
+SCALE=${SCALE:-2}              # bicubic upsampling of CIFAR-10 before cropping (augment.patch_scale; 2: sharper detail)
+BATCH=${BATCH:-8}              # patches per step
+PATCHES=${PATCHES:-50000}      # training patches cut by augment
 VAL_PATCHES=${VAL_PATCHES:-512}  # held-out patches scored every epoch (at 128 px, 512 cost more time than 600 trained)
 INIT_MODEL=${INIT_MODEL:-$ROOT/models/rnnc-cpu.pt}  # the warm start (with its release JSON beside it); none: from scratch
 
