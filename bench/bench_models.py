@@ -26,24 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.evaluation.bdrate import bd_rate, interpolate  # noqa: E402
 from pipeline.evaluation.codecs import RNN, load_rnn  # noqa: E402
 from pipeline.evaluation.datasets import kodak_paths, load  # noqa: E402
+from pipeline.evaluation.evaluate import row_of  # noqa: E402
 from pipeline.evaluation.metrics import Reference  # noqa: E402
-from pipeline.images import bits_per_pixel  # noqa: E402
 
 RATES = (0.125, 0.25, 0.5)
 
 
-def curve(codec: RNN, img: np.ndarray) -> dict[str, list[float]]:
-    """bpp, MS-SSIM, MS-SSIM dB and PSNR of every iteration count's real file."""
+def curve(codec: RNN, img: np.ndarray, name: str) -> dict[str, list[float]]:
+    """bpp, MS-SSIM, MS-SSIM dB and PSNR of every iteration count's real file (the evaluate stage's measurement)."""
     ref = Reference(img)
-    h, w = img.shape[:2]
-    out: dict[str, list[float]] = {"bpp": [], "ms_ssim": [], "ms_ssim_db": [], "psnr": []}
-    for coded in codec.sweep(img):
-        q = ref.compare(coded.decoded)
-        out["bpp"].append(bits_per_pixel(len(coded.data), h, w))
-        out["ms_ssim"].append(q.ms_ssim)
-        out["ms_ssim_db"].append(q.ms_ssim_db)
-        out["psnr"].append(q.psnr)
-    return out
+    rows = [row_of(codec, coded, name, img, ref) for coded in codec.sweep(img)]
+    return {key: [getattr(r, key) for r in rows] for key in ("bpp", "ms_ssim", "ms_ssim_db", "psnr")}
 
 
 def compare(anchor: dict, test: dict) -> dict[str, float]:
@@ -72,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, path in enumerate(paths, 1):
         img = load(path)
         for m, codec in zip(args.models, codecs):
-            curves[m][path.stem] = curve(codec, img)
+            curves[m][path.stem] = curve(codec, img, path.stem)
         print(f"  {n}/{len(paths)} {path.stem} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
     anchor = args.models[0]

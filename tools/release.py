@@ -164,9 +164,11 @@ def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curv
     fitted = fit_context(model, workdir, p.context_patches if context_patches is None else context_patches)
 
     curve = list(prior.get("kodak_curve", []))
+    from pipeline.compression.train import CKPT_DIR
+
     snap_dir = checkpoint.parent / "snapshots"
     if not snap_dir.is_dir():  # a copy of the checkpoint taken elsewhere: the run's own snapshots
-        snap_dir = workdir / "data" / "checkpoints" / "train_compressor" / "snapshots"
+        snap_dir = workdir / CKPT_DIR / "snapshots"
     snaps = sorted(snap_dir.glob("epoch_*.pt"))
     if kodak is not None:
         cache_path = snap_dir / f"kodak_k{curve_iterations}.json"
