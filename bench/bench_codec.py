@@ -1,6 +1,6 @@
 """Benchmark the RNN codec: encode and decode seconds per megapixel and peak memory, per precision; the
-quality of each precision against the fp32 codec on Kodak; and what the entropy coding of .rnnc v4 and v3 (v2 for a
-model without a fitted context model) saves over the raw bits, iteration by iteration, on Kodak.
+quality of each precision against the fp32 codec on Kodak; and what the entropy coding of .rnnc v5, v4, v3 and v2 (v2
+alone for a model without a fitted context model) saves over the raw bits, iteration by iteration, on Kodak.
 
     python bench/bench_codec.py                          # cpu-profile-sized model, 768x512, all iterations
     python bench/bench_codec.py --model models/rnnc-cpu.pt --kodak ../shared/datasets/kodak --iterations 8 \\
@@ -25,7 +25,7 @@ cross-precision decoding: a file written at one precision decoded at the other, 
 reconstruction. Prints the largest differences and whether they are within --msssim-tol and --psnr-tol.
 
 With --kodak and --images > 0 the entropy coding is measured on that many Kodak images: per iteration, the
-raw bytes of the bits against the coded payload bytes, and per iteration count k the whole v3 (and v2) file
+raw bytes of the bits against the coded payload bytes, and per iteration count k the whole v5 (v4, v3, v2) file
 against the v1 (raw) file of the same bits -- the same bits decode to the same image, so this is the saving
 at equal quality.
 
@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.compression.codec import RNNCodec  # noqa: E402
 from pipeline.compression.modelfile import load_model  # noqa: E402
-from pipeline.compression.rnncfile import DEFAULT_TILE, pack_coded, pack_v1, truncate  # noqa: E402
+from pipeline.compression.rnncfile import DEFAULT_TILE, newest_version, pack_coded, pack_v1, truncate  # noqa: E402
 from pipeline.images import bits_per_pixel  # noqa: E402
 from pipeline.compression.model import ModelConfig, RNNCompressor, count_parameters  # noqa: E402
 
@@ -318,10 +318,10 @@ def kodak_images(folder: str, n: int) -> list[tuple[str, np.ndarray]]:
 
 def entropy_saving(codec: RNNCodec, images: list[tuple[str, np.ndarray]], iterations: int) -> dict:
     """Raw vs coded bytes per iteration, and coded vs v1 (raw) file sizes per iteration count, over the
-    images, for the version the codec writes (4 with a fitted context model) and, when that is 4, for
-    versions 3 and 2 as well."""
+    images, for the version the codec writes (5 with a fitted context model, 4 with a table from before 5)
+    and the older entropy-coded versions the same weights write (4, 3, 2)."""
     table = codec.context_table
-    versions = [4, 3, 2] if table is not None else [2]
+    versions = list(range(newest_version(table, codec.bits), 1, -1))
     raw = np.zeros(iterations)
     v1_sizes = np.zeros(iterations)
     coded = {v: np.zeros(iterations) for v in versions}

@@ -5,7 +5,7 @@
 
 Quality at k iterations (what ``bench_recipe.py`` and the training logs score) hides what the bits cost: two
 models whose codes differ in how predictable they are spend different bytes on the same k. Here every point is
-a real file (the default .rnnc version of each model: v4 with its fitted context model), as the evaluate stage
+a real file (the default .rnnc version of each model: v5 with its fitted context model, v4 with a table from before v5), as the evaluate stage
 measures it: bpp = 8 * file bytes / pixels, MS-SSIM (5 scales) and PSNR of the decoded image. Per image,
 each model after the first is compared with the first: MS-SSIM and PSNR at 0.125 / 0.25 / 0.5 bpp (interpolated
 in log-rate, pchip, never extrapolated) and BD-rate on MS-SSIM in dB; the table gives means and images won.

@@ -47,7 +47,7 @@ def codec(one_thread) -> RNNCodec:
 
 def test_header_golden_bytes():
     h = Header(bits=32, tile=768, fingerprint=bytes(range(8)), height=512, width=768, iterations=3)
-    head = b"RNNC" + bytes([4, 32, 16]) + struct.pack("<H", 768) + bytes(range(8)) \
+    head = b"RNNC" + bytes([5, 32, 16]) + struct.pack("<H", 768) + bytes(range(8)) \
         + struct.pack("<IIB", 512, 768, 3)
     assert h.pack() == head + struct.pack("<I", binascii.crc32(head))
     assert len(h.pack()) == HEADER_SIZE == 30

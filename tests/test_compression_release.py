@@ -71,9 +71,9 @@ def test_release_writes_a_small_fp16_model_that_loads_and_codes(tmp_path):
     codec = load_codec(out)
     img = data[0]
     np.testing.assert_array_equal(codec.decompress(codec.compress(img, 1)), codec.reconstruct(img, 1))
-    # the entropy model was fitted on the run's training patches: the file writes .rnnc v4
+    # the entropy model was fitted on the run's training patches: the file writes .rnnc v5
     assert meta["context_model"]["patches"] == len(data) and len(meta["context_model"]["fit_bits_per_bit"]) == p.iterations
-    assert codec.context_table is not None and parse(codec.compress(img, 1))[0].version == 4
+    assert codec.context_table is not None and parse(codec.compress(img, 1))[0].version == 5
 
 
 def test_the_kodak_curve_ends_at_the_published_weights(tmp_path):

@@ -183,9 +183,9 @@ def test_stage_on_tiny_profile(tiny_workspace, monkeypatch):
     img = synthetic_patches(1)[0]
     np.testing.assert_array_equal(codec.decompress(codec.compress(img, p.iterations)),
                                   codec.reconstruct(img, p.iterations))
-    # the entropy model was fitted after training (context_patches): files are .rnnc v4
+    # the entropy model was fitted after training (context_patches): files are .rnnc v5
     assert p.context_patches > 0 and 0 <= metrics["context_fit_seconds"] <= stage_s + 0.05  # (rounded to 0.1 s)
-    assert codec.context_table is not None and parse(codec.compress(img, 1))[0].version == 4
+    assert codec.context_table is not None and parse(codec.compress(img, 1))[0].version == 5
     # a finished run leaves no resumable checkpoint behind: `dvc repro -f` must train again
     assert not (tiny_workspace / "data" / "checkpoints" / "train_compressor" / "last.pt").exists()
     assert "mlflow_run_id" not in torch.load(out / "model.pt", weights_only=True)["meta"]

@@ -10,7 +10,7 @@ fingerprint, so the file is small (about 4.5 MB for the cpu-size model) and load
 ``augment`` and ``train_compressor`` params), steps, patches seen, training wall time (including the
 sessions it was warm-started from), the git commit of the training code, the validation curve and,
 when ``--kodak`` is given, Kodak MS-SSIM/PSNR at ``--curve-iterations`` iterations for every snapshot
-the run kept (quality against training hours). The model's .rnnc v3/v4 entropy model is fitted to its codes
+the run kept (quality against training hours). The model's .rnnc v3-v5 entropy model is fitted to its codes
 of the run's training patches (``--context-patches``). Both files are replaced in place (temp file + rename).
 """
 
@@ -120,7 +120,7 @@ def plot_curve(record: dict[str, Any], path: Path, reference: dict[str, float] |
 
 
 def fit_context(model: RNNCompressor, workdir: Path, n: int) -> dict[str, Any] | None:
-    """Fit the model's .rnnc v3/v4 entropy model on the codes of the run's first ``n`` training patches."""
+    """Fit the model's .rnnc v3-v5 entropy model on the codes of the run's first ``n`` training patches."""
     from pipeline.compression import context
     from pipeline.compression.train import load_patches
 
@@ -214,7 +214,7 @@ def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curv
         "validation_curve": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
                              for row in history],
         "kodak_curve": curve,
-        "context_model": fitted,  # the .rnnc v3/v4 entropy model's fit (None: none; files are v2)
+        "context_model": fitted,  # the .rnnc v3-v5 entropy model's fit (None: none; files are v2)
     }
     fp = save_half(model, out, {"release": out.stem, "epochs": epochs, "train_hours_total": record["train_hours_total"]})
     record["fingerprint"] = fp
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve-iterations", type=int, default=2, help="iterations of the Kodak curve (2: 0.25 bpp)")
     ap.add_argument("--figure", type=Path, default=None, help="also plot the Kodak curve to this PNG")
     ap.add_argument("--context-patches", type=int, default=None,
-                    help="training patches whose codes fit the .rnnc v3/v4 entropy model (default: the run's "
+                    help="training patches whose codes fit the .rnnc v3-v5 entropy model (default: the run's "
                          "train_compressor.context_patches; 0: none)")
     ap.add_argument("--reference", action="append", default=[], metavar="NAME=MSSSIM",
                     help="a horizontal reference line (e.g. a codec's Kodak MS-SSIM at the same rate)")

@@ -150,7 +150,9 @@ def _info(args: argparse.Namespace) -> None:
     header, chunks = parse(data)
     raw = header.iteration_bytes
     model = {2: "adaptive context model", 3: "the model's learned context model",
-             4: "the model's learned context model, adapted to the image"}.get(header.version)
+             4: "the model's learned context model, adapted to the image",
+             5: "the model's learned context model over the neighbours' channels, adapted to the image"
+             }.get(header.version)
     coding = "raw bits" if header.version == 1 else \
         f"entropy-coded with {model}, {sum(len(c) < raw for c in chunks)}/{len(chunks)} iterations coded"
     print(f"{args.input}: .rnnc v{header.version} ({coding}), {header.width}x{header.height}, "

@@ -27,9 +27,10 @@ from pipeline.compression.errors import BitstreamError, CodecError, InputError, 
 from pipeline.compression.model import BLOCK, ModelConfig, RNNCompressor
 from pipeline.compression.modelfile import load_model, model_fingerprint
 from pipeline.compression.rnncfile import (CRC_SIZE, DEFAULT_TILE, HEADER_SIZE, LENGTH_SIZE, MAX_SIDE,
-                                           TABLE_VERSIONS, VERSION, VERSIONS, CodedRecords, Header, check_tile,
-                                           default_max_pixels, max_file_size, pack_coded, pack_v1, padded_size,
-                                           parse_header, record_spans, tile_grid, truncate, unpack_codes)
+                                           TABLE_VERSIONS, VERSIONS, CodedRecords, Header, check_tile,
+                                           default_max_pixels, max_file_size, newest_version, pack_coded,
+                                           pack_v1, padded_size, parse_header, record_spans, tile_grid, truncate,
+                                           unpack_codes)
 from pipeline.images import bits_per_pixel
 
 EARLY_STOP_BYTES = 2 << 30  # compress_to_bpp codes iteration by iteration when every tile's state fits this
@@ -216,15 +217,19 @@ class RNNCodec:
     def compress(self, img: np.ndarray, iterations: int, version: int | None = None) -> bytes:
         """The .rnnc file bytes of ``img`` (uint8 HxWx3) coded with ``iterations`` iterations.
 
-        ``version`` None: 4 (the model's learned context model, adapted to the image as it is coded) when the
-        model has one, else 2 (an adaptive context model); 3 the learned model alone; 1 the raw bits (the old
-        format, and the entropy coders' baseline)."""
+        ``version`` None: 5 (the model's learned context model over the neighbours' channels too, adapted to
+        the image as it is coded) when the model has one (4 when its table is from before version 5), else 2
+        (an adaptive context model); 4 without the neighbours' channels; 3 the learned model alone, not
+        adapted; 1 the raw bits (the old format, and the entropy coders' baseline)."""
         if version is None:
-            version = VERSION if self.context_table is not None else 2
+            version = newest_version(self.context_table, self.bits)
         if version not in VERSIONS:
             raise CodecError(f"version: this build writes versions {VERSIONS} (got {version})")
         if version in TABLE_VERSIONS and self.context_table is None:
             raise CodecError(f"version {version}: this model has no fitted context model (write version 2)")
+        if version in TABLE_VERSIONS and version > newest_version(self.context_table, self.bits):
+            raise CodecError(f"version {version}: this model's context model is from before version {version} "
+                             f"(write version {newest_version(self.context_table, self.bits)} or lower)")
         codes = self.encode(img, iterations)
         header = self.header_for(img, codes.shape[0])
         if (header.iteration_bytes + CRC_SIZE + LENGTH_SIZE) * codes.shape[0] + HEADER_SIZE > 0xFFFFFFFF:

@@ -201,15 +201,19 @@ class RNNCompressor(nn.Module):
         self.decoder = Decoder(cfg)
         # training only (not part of the model file): the binarizer in train mode; eval is always sign(z)
         self.stochastic_binarizer = True
-        # the .rnnc v3/v4 entropy model, fitted to the trained codec's bits (pipeline.compression.context.fit):
-        # per iteration and code channel, logistic weights over 3 * bits + 6 context features; all zero
-        # (never fitted) means files are written as version 2. Not trained by gradient descent.
-        self.register_buffer("context", torch.zeros(cfg.iterations, cfg.bits, 3 * cfg.bits + 6))
+        # the .rnnc v3/v4/v5 entropy model, fitted to the trained codec's bits (pipeline.compression.context.fit):
+        # per iteration and code channel, logistic weights over 4 * bits + 6 context features (a version-5
+        # table; model files from before version 5 hold 3 * bits + 6: versions 3 and 4); all zero (never
+        # fitted) means files are written as version 2. Not trained by gradient descent.
+        self.register_buffer("context", torch.zeros(cfg.iterations, cfg.bits, 4 * cfg.bits + 6))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # model files and checkpoints from before the context model have no table: load them unfitted
-        state_dict.setdefault(prefix + "context", torch.zeros_like(self.context))
+        table = state_dict.setdefault(prefix + "context", torch.zeros_like(self.context))
+        if isinstance(table, torch.Tensor) and table.shape[:2] == self.context.shape[:2] \
+                and table.shape[2] == 3 * self.config.bits + 6:  # a version-4 table: loaded as it is
+            self.context = torch.zeros_like(table)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -40,7 +40,7 @@ class TrainCompressorParams(Section):
     # warm start: weights of a model file (same architecture); null: random init
     init: Source | None = "models/rnnc-cpu.pt"
     snapshot_every: int = Field(0, ge=0)  # keep the published weights every N epochs (0: never), for curves
-    # entropy model (.rnnc v3/v4): training patches whose codes fit the learned context model after training
+    # entropy model (.rnnc v3-v5): training patches whose codes fit the learned context model after training
     context_patches: int = Field(1000, ge=0)  # 0: none fitted (files are v2); not part of the training run's key
     # --- validation (held-out patches, every epoch) ---
     val_patches: int | None = Field(256, ge=1)  # held-out patches scored per epoch; null: all

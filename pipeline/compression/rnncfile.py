@@ -4,7 +4,8 @@ File layout (little-endian). The header is the same in every version::
 
     header (30 bytes)
       magic        4s   b"RNNC"
-      version      u8   4 when the model has a fitted context model, else 2 (1 and 3 are read too)
+      version      u8   5 when the model has a fitted context model (4 when its table is from before
+                        version 5), else 2 (1 and 3 are read too)
       bits         u8   code bits per 16x16 block per iteration (the model's)
       block        u8   16: pixels per code cell side
       tile         u16  side of the coding tiles in pixels (a multiple of 16, 16..2048; 0: one tile,
@@ -15,7 +16,7 @@ File layout (little-endian). The header is the same in every version::
       iterations   u8   iterations stored, K
       header_crc   u32  CRC-32 of the 26 bytes above
 
-Versions 2 to 4, then K times, iteration by iteration::
+Versions 2 to 5, then K times, iteration by iteration::
 
       length       u32  n, the payload's bytes: at most R, the raw size of an iteration (below)
       payload      n    n == R: the raw bits as in version 1; n < R: the bits entropy-coded, n a
@@ -24,7 +25,9 @@ Versions 2 to 4, then K times, iteration by iteration::
                         predicted from the same block's other bits of this and the two previous
                         iterations and its coded neighbours), -- version 4 -- the same corrected as it
                         goes by what it learns of this image
-                        (:class:`pipeline.compression.context.AdaptiveContextCoder`), or -- version 2 --
+                        (:class:`pipeline.compression.context.AdaptiveContextCoder`), -- version 5 --
+                        the same with the coded neighbours' other channels as well
+                        (:class:`pipeline.compression.context.NeighbourContextCoder`), or -- version 2 --
                         an adaptive context model carried over from the iterations before
                         (:class:`pipeline.compression.entropy.PlaneCoder`)
       crc          u32  CRC-32 of length and payload
@@ -64,9 +67,9 @@ from pipeline.compression.errors import BitstreamError, CodecError
 BLOCK = 16  # pixels per code cell side: the model's (pipeline.compression.model.BLOCK; a test checks they agree)
 
 MAGIC = b"RNNC"
-VERSION = 4  # what a model with a fitted context model writes (one without writes 2)
-VERSIONS = (1, 2, 3, 4)  # versions this build reads
-TABLE_VERSIONS = (3, 4)  # versions coded with the model's context table
+VERSION = 5  # what a model with a fitted context model writes (4 with a table from before 5; none: 2)
+VERSIONS = (1, 2, 3, 4, 5)  # versions this build reads
+TABLE_VERSIONS = (3, 4, 5)  # versions coded with the model's context table
 _FIELDS = struct.Struct("<4sBBBH8sIIB")
 _CRC = struct.Struct("<I")
 _LENGTH = struct.Struct("<I")
@@ -176,7 +179,7 @@ def parse_header(data: bytes) -> Header:
 
 
 def record_spans(data: bytes, header: Header) -> list[tuple[int, int]]:
-    """(start, end) of each whole iteration record present, CRCs checked; payload bytes for v2 to v4 exclude
+    """(start, end) of each whole iteration record present, CRCs checked; payload bytes for v2 to v5 exclude
     the length field. Fewer whole iterations than the header says is a valid progressive prefix."""
     raw = header.iteration_bytes
     k = header.iterations
@@ -246,25 +249,43 @@ def pack_v1(header: Header, codes: np.ndarray) -> bytes:
 
 
 def _plane_coder(version: int, shape: tuple[int, int, int], table: np.ndarray | None):
-    """The entropy coder of one image's planes for a version-2, -3 or -4 file."""
+    """The entropy coder of one image's planes for a version-2, -3, -4 or -5 file."""
     if version in TABLE_VERSIONS:
-        from pipeline.compression.context import AdaptiveContextCoder, ContextCoder
+        from pipeline.compression.context import (AdaptiveContextCoder, ContextCoder, NeighbourContextCoder,
+                                                  table_version)
 
         if table is None:
             raise BitstreamError(f"invalid .rnnc file: version {version} needs the model's context model, and this "
                                  "model has none")
-        return (ContextCoder if version == 3 else AdaptiveContextCoder)(*shape, table)
+        if table_version(table, shape[2]) < version:
+            raise BitstreamError(f"invalid .rnnc file: version {version} needs a version-{version} context model, "
+                                 f"and this model's is version {table_version(table, shape[2])}")
+        coder = {3: ContextCoder, 4: AdaptiveContextCoder, 5: NeighbourContextCoder}[version]
+        return coder(*shape, table)
     from pipeline.compression.entropy import PlaneCoder
 
     return PlaneCoder(*shape)
 
 
-class CodedRecords:
-    """The iteration records (length, payload, crc) of a version-2 file -- version 4 (or ``version`` 3) when
-    given the model's context table -- one iteration at a time: the i-th call of :meth:`add` codes iteration i.
-    Version 2 ignores the table; without one, every version is 2."""
+def newest_version(table: np.ndarray | None, bits: int) -> int:
+    """The version a model with this context table writes by default: its table's (5, or 4 for a table from
+    before version 5), or 2 without one."""
+    if table is None:
+        return 2
+    from pipeline.compression.context import table_version
 
-    def __init__(self, header: Header, table: np.ndarray | None = None, version: int = VERSION):
+    return table_version(table, bits)
+
+
+class CodedRecords:
+    """The iteration records (length, payload, crc) of a version-2 file -- the table's version (5, or 4 for a
+    table from before 5; ``version`` 3 or 4 by choice) when given the model's context table -- one iteration
+    at a time: the i-th call of :meth:`add` codes iteration i. Version 2 ignores the table; without one, every
+    version is 2."""
+
+    def __init__(self, header: Header, table: np.ndarray | None = None, version: int | None = None):
+        if version is None:
+            version = newest_version(table, header.bits)
         if version not in (2, *TABLE_VERSIONS):
             raise ValueError(f"version {version} is not an entropy-coded version")
         self.version = version if table is not None else 2
@@ -282,9 +303,9 @@ class CodedRecords:
 
 
 def pack_coded(header: Header, codes: np.ndarray, table: np.ndarray | None = None,
-               version: int = VERSION) -> tuple[bytes, list[int]]:
-    """The version-2 file of codes (K, Hb, Wb, bits) -- version 4 (or ``version`` 3) when given the model's
-    context table -- and each iteration's payload size."""
+               version: int | None = None) -> tuple[bytes, list[int]]:
+    """The version-2 file of codes (K, Hb, Wb, bits) -- the table's version (or ``version`` 3 or 4) when given
+    the model's context table -- and each iteration's payload size."""
     records = CodedRecords(header.replace(iterations=codes.shape[0]), table, version)
     parts = [header.replace(version=records.version).pack()]
     sizes = []
@@ -296,7 +317,7 @@ def pack_coded(header: Header, codes: np.ndarray, table: np.ndarray | None = Non
 
 
 def unpack_codes(header: Header, chunks: list[bytes], k: int, table: np.ndarray | None = None) -> np.ndarray:
-    """Codes (k, Hb, Wb, bits) bool of the first k payloads (versions 3 and 4: with the model's context table)."""
+    """Codes (k, Hb, Wb, bits) bool of the first k payloads (versions 3 to 5: with the model's context table)."""
     hb, wb = header.blocks
     n = hb * wb * header.bits
     codes = np.empty((k, hb, wb, header.bits), dtype=bool)

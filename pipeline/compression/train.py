@@ -398,7 +398,7 @@ def _train_and_publish(params, p: TrainCompressorParams, paths, device: torch.de
     if p.context_patches:
         from pipeline.compression import context
 
-        log(f"[{STAGE}] fitting the entropy model (.rnnc v3/v4) on the codes of {min(p.context_patches, len(train_u8))} "
+        log(f"[{STAGE}] fitting the entropy model (.rnnc v3-v5) on the codes of {min(p.context_patches, len(train_u8))} "
             "training patches")
         fitted = context.fit_model(result["model"], train_u8[:p.context_patches], p.eval_batch_size)
         log(f"[{STAGE}] entropy model: {fitted['seconds']} s, bits per code bit on its patches by iteration "

@@ -114,7 +114,7 @@ def codec(one_thread) -> RNNCodec:
     from pipeline.compression.context import fit_model
 
     model = make_model()
-    fit_model(model, np.stack([make_image(48, 48, seed) for seed in range(16)]))  # writes v4, reads v1-v4
+    fit_model(model, np.stack([make_image(48, 48, seed) for seed in range(16)]))  # writes v5, reads v1-v5
     return RNNCodec(model, tile=32, max_pixels=MAX_PIXELS)
 
 
@@ -124,7 +124,7 @@ def seeds(codec) -> list[bytes]:
     files = []
     for (h, w), k, seed in [((16, 16), 1, 0), ((37, 53), 3, 1), ((33, 20), 4, 2), ((48, 64), 2, 3)]:
         img = make_image(h, w, seed)
-        files += [codec.compress(img, k)] + [codec.compress(img, k, version=v) for v in (1, 2, 3)]
+        files += [codec.compress(img, k)] + [codec.compress(img, k, version=v) for v in (1, 2, 3, 4)]
     flat = np.full((64, 64, 3), 77, dtype=np.uint8)
     files += [codec.compress(flat, 4), codec.compress(flat, 4, version=2)]  # entropy-coded records
     return files
