@@ -117,8 +117,9 @@ def plane_features(lattice: Lattice, cur: np.ndarray, prev: np.ndarray | None, p
 
 class ContextCoder(BitPlaneCoder):
     """Codes the bit planes of one image with a fitted table, in order (iteration 1, 2, ...); one
-    instance per image and direction (encode, decode, observe: :class:`BitPlaneCoder`). ``table``: (iterations, bits, 3*bits+6) integer weights in units
-    of 1/64 (:func:`quantize`); planes past the table's iterations use its last row."""
+    instance per image and direction (encode, decode, observe: :class:`BitPlaneCoder`). ``table``:
+    (iterations, bits, 3*bits+6) integer weights in units of 1/64 (:func:`quantize`; a version-5 table's
+    first columns); planes past the table's iterations use its last row."""
 
     version = 3
 
@@ -184,7 +185,6 @@ class ContextCoder(BitPlaneCoder):
 FINE = 4096  # version 4 works in weights of 1/4096: the table's 1/64 steps times 64, plus the learned delta
 ETA_FIRST, ETA_LATER = 41, 10  # learning rate per plane, in units of 1/1024: ~0.04 on the first, ~0.01 later
 DELTA_LIMIT = 16 * FINE  # the delta stays within +-16
-NB_SLOW = 4  # v5: the neighbours' channels' columns learn this many times slower
 
 
 def probability_fine(logit: np.ndarray) -> np.ndarray:
@@ -312,8 +312,7 @@ def fit(codes: np.ndarray, steps: int = 60, l2: float = 1e-4) -> tuple[np.ndarra
     """Fit the context table to codes (N, iterations, Hb, Wb, bits) bool: one logistic regression per
     (iteration, channel) by L-BFGS, all channels of an iteration at once. Returns the table as float32
     weights on the stored grid (multiples of 1/64 within +-16), shape (iterations, bits, 4*bits+6) (a
-    version-5 table), and
-    per iteration the bits per code bit it spends on the fitting codes (1.0: no saving)."""
+    version-5 table), and per iteration the bits per code bit it spends on the fitting codes (1.0: no saving)."""
     import torch
 
     n, iterations, h, w, bits = codes.shape
@@ -358,8 +357,8 @@ def fit(codes: np.ndarray, steps: int = 60, l2: float = 1e-4) -> tuple[np.ndarra
 
 
 def fit_model(model, images: np.ndarray, batch: int = 32) -> dict:
-    """Fit ``model``'s context table (its ``context`` buffer, replaced by a version-5 one) to its codes of ``images``
-    (N, H, W, 3) uint8 (training patches; never the test set). Returns what to record."""
+    """Fit ``model``'s context table (its ``context`` buffer, replaced by a version-5 one) to its codes of
+    ``images`` (N, H, W, 3) uint8 (training patches; never the test set). Returns what to record."""
     import time
 
     import torch

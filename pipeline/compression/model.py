@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.compression.context import NEWEST, n_features
 from pipeline.compression.params import MAX_PRIMING
 
 BLOCK = 16  # pixels per code cell side: E downsamples 16x, D upsamples 16x
@@ -205,14 +206,14 @@ class RNNCompressor(nn.Module):
         # per iteration and code channel, logistic weights over 4 * bits + 6 context features (a version-5
         # table; model files from before version 5 hold 3 * bits + 6: versions 3 and 4); all zero (never
         # fitted) means files are written as version 2. Not trained by gradient descent.
-        self.register_buffer("context", torch.zeros(cfg.iterations, cfg.bits, 4 * cfg.bits + 6))
+        self.register_buffer("context", torch.zeros(cfg.iterations, cfg.bits, n_features(cfg.bits, NEWEST)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # model files and checkpoints from before the context model have no table: load them unfitted
         table = state_dict.setdefault(prefix + "context", torch.zeros_like(self.context))
         if isinstance(table, torch.Tensor) and table.shape[:2] == self.context.shape[:2] \
-                and table.shape[2] == 3 * self.config.bits + 6:  # a version-4 table: loaded as it is
+                and table.shape[2] == n_features(self.config.bits, 4):  # a version-4 table: loaded as it is
             self.context = torch.zeros_like(table)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
