@@ -473,7 +473,7 @@ def test_the_file_format_module_needs_no_torch(tmp_path):
 
 
 def test_the_format_block_is_the_models():
+    from pipeline.compression import context, rnncfile
     from pipeline.compression import model as model_module
-    from pipeline.compression import rnncfile
 
-    assert rnncfile.BLOCK == model_module.BLOCK
+    assert rnncfile.BLOCK == context.BLOCK == model_module.BLOCK

@@ -51,6 +51,7 @@ LUT_STEP = 4  # logit units (1/64) per table step: the table is at multiples of 
 LUT_HALF = 192  # table entries either side of 0: logits within +-12
 EXTRA = 6  # features after the 3 * bits bit features: nb_diagonal, nb_direct, prev_nb_direct, 3 biases
 NEWEST = 5  # the table version a fit makes (its width: n_features(bits, 5))
+BLOCK = 16  # pixels per code cell side: the model's (which imports this module; a test checks they agree)
 
 
 def n_features(bits: int, version: int = 4) -> int:
@@ -279,8 +280,6 @@ def model_codes(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """The codec's bits of ``images`` (N, H, W, 3) uint8, H and W multiples of 16, every iteration:
     (N, iterations, H/16, W/16, bits) bool -- what the codec would code for each as one tile."""
     import torch
-
-    from pipeline.compression.model import BLOCK
 
     n, h, w, _ = images.shape
     if h % BLOCK or w % BLOCK:
