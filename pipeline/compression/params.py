@@ -14,9 +14,9 @@ MAX_PRIMING = 8  # priming steps a params section or a model file may ask for (m
 class TrainCompressorParams(Section):
     # --- architecture (Toderici et al. 2017; the full size is 64-256-512-512 / 512-512-256-128) ---
     encoder_widths: tuple[int, int, int, int] = (16, 64, 128, 128)  # channels: strided conv, 3 ConvLSTMs
-    decoder_widths: tuple[int, int, int, int] = (128, 128, 64, 32)  # channels of the 4 ConvLSTMs (÷4 by depth-to-space)
+    decoder_widths: tuple[int, int, int, int] = (128, 128, 64, 32)  # channels of the 4 recurrent cells (÷4 by depth-to-space)
     bits: int = Field(32, ge=1, le=255)  # binary code channels per 16x16 block per iteration (32 -> 0.125 bpp)
-    iterations: int = Field(8, ge=1, le=255)  # residual iterations trained (= most a file can hold)
+    iterations: int = Field(16, ge=1, le=255)  # residual iterations trained (= most a file can hold)
     cell: Literal["lstm", "gru"] = "gru"  # recurrent cell of E and D (Toderici 2017 compares both)
     reconstruction: Literal["additive", "one-shot"] = "additive"  # x̂_t = D_t(b_t) + x̂_{t-1}, or = D_t(b_t)
     priming: int = Field(0, ge=0, le=MAX_PRIMING)  # extra E and D steps at the first iteration (Johnston et al. 2018)
@@ -44,7 +44,7 @@ class TrainCompressorParams(Section):
     context_patches: int = Field(1000, ge=0)  # 0: none fitted (files are v2); not part of the training run's key
     # --- validation (held-out patches, every epoch) ---
     val_patches: int | None = Field(256, ge=1)  # held-out patches scored per epoch; null: all
-    val_iterations: tuple[int, ...] = (1, 2, 4, 8)  # iteration counts reported (PSNR, SSIM, bpp)
+    val_iterations: tuple[int, ...] = (1, 2, 4, 8, 12, 16)  # iteration counts reported (PSNR, SSIM, bpp)
     ssim_window: int = Field(11, ge=3)  # odd Gaussian window of pytorch_msssim.ssim (<= patch side)
     # --- hardware ---
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
