@@ -6,7 +6,8 @@
 # over the cpu profile. Warm-starts from models/rnnc-cpu.pt when it exists (training continued across
 # sessions). Resumable: run the same command again after a kill and it resumes from the last epoch
 # (model, optimiser, scheduler, EMA and RNG state; checkpoint every epoch of EPOCH_PATCHES patches).
-# Then `python -m tools.release` turns a snapshot into models/rnnc-cpu.pt + .json.
+# Then `python -m tools.release` turns a snapshot into models/rnnc-cpu.pt + .json (run it from this checkout with
+# --workdir the run's folder: the worktree's own code may predate the current .rnnc entropy table).
 #
 # The defaults are the shipped ConvGRU's recipe (docs/codec-training.md); the ConvLSTM's phases below set theirs,
 # over the defaults of then: CELL=lstm LR=0.001 PATCH=32 SCALE=4 BATCH=32 PATCHES=100000 EPOCH_PATCHES=9600.
@@ -20,21 +21,23 @@
 #     scripts/train_codec_long.sh   # phase 5 (session 6): 128-px patches (8x8 code blocks)
 #   PATCH=64 SCALE=2 BATCH=16 PATCHES=20000 EPOCH_PATCHES=2400 EPOCHS=24 LR=0.0002 LR_SCHEDULE=cosine LR_WARMUP=0.03 \
 #     VAL_PATCHES=64 scripts/train_codec_long.sh   # phase 7 (session 8): x2-upsampled CIFAR-10, sharper detail
-#   INIT_MODEL=none CELL=gru LR=0.002 PATCH=64 SCALE=2 BATCH=8 PATCHES=50000 EPOCH_PATCHES=2400 EPOCHS=1000 \
+#   INIT_MODEL=none CELL=gru ITERATIONS=8 LR=0.002 PATCH=64 SCALE=2 BATCH=8 PATCHES=50000 EPOCH_PATCHES=2400 EPOCHS=1000 \
 #     LONGRUN_DIR=../longrun-gru scripts/train_codec_long.sh   # session 13: the equal-time winner, from scratch
 #   INIT_MODEL=../rnnc-gru/model.pt CELL=gru ITERATIONS=16 LR=0.002 PATCH=64 SCALE=2 BATCH=8 PATCHES=50000 \
 #     EPOCH_PATCHES=1200 EPOCHS=1000 LONGRUN_DIR=../longrun-gru16 scripts/train_codec_long.sh  # 16 iterations
+#   INIT_MODEL=runs/rnnc-gru/model.pt EPOCHS=24 LR=0.0015 LR_SCHEDULE=cosine LR_WARMUP=0.02 \
+#     LONGRUN_DIR=../longrun-gru16c scripts/train_codec_long.sh  # session 17: its decay phase (shipped)
 #   LOSS=l1_ssim EPOCHS=20 LR=0.0004 LR_SCHEDULE=cosine LR_WARMUP=0.02 scripts/train_codec_long.sh  # tried: worse on Kodak (README)
 LONGRUN_DEFAULT=longrun
 source "$(dirname "$0")/longrun.sh"
-EPOCH_PATCHES=${EPOCH_PATCHES:-2400}  # patches per epoch = per checkpoint (300 steps of 8, ~5 min on 1 thread)
+EPOCH_PATCHES=${EPOCH_PATCHES:-1200}  # patches per epoch = per checkpoint (150 steps of 8 at 16 iterations, ~3 min on 1 thread)
 EPOCHS=${EPOCHS:-1000}         # the schedule spans this many epochs (cosine: set it to what the session can afford)
 LR=${LR:-0.002}                # peak Adam learning rate
 LR_SCHEDULE=${LR_SCHEDULE:-constant}  # constant | cosine | multistep; a warm start's decay phase: cosine
 LR_WARMUP=${LR_WARMUP:-0.002}  # fraction of steps
 LOSS=${LOSS:-l1}               # l1 | l2 | l1_ssim (train_compressor.loss)
 CELL=${CELL:-gru}              # gru | lstm (train_compressor.cell; the init's cell, or INIT_MODEL=none)
-ITERATIONS=${ITERATIONS:-8}    # iterations trained = the most a file holds (16: the coursework's; an init trained at 8 may start it)
+ITERATIONS=${ITERATIONS:-16}   # iterations trained = the most a file holds (16: the coursework's; an init trained at 8 may start it)
 PATCH=${PATCH:-64}             # patch side in px (64: 4x4 code blocks; 128: the whole x4-upsampled CIFAR-10 image)
 SCALE=${SCALE:-2}              # bicubic upsampling of CIFAR-10 before cropping (augment.patch_scale; 2: sharper detail)
 BATCH=${BATCH:-8}              # patches per step
