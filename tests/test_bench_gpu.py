@@ -13,7 +13,7 @@ def test_overrides_win_over_the_profiles_own_values():
     p = bench_gpu.params_for("gpu", {"train_compressor": {"epochs": 1, "patches_per_epoch": 512}}).train_compressor
     assert (p.epochs, p.patches_per_epoch, p.iterations, p.batch_size) == (1, 512, 16, 256)
     c = bench_gpu.params_for("cpu", {"train_compressor": {"epochs": 2}, "augment": {"patches": 1234}})
-    assert (c.train_compressor.epochs, c.train_compressor.iterations, c.augment.patches) == (2, 8, 1234)
+    assert (c.train_compressor.epochs, c.train_compressor.iterations, c.augment.patches) == (2, 16, 1234)
 
 
 def test_sized_fills_the_budget_in_whole_batches():

@@ -19,7 +19,8 @@ class _Data:  # what fingerprint reads of CifarData
 
 
 #: the section classes' defaults when the values below were computed (they are params.yaml's now)
-COMPRESSOR_THEN = dict(epochs=8, lr=0.002, lr_warmup=0.02, binarizer="stochastic", init=None, cell="lstm")
+COMPRESSOR_THEN = dict(epochs=8, lr=0.002, lr_warmup=0.02, binarizer="stochastic", init=None, cell="lstm",
+                       iterations=8, val_iterations=(1, 2, 4, 8))  # then: cell until cb74632, iterations until cc5a55f
 CLASSIFIER_THEN = dict(epochs=2.0, batch_size=1024, tta=2, fast={"widths": [64, 256, 256]})
 
 
