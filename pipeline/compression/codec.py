@@ -221,15 +221,16 @@ class RNNCodec:
         the image as it is coded) when the model has one (4 when its table is from before version 5), else 2
         (an adaptive context model); 4 without the neighbours' channels; 3 the learned model alone, not
         adapted; 1 the raw bits (the old format, and the entropy coders' baseline)."""
+        newest = newest_version(self.context_table, self.bits)
         if version is None:
-            version = newest_version(self.context_table, self.bits)
+            version = newest
         if version not in VERSIONS:
             raise CodecError(f"version: this build writes versions {VERSIONS} (got {version})")
         if version in TABLE_VERSIONS and self.context_table is None:
             raise CodecError(f"version {version}: this model has no fitted context model (write version 2)")
-        if version in TABLE_VERSIONS and version > newest_version(self.context_table, self.bits):
+        if version in TABLE_VERSIONS and version > newest:
             raise CodecError(f"version {version}: this model's context model is from before version {version} "
-                             f"(write version {newest_version(self.context_table, self.bits)} or lower)")
+                             f"(write version {newest} or lower)")
         codes = self.encode(img, iterations)
         header = self.header_for(img, codes.shape[0])
         if (header.iteration_bytes + CRC_SIZE + LENGTH_SIZE) * codes.shape[0] + HEADER_SIZE > 0xFFFFFFFF:

@@ -257,9 +257,10 @@ def _plane_coder(version: int, shape: tuple[int, int, int], table: np.ndarray | 
         if table is None:
             raise BitstreamError(f"invalid .rnnc file: version {version} needs the model's context model, and this "
                                  "model has none")
-        if table_version(table, shape[2]) < version:
+        served = table_version(table, shape[2])
+        if served < version:
             raise BitstreamError(f"invalid .rnnc file: version {version} needs a version-{version} context model, "
-                                 f"and this model's is version {table_version(table, shape[2])}")
+                                 f"and this model's is version {served}")
         coder = {3: ContextCoder, 4: AdaptiveContextCoder, 5: NeighbourContextCoder}[version]
         return coder(*shape, table)
     from pipeline.compression.entropy import PlaneCoder
