@@ -1,6 +1,8 @@
 """Typed records of what one stage writes and another reads: the contracts between stages.
 
 - ``ClassifierMetrics``: ``data/classifier/metrics.json`` (train_classifier -> report).
+- ``ClassifierRun``: ``models/coursework-run.json`` (tools.release_classifier -> report): a run too long for
+  ``make run``.
 - ``EvaluationSummary``: ``data/evaluation/summary.json`` (evaluate -> report): what was evaluated, how.
 - The evaluation's tables (evaluate -> report), one dataclass per CSV row: ``Measurement``
   (per_image.csv), ``CurvePoint`` (curves.csv), ``AtRate`` (at_rates.csv), ``AtRateAvg``
@@ -19,13 +21,17 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import PipelineError
 
 QUALITIES = ("ms_ssim", "ms_ssim_db", "psnr", "ssim")
+MAX_EPOCHS = 10_000  # bounds of a classifier run record (ClassifierRun)
+MAX_TEST_IMAGES = 100_000
+MAX_CLASSES = 10  # one digit per prediction
+MAX_RUN_RECORD_BYTES = 4 * 2**20
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -75,6 +81,88 @@ class ClassifierMetrics(BaseModel):
             out.update({name: float(x) for name, x in items
                         if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)})
         return out
+
+
+class RunEpoch(BaseModel):
+    """One epoch of a training run's history (accuracies are fractions; None where it was not measured)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    epoch: int = Field(ge=1)
+    lr: float | None = None
+    train_loss: float | None = None
+    train_acc: float | None = Field(None, ge=0, le=1)
+    test_loss: float | None = None
+    test_acc: float | None = Field(None, ge=0, le=1)  # without TTA
+
+
+class RunExample(BaseModel):
+    """One test image of Figure 1.2: its index in the CIFAR-10 test set and the predicted class probabilities."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(ge=0, lt=MAX_TEST_IMAGES)
+    probs: list[float] = Field(min_length=2, max_length=MAX_CLASSES)
+
+
+class ClassifierRun(BaseModel):
+    """The record of a classifier run too long for ``make run`` (``models/coursework-run.json``: the coursework
+    recipe's 300 epochs), written by ``python -m tools.release_classifier`` and read by the report: the per-epoch
+    history, the test set's predicted classes (one digit each, with and without TTA: the report scores them
+    against the real labels) and the probabilities of Figure 1.2's examples. Bounded: a file of another shape or
+    size is refused with the first bad key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["classifier-run"]
+    version: Literal[1]
+    profile: str = Field(max_length=64)
+    recipe: str = Field(max_length=64)
+    epochs: int = Field(ge=1, le=MAX_EPOCHS)  # what the run's schedule spans
+    batch_size: int = Field(ge=1)
+    tta: int = Field(ge=0, le=2)  # the TTA level of ``predictions``
+    label_names: list[str] = Field(min_length=2, max_length=10)
+    history: list[RunEpoch] = Field(min_length=1, max_length=MAX_EPOCHS)
+    predictions: str = Field(min_length=1, max_length=MAX_TEST_IMAGES, pattern=r"^[0-9]+$")  # with TTA ``tta``
+    predictions_no_tta: str = Field(min_length=1, max_length=MAX_TEST_IMAGES, pattern=r"^[0-9]+$")
+    examples: list[RunExample] = Field(max_length=48)
+    train_time_s: float = Field(ge=0)  # wall clock, summed over the sessions it ran in
+    train_cpu_s: float = Field(ge=0)  # process CPU time (all threads)
+    hardware: str = Field("", max_length=200)
+    training_code_commit: str | None = Field(None, max_length=64)
+    released: str = Field("", max_length=64)  # date of the release
+    how: str = Field("", max_length=500)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClassifierRun":
+        n = len(self.label_names)
+        if len(self.predictions) != len(self.predictions_no_tta):
+            raise ValueError("predictions and predictions_no_tta differ in length")
+        if int(max(self.predictions + self.predictions_no_tta)) >= n:
+            raise ValueError(f"predictions: a class index >= {n} (label_names has {n})")
+        epochs = [r.epoch for r in self.history]
+        if epochs != sorted(set(epochs)) or epochs[-1] > self.epochs:
+            raise ValueError(f"history: epochs must rise from 1 to at most {self.epochs}")
+        for e in self.examples:
+            if len(e.probs) != n or e.index >= len(self.predictions):
+                raise ValueError(f"examples: image {e.index} has {len(e.probs)} probabilities for {n} classes "
+                                 f"(or lies past the {len(self.predictions)} predictions)")
+        return self
+
+    @property
+    def epochs_done(self) -> int:
+        return self.history[-1].epoch
+
+    @property
+    def finished(self) -> bool:
+        return self.epochs_done >= self.epochs
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ClassifierRun":
+        path = Path(path)
+        if path.is_file() and path.stat().st_size > MAX_RUN_RECORD_BYTES:
+            raise PipelineError(f"{path}: not a classifier run record (over {MAX_RUN_RECORD_BYTES // 2**20} MiB)")
+        return _read_json(cls, path, "a classifier run record", "tools.release_classifier")
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -8,6 +8,9 @@
 # resumes from it when run again. RESUME_FROM copies a saved checkpoint in first (a new machine: the
 # worktree is gone, the checkpoint was kept elsewhere); the stage refuses one from other params or data.
 #
+# Then, from this checkout, `python -m tools.release_classifier --workdir <the run's folder>` records it (in progress or
+# ended) in models/coursework-run.json, which the report scores against the test labels (report.coursework_run).
+#
 #   LONGRUN_DIR=/work/runs/cw scripts/train_classifier_long.sh                 # start or resume
 #   RESUME_FROM=/path/last.pt LONGRUN_DIR=/work/runs/cw scripts/train_classifier_long.sh
 LONGRUN_DEFAULT=longrun-classifier

@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.orchestration.dvcgraph import descendants, load_stages
@@ -102,6 +103,16 @@ def test_dag_runs_end_to_end_on_tiny(airflow_db, mirror, monkeypatch):
     metrics = dvc("metrics", "show")
     for stage in ("classifier", "compressor", "evaluation"):
         assert f"data/{stage}/metrics.json" in metrics
+
+    # the report scored the shipped record of the coursework recipe's long run against the real test labels
+    from pipeline.data.cifar import load_batch
+    from pipeline.records import ClassifierRun
+
+    record = ClassifierRun.read(DAG_WORKSPACE / "models/coursework-run.json")
+    _, labels = load_batch(DAG_WORKSPACE / "data/raw/cifar-10-batches-py/test_batch")
+    acc = float(np.mean(np.array([int(c) for c in record.predictions]) == labels))
+    md = (DAG_WORKSPACE / "data/report/report.md").read_text()
+    assert "on the coursework's own recipe" in md and f"{acc:.2%} ({record.epochs_done} of" in md
 
 
 def _load_dag_module():

@@ -212,7 +212,7 @@ def test_cifar_batch_that_runs_code_is_refused(tmp_path, protocol):
     """A tampered batch (valid pickle, calls os.system when loaded) is refused; the command never runs."""
     import pickle
 
-    from pipeline.data.augment import _unpickle
+    from pipeline.data.cifar import _unpickle
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "data_batch_1"
@@ -228,7 +228,7 @@ def test_cifar_batch_that_runs_code_is_refused(tmp_path, protocol):
 def test_cifar_batch_with_object_array_is_refused(tmp_path):
     import pickle
 
-    from pipeline.data.augment import _unpickle
+    from pipeline.data.cifar import _unpickle
 
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": np.array([1, "x"], dtype=object)}, protocol=2))
@@ -240,7 +240,7 @@ def test_restricted_unpickler_reads_a_numpy_batch_like_the_original(tmp_path):
     """What the format has (dict of bytes keys, list of int, bytes, str, uint8 array) round-trips."""
     import pickle
 
-    from pipeline.data.augment import _unpickle
+    from pipeline.data.cifar import _unpickle
 
     batch = {b"batch_label": b"testing batch 1 of 1", b"labels": [3, 1, 4],
              b"data": np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072), b"filenames": [b"a.png", "b.png"]}
@@ -256,7 +256,7 @@ def test_real_cifar_batches_load_through_the_restricted_unpickler(tmp_path, mirr
     """The official batches (numpy 1.x pickles, protocol 2) still load, and equal the plain pickle's."""
     import pickle
 
-    from pipeline.data.augment import _unpickle
+    from pipeline.data.cifar import _unpickle
 
     with tarfile.open(mirror / "cifar-10-python.tar.gz") as tar:
         tar.extract("cifar-10-batches-py/test_batch", tmp_path, filter="data")

@@ -22,6 +22,7 @@ from pipeline.report.inputs import Inputs
 from pipeline.utils import file_digest
 from tests.test_evaluation_codecs import FakeRNNCodec, make_image
 from tests.test_evaluation_stage import tiny_params
+from tests.test_report_longrun import standin_long_run
 
 SECTIONS = ("summary", "classifier", "compression", "settings", "rates", "pairwise", "bdrate", "visual", "claims",
             "provenance")
@@ -42,8 +43,8 @@ def check_html(html: str, n_codecs: int) -> None:
     for sid in SECTIONS:
         assert f'<section id="{sid}">' in html, sid
     srcs = re.findall(r'<img src="([^"]*)"', html)
-    # 3 classifier figures + 6 evaluation figures + original + one crop per codec
-    assert len(srcs) == 3 + len(R.EVAL_FIGURES) + 1 + n_codecs
+    # 3 classifier figures + 3 of the coursework run + 6 evaluation figures + original + one crop per codec
+    assert len(srcs) == 3 + 3 + len(R.EVAL_FIGURES) + 1 + n_codecs
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,6 +64,7 @@ def workspace(tmp_path, monkeypatch):
     (tmp_path / "data" / "compressor").mkdir(parents=True)
     (tmp_path / "data" / "compressor" / "model.pt").write_bytes(b"stand-in")
     standin_classifier(tmp_path)
+    standin_long_run(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -87,7 +89,11 @@ def test_report_contains_every_section(workspace):
     claims = ctx["claims"]
     assert [c.claim for c in claims][0].startswith("The CNN reaches 90%")
     assert claims[0].verdict == "confirmed"  # 91.23% >= 90%
-    assert len(claims) == 1 + 2 + len(params.report.claim_behind)
+    assert "coursework's own recipe" in claims[1].claim and claims[1].verdict == "confirmed"  # 95.00% of 1000
+    assert "95.00%" in claims[1].evidence and "models/coursework-run.json" in claims[1].evidence
+    assert len(claims) == 2 + 2 + len(params.report.claim_behind)
+    assert R.LONG_RUN_TITLE in md and "| test accuracy without TTA | 94.00% |" in md
+    assert 'id="coursework-run"' in html and "Figure 1.1 (the coursework&#39;s recipe)" in html
     assert all(c.verdict in ("confirmed", "refuted", "not shown", "not checked") for c in claims)
     assert "primary: per-image interpolation" in md and "Secondary: averaged per setting" in md
     assert "### Codec settings" in md and "| JPEG XL |" in md

@@ -21,14 +21,15 @@ import numpy as np
 from pipeline.evaluation.stats import wilson  # noqa: F401 - also the report's public name
 from pipeline.records import AtRate, BDRate, ClassifierMetrics, EvaluationSummary, Measurement, by_codec, read_table
 from pipeline.report.claims import CIFAR10_TEST_SIZE, check_claims
-from pipeline.report.formatting import finite, fmt
+from pipeline.report.formatting import TTA_NAMES, finite, fmt
 from pipeline.report.inputs import Inputs, read_inputs
+from pipeline.report.longrun import as_dict
 from pipeline.report.provenance import provenance
 from pipeline.utils import atomic_write_text, load_json, log
 
 STAGE = "report"
 #: the stage's input and output folders (pipeline/stage.py); dvc.yaml's cmd gives them
-PATHS = ("classifier", "compressor", "evaluation", "out")
+PATHS = ("classifier", "compressor", "evaluation", "cifar", "out")
 SECTIONS = ("report",)  # and tracking.experiment, to find the stages' MLflow runs (not a result param)
 KODAK_DIR = Path("data/raw/kodak")  # hashed for the provenance only (or the evaluated set's folder)
 TEMPLATE = Path(__file__).with_name("template.html")
@@ -38,6 +39,7 @@ CLASSIFIER_FIGURES = [
                                "(true class blue, wrong guess red)"),
     ("confusion_matrix.png", "Confusion matrix on the CIFAR-10 test set"),
 ]
+LONG_RUN_TITLE = "### The coursework's own recipe (300 epochs), trained outside `make run`"
 EVAL_FIGURES = [
     ("ms_ssim_at_rate.png", "Figure 1.7 analogue (primary convention): MS-SSIM (5-scale, Wang et al. 2003) at equal "
                             "rate, the mean over images of each image's own interpolated curve, drawn where every "
@@ -198,8 +200,6 @@ CONVENTION = ("Quality at a rate is measured per image: each image's own (bpp, q
               "curve; it favours codecs whose rate varies from image to image where the curve is steep.")
 
 
-TTA_NAMES = {0: "none", 1: "horizontal flip", 2: "flip and 1-px shifts"}
-
 
 def classifier_summary(params, m: ClassifierMetrics | None) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """The classifier's section: (what, value) rows (recipe, length, accuracy with its interval, time) and
@@ -276,7 +276,7 @@ def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, 
         "title": rp.title, "prov": prov, "summary": s, "labels": labels, "scope": scope,
         "accuracy": (f"{acc:.2%}" if acc is not None else "n/a"), "accuracy_key": "test_acc" if acc is not None else None,
         "classifier_rows": classifier_rows, "per_class": per_class, "classifier_figs": classifier_figs,
-        "eval_figs": eval_figs,
+        "eval_figs": eval_figs, "long_run": as_dict(inputs.long_run),
         "visual": visual, "visual_info": inputs.visual, "claims": claims, "missing": inputs.missing,
         "set_name": set_name(s), "extra_sets": extra_sets(eval_dir, s),
         "skipped": s.skipped, "durations": durations, "convention": CONVENTION, **tables(inputs),
@@ -306,6 +306,10 @@ def render_md(ctx: dict[str, Any]) -> str:
                 "|" + "---|" * len(ctx["per_class"]), "| " + " | ".join(c["acc"] for c in ctx["per_class"]) + " |", ""]
     out += ["Figures (in report.html, and as files): " + "; ".join(
         f"{f['caption']} (`{f['path']}`{'' if f['src'] else ', missing'})" for f in ctx["classifier_figs"]) + ".", ""]
+    if ctx["long_run"]:
+        out += [LONG_RUN_TITLE, "", "| | |", "|---|---|"]
+        out += [f"| {r['key']} | {r['value']} |" for r in ctx["long_run"]["rows"]]
+        out += ["", "Its Figures 1.1, 1.2 and confusion matrix are in report.html.", ""]
     out += [f"## Compression on {ctx['set_name']}", "", f"Evaluated on {ctx['scope']}.", "", ctx["convention"], "",
             "### Quality at fixed rates (primary: per-image interpolation)", "",
             "Mean over the images that reach the rate, 95% bootstrap interval, n/N images; n/a: no image reaches it.", ""]
@@ -353,13 +357,16 @@ def render_md(ctx: dict[str, Any]) -> str:
 
 
 def build(params, run_id: str | None = None, out_dir: Path | None = None, classifier_dir: Path | None = None,
-          eval_dir: Path | None = None, compressor_dir: Path | None = None) -> dict[str, Any]:
+          eval_dir: Path | None = None, compressor_dir: Path | None = None, cifar_dir: Path | None = None
+          ) -> dict[str, Any]:
     """Write the report from the stages' outputs; a folder left out is dvc.yaml's."""
     from pipeline.stage import fill
 
-    dirs = fill(STAGE, PATHS, out=out_dir, classifier=classifier_dir, evaluation=eval_dir, compressor=compressor_dir)
+    dirs = fill(STAGE, PATHS, out=out_dir, classifier=classifier_dir, evaluation=eval_dir, compressor=compressor_dir,
+                cifar=cifar_dir)
     out_dir, classifier_dir, eval_dir, compressor_dir = dirs.out, dirs.classifier, dirs.evaluation, dirs.compressor
-    inputs = read_inputs(classifier_dir, eval_dir, compressor_dir)
+    long_run = Path(params.report.coursework_run) if params.report.coursework_run else None
+    inputs = read_inputs(classifier_dir, eval_dir, compressor_dir, long_run, dirs.cifar)
     for m in inputs.missing:
         log(f"[report] {m} is missing: its section says so")
     prov = provenance(params, run_id, classifier_dir, eval_dir, compressor_dir, KODAK_DIR)
@@ -377,7 +384,7 @@ def run(params, paths) -> None:
     import mlflow
 
     ctx = build(params, mlflow.active_run().info.run_id, out_dir=paths.out, classifier_dir=paths.classifier,
-                eval_dir=paths.evaluation, compressor_dir=paths.compressor)
+                eval_dir=paths.evaluation, compressor_dir=paths.compressor, cifar_dir=paths.cifar)
     mlflow.log_artifact(str(paths.out / "report.html"), artifact_path="report")
     mlflow.log_artifact(str(paths.out / "report.md"), artifact_path="report")
     mlflow.log_dict([c.__dict__ for c in ctx["claims"]], "report/claims.json")

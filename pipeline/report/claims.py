@@ -67,6 +67,11 @@ def check_claims(inputs: Inputs, rp) -> list[Claim]:
                             f"{inputs.summary.profile}); 95% CI [{lo:.2%}, {hi:.2%}] on {n} images"
                             + ("" if inputs.classifier.test_size else " (assumed: metrics.json has no test_size)"),
                             verdict))
+    if inputs.long_run is not None or inputs.long_run_missing:
+        from pipeline.report.longrun import claim_text
+
+        claims.append(Claim(f"{claim_acc}, on the coursework's own recipe (plain CNN, 300 epochs)",
+                            *claim_text(inputs.long_run, inputs.long_run_missing, rp.claim_accuracy)))
     for quality, name in (("ms_ssim", "MS-SSIM (5-scale), per image"),
                           ("ssim", "single-scale SSIM (what the coursework called MS-SSIM), per image")):
         text, verdict = compare_below(inputs.per_image, "rnn", "jpeg", quality, rp.claim_jpeg_below_bpp,

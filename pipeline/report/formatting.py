@@ -15,3 +15,6 @@ def fmt(v: Any, digits: int = 4, pct: bool = False, signed: bool = False) -> str
         return "n/a"
     text = f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
     return text + ("%" if pct else "")
+
+
+TTA_NAMES = {0: "none", 1: "horizontal flip", 2: "flip and 1-px shifts"}  # train_classifier.tta's levels

@@ -3,7 +3,7 @@
 from pydantic import Field, field_validator
 
 from pipeline.evaluation.specs import SPECS
-from pipeline.schema import Section
+from pipeline.schema import Section, Source
 
 
 class ReportParams(Section):
@@ -12,6 +12,9 @@ class ReportParams(Section):
     claim_jpeg_below_bpp: float = Field(0.4, gt=0)  # coursework claim: RNN beats JPEG below this bpp
     claim_behind: list[str] = ["webp", "jpeg2000"]  # coursework claim: RNN is behind these codecs
     claim_grid: int = Field(64, ge=2)  # bpp grid points on which curves are compared for the claims
+    # the record of the coursework recipe's 300-epoch run (python -m tools.release_classifier): its claim, Figures
+    # 1.1 and 1.2; scored against data/raw/cifar-10-batches-py's test labels. null: no such section
+    coursework_run: Source | None = "models/coursework-run.json"
     mlflow_runs: bool = True  # look the stages' MLflow runs up (ids, durations) for the provenance
 
     @field_validator("claim_behind")
