@@ -230,7 +230,8 @@ class AdaptiveContextCoder(ContextCoder):
         prev2 = self.history[-2] if len(self.history) > 1 else zeros
         prev_direct = lat.pad(prev)[:, lat.direct].sum(axis=2).T  # (P, bits)
         cur = np.zeros((bits, (h + 2) * (w + 2)), dtype=np.int64)  # -1/+1 coded so far, zero elsewhere
-        cur_direct = np.zeros((bits, npos), dtype=np.int64)  # v5: each completed channel's direct-neighbour sums
+        # v5: each completed channel's direct-neighbour sums
+        cur_direct = np.zeros((bits, npos) if self.version >= 5 else (0, 0), dtype=np.int64)
         src = None if plane is None else plane.reshape(npos, bits)
         family = constriction().stream.model.Bernoulli(perfect=False) if coder is not None else None
         for c in range(bits):
