@@ -198,6 +198,7 @@ class EvaluationSummary(BaseModel):
     skipped: dict[str, str]  # codec -> why it was not usable here
     anchor: str  # BD-rates are taken against this codec
     bd_method: str
+    bd_max_bpp: float | None = None  # BD deltas over rates up to this only (None: whole curves)
     rates: list[float]  # bpp of the at-rate tables
     rate_slack: float
     bootstrap: int

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.evaluation.bdrate import bd_quality, bd_rate, interpolate
+from pipeline.evaluation.bdrate import bd_quality, bd_rate, interpolate, truncate
 
 RATES = np.array([0.1, 0.2, 0.35, 0.6, 1.0, 1.7])
 QUALITY = 30 + 6 * np.log2(RATES) - 0.4 * np.log2(RATES) ** 2  # a concave, PSNR-like curve
@@ -113,3 +113,22 @@ def test_matches_the_bjontegaard_package_on_random_curves(seed):
     else:
         assert bd_rate(r1, q1, r2, q2, "pchip") == pytest.approx(ref, rel=1e-9, abs=1e-9)
         assert bd_quality(r1, q1, r2, q2, "pchip") == pytest.approx(ref_q, rel=1e-9, abs=1e-9)
+
+
+def test_max_rate_compares_curves_over_the_same_rates():
+    """A test codec 20 % cheaper below 0.5 bpp and 40 % dearer above: over the whole curves the BD-rate mixes
+    both; cut at 0.5 bpp it is the low rates' -20 %, whatever either curve does past the cut."""
+    rates = np.geomspace(0.1, 2.0, 12)
+    quality = 30 + 6 * np.log2(rates)
+    test_rates = np.where(rates < 0.5, rates * 0.8, rates * 1.4)
+    whole = bd_rate(rates, quality, test_rates, quality)
+    cut = bd_rate(rates, quality, test_rates, quality, max_rate=0.5)
+    assert whole > 0 and cut == pytest.approx(-20.0, abs=1.5)
+    # points past the cut change nothing; the curves end on an interpolated point at the cut itself
+    assert bd_rate(rates[:9], quality[:9], test_rates[:9], quality[:9], max_rate=0.5) == pytest.approx(cut)
+    r, q = truncate(rates, quality, 0.5)
+    assert r[-1] == 0.5 and r[-2] < 0.5 and q[-1] == pytest.approx(30 + 6 * np.log2(0.5))
+    assert bd_quality(rates, quality, rates, quality + 1, max_rate=0.5) == pytest.approx(1.0)
+    # None: the whole curves, exactly as before; a cut below every point: no overlap
+    assert bd_rate(rates, quality, test_rates, quality, max_rate=None) == whole
+    assert math.isnan(bd_rate(rates, quality, test_rates, quality, max_rate=0.05))

@@ -264,3 +264,18 @@ def test_claim_behind_names_registered_codecs():
     assert ReportParams(claim_behind=["avif", "jpegxl"]).claim_behind == ["avif", "jpegxl"]
     with pytest.raises(ValueError, match="claim_behind: webpp is not a codec"):
         ReportParams(claim_behind=["webpp"])
+
+
+def test_bd_max_bpp_cuts_every_curve_and_the_report_says_so(workspace):
+    params = tiny_params(bd_max_bpp=0.5)
+    params = params.model_copy(update={"report": params.report.model_copy(update={"mlflow_runs": False})})
+    E.evaluate(params, rnn_loader=lambda model, device: FakeRNNCodec())
+    summary = EvaluationSummary.read(workspace / "data/evaluation/summary.json")
+    assert summary.bd_max_bpp == 0.5
+    cut = {(r["anchor"], r["test"], r["metric"]): r["bd_rate_pct"] for r in E.read_csv(workspace / "data/evaluation/bd.csv")}
+    R.build(params)
+    assert "rates up to 0.5 bpp" in (workspace / "data/report/report.md").read_text()
+    assert "<code>evaluate.bd_max_bpp</code>" in (workspace / "data/report/report.html").read_text()
+    E.evaluate(tiny_params(), rnn_loader=lambda model, device: FakeRNNCodec())
+    whole = {(r["anchor"], r["test"], r["metric"]): r["bd_rate_pct"] for r in E.read_csv(workspace / "data/evaluation/bd.csv")}
+    assert cut.keys() == whole.keys() and cut != whole  # the same pairs, over other rates

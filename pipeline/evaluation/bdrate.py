@@ -55,19 +55,39 @@ def _delta(x1, y1, x2, y2, method: str) -> float:
     return (a2 - a1) / (hi - lo)
 
 
-def bd_rate(rate_anchor, quality_anchor, rate_test, quality_test, method: str = "pchip") -> float:
-    """Average rate difference of ``test`` against ``anchor`` at equal quality, in percent."""
-    r1 = np.log10(np.asarray(rate_anchor, dtype=np.float64))
-    r2 = np.log10(np.asarray(rate_test, dtype=np.float64))
-    avg = _delta(quality_anchor, r1, quality_test, r2, method)
+def truncate(rate, quality, max_rate: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The curve's points at rates up to ``max_rate``, ending on a point at ``max_rate`` itself (linear in
+    log-rate between its neighbours) when the curve goes past it: curves of different lengths then
+    compare over the same rates. ``None``: the whole curve."""
+    if max_rate is None:
+        return np.asarray(rate, dtype=np.float64), np.asarray(quality, dtype=np.float64)
+    r, q = _prepare(np.asarray(rate, dtype=np.float64), quality)
+    if len(r) == 0 or r[-1] <= max_rate:
+        return r, q
+    keep = r <= max_rate
+    if not keep.any():
+        return r[:0], q[:0]
+    end = np.interp(np.log10(max_rate), np.log10(r), q)
+    return np.append(r[keep], max_rate), np.append(q[keep], end)
+
+
+def bd_rate(rate_anchor, quality_anchor, rate_test, quality_test, method: str = "pchip",
+            max_rate: float | None = None) -> float:
+    """Average rate difference of ``test`` against ``anchor`` at equal quality, in percent (over rates up to
+    ``max_rate`` only, when given)."""
+    ra, qa = truncate(rate_anchor, quality_anchor, max_rate)
+    rt, qt = truncate(rate_test, quality_test, max_rate)
+    avg = _delta(qa, np.log10(ra), qt, np.log10(rt), method)
     return float((10.0**avg - 1.0) * 100.0) if np.isfinite(avg) else float("nan")
 
 
-def bd_quality(rate_anchor, quality_anchor, rate_test, quality_test, method: str = "pchip") -> float:
-    """Average quality difference of ``test`` against ``anchor`` at equal rate (quality's unit)."""
-    r1 = np.log10(np.asarray(rate_anchor, dtype=np.float64))
-    r2 = np.log10(np.asarray(rate_test, dtype=np.float64))
-    return float(_delta(r1, quality_anchor, r2, quality_test, method))
+def bd_quality(rate_anchor, quality_anchor, rate_test, quality_test, method: str = "pchip",
+               max_rate: float | None = None) -> float:
+    """Average quality difference of ``test`` against ``anchor`` at equal rate (quality's unit; over rates up
+    to ``max_rate`` only, when given)."""
+    ra, qa = truncate(rate_anchor, quality_anchor, max_rate)
+    rt, qt = truncate(rate_test, quality_test, max_rate)
+    return float(_delta(np.log10(ra), qa, np.log10(rt), qt, method))
 
 
 def interpolate(rate, quality, at, slack: float = 0.0, method: str = "pchip") -> np.ndarray:

@@ -193,13 +193,13 @@ def analyse(rows: list[Measurement], names: list[str], anchor: str, p, seed: int
     # secondary convention: average per setting, then interpolate
     curves = average_curves(rows)
     averaged = at_rates(curves, p.rates, p.rate_slack)
-    bd_avg = bd_table(curves, anchor, p.bd_method)
+    bd_avg = bd_table(curves, anchor, p.bd_method, p.bd_max_bpp)
     # primary convention: each image's own curve at the rates, then average
     img_curves = stats.image_curves(rows)
     each_at = stats.per_image_at(img_curves, p.rates, QUALITIES, p.rate_slack)
     points = stats.at_rates_per_image(each_at, names, p.rates, QUALITIES, images_of, **boot)
     pairs = stats.pairwise(each_at, names, p.rates, COMPARED, **boot)
-    bd, bd_each = bd_per_image_table(img_curves, names, anchor, p.bd_method, bd_avg, **boot)
+    bd, bd_each = bd_per_image_table(img_curves, names, anchor, p.bd_method, bd_avg, **boot, max_rate=p.bd_max_bpp)
     return {"curves": curves, "averaged": averaged, "bd_avg": bd_avg, "img_curves": img_curves, "each_at": each_at,
             "points": points, "pairs": pairs, "bd": bd, "bd_each": bd_each}
 
@@ -290,7 +290,7 @@ def evaluate(params, out_dir: Path | None = None, kodak_dir: Path | None = None,
                                      subset=sorted(only[c.name] & set(primary.names)) if c.name in only else None)
                 for c in codecs},
         labels={c.name: c.label for c in codecs}, order=names, skipped=skipped, anchor=anchor,
-        bd_method=p.bd_method, rates=p.rates, rate_slack=p.rate_slack, bootstrap=p.bootstrap,
+        bd_method=p.bd_method, bd_max_bpp=p.bd_max_bpp, rates=p.rates, rate_slack=p.rate_slack, bootstrap=p.bootstrap,
         min_images=p.min_images, seed=params.seed, convention="per-image",
         visual_image=visual_image, device=str(device),
         torch=torch.__version__, platform=platform.platform(), duration_s=duration,

@@ -55,6 +55,9 @@ class EvaluateParams(CodecParams):
     min_images: int = Field(3, ge=2)  # fewer images than this: no interval, no verdict ("not shown")
     anchor: CodecName = "jpeg"  # BD-rates of every codec are taken against this one
     bd_method: Literal["pchip", "polyfit"] = "pchip"  # Bjontegaard fit: piecewise cubic or cubic polyfit
+    # BD deltas over rates up to this bpp only (every curve cut there), so curves of different lengths compare over
+    # the same rates; null: the whole overlap of the two curves
+    bd_max_bpp: float | None = Field(None, gt=0)
     # image of the visual comparison: Kodak's kodimNN; another set's N-th image by file name (must be evaluated)
     visual_image: int = Field(23, ge=1)
     visual_bpp: float = Field(0.25, gt=0)  # the visual comparison picks each codec's setting nearest this bpp

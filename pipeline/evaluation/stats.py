@@ -159,15 +159,15 @@ def range_difference(curves: dict[tuple[str, str], dict[str, np.ndarray]], a: st
 
 
 def bd_per_image(curves: dict[tuple[str, str], dict[str, np.ndarray]], anchor: str, test: str, metric: str,
-                 method: str) -> dict[str, tuple[float, float]]:
-    """{image: (BD-rate %, BD-quality)} of ``test`` against ``anchor`` on each image's own curves
-    (NaN where the two curves of that image do not overlap)."""
+                 method: str, max_rate: float | None = None) -> dict[str, tuple[float, float]]:
+    """{image: (BD-rate %, BD-quality)} of ``test`` against ``anchor`` on each image's own curves, over rates up
+    to ``max_rate`` when given (NaN where the two curves of that image do not overlap there)."""
     out = {}
     images = sorted({im for c, im in curves if c == anchor} & {im for c, im in curves if c == test})
     for im in images:
         ca, ct = curves[(anchor, im)], curves[(test, im)]
-        out[im] = (bdrate.bd_rate(ca["bpp"], ca[metric], ct["bpp"], ct[metric], method),
-                   bdrate.bd_quality(ca["bpp"], ca[metric], ct["bpp"], ct[metric], method))
+        out[im] = (bdrate.bd_rate(ca["bpp"], ca[metric], ct["bpp"], ct[metric], method, max_rate),
+                   bdrate.bd_quality(ca["bpp"], ca[metric], ct["bpp"], ct[metric], method, max_rate))
     return out
 
 

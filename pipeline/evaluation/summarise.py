@@ -55,8 +55,8 @@ def bd_pairs(names: list[str], anchor: str, ours: str = "rnn") -> list[tuple[str
     return pairs
 
 
-def bd_table(curves: list[CurvePoint], anchor: str, method: str) -> list[dict[str, Any]]:
-    """Secondary: BD deltas between the image-averaged curves."""
+def bd_table(curves: list[CurvePoint], anchor: str, method: str, max_rate: float | None = None) -> list[dict[str, Any]]:
+    """Secondary: BD deltas between the image-averaged curves (over rates up to ``max_rate`` when given)."""
     per = by_codec(curves)
     rows = []
     for a, t in bd_pairs(list(per), anchor):
@@ -64,13 +64,14 @@ def bd_table(curves: list[CurvePoint], anchor: str, method: str) -> list[dict[st
             ra, qa = [p.bpp for p in per[a]], [getattr(p, metric) for p in per[a]]
             rt, qt = [p.bpp for p in per[t]], [getattr(p, metric) for p in per[t]]
             rows.append({"anchor": a, "test": t, "metric": metric, "method": method,
-                         "bd_rate_pct": bdrate.bd_rate(ra, qa, rt, qt, method),
-                         "bd_quality_db": bdrate.bd_quality(ra, qa, rt, qt, method)})
+                         "bd_rate_pct": bdrate.bd_rate(ra, qa, rt, qt, method, max_rate),
+                         "bd_quality_db": bdrate.bd_quality(ra, qa, rt, qt, method, max_rate)})
     return rows
 
 
 def bd_per_image_table(img_curves, names: list[str], anchor: str, method: str, averaged: list[dict[str, Any]], *,
-                       n_boot: int, seed: int, min_images: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                       n_boot: int, seed: int, min_images: int, max_rate: float | None = None
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Primary BD table: per pair and metric, the per-image BD-rates' median with a bootstrap 95 %
     interval of the median, how many images have one (curves overlap), on how many the test codec
     saves bits; beside it the BD-rate of the image-averaged curves. Also every per-image value."""
@@ -78,7 +79,7 @@ def bd_per_image_table(img_curves, names: list[str], anchor: str, method: str, a
     rows, each = [], []
     for a, t in bd_pairs(names, anchor):
         for metric in BD_METRICS:
-            per = stats.bd_per_image(img_curves, a, t, metric, method)
+            per = stats.bd_per_image(img_curves, a, t, metric, method, max_rate)
             for im, (rate, qual) in per.items():
                 each.append({"anchor": a, "test": t, "metric": metric, "image": im, "bd_rate_pct": rate,
                              "bd_quality_db": qual})

@@ -328,7 +328,8 @@ def render_md(ctx: dict[str, Any]) -> str:
             "| A | B | bpp | images | A wins | B wins | mean A-B | 95% CI | better |", "|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['a']} | {r['b']} | {r['bpp']} | {r['n']} | {r['a_wins']} | {r['b_wins']} | {r['diff']} | {r['ci']} | "
             f"{r['better']} |" for r in ctx["pair_rows"]]
-    out += ["", f"### Bjontegaard deltas per image ({ctx['summary'].bd_method}; BD-rate > 0: the test codec needs "
+    cut = f", rates up to {ctx['summary'].bd_max_bpp:g} bpp" if ctx["summary"].bd_max_bpp else ""
+    out += ["", f"### Bjontegaard deltas per image ({ctx['summary'].bd_method}{cut}; BD-rate > 0: the test codec needs "
             "more bits)", "", "| anchor | test | metric | median BD-rate | 95% CI | images | test saves bits on | "
             "median BD-quality (dB) | BD-rate, averaged curves |", "|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['anchor']} | {r['test']} | {r['metric']} | {r['bd_rate']} | {r['ci']} | {r['n']} | {r['saves']} | "
