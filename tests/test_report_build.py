@@ -93,6 +93,9 @@ def test_report_contains_every_section(workspace):
     assert "95.00%" in claims[1].evidence and "models/coursework-run.json" in claims[1].evidence
     assert len(claims) == 2 + 2 + len(params.report.claim_behind)
     assert R.LONG_RUN_TITLE in md and "| test accuracy without TTA | 94.00% |" in md
+    # how the codec was trained (tiny: from scratch, L1) is said beside its figures
+    assert "(GRU cells, 2 iterations) was trained with the loss L1 (mean absolute error)" in md
+    assert "The RNN codec.</b> The RNN codec (GRU cells" in html
     assert 'id="coursework-run"' in html and "Figure 1.1 (the coursework&#39;s recipe)" in html
     assert all(c.verdict in ("confirmed", "refuted", "not shown", "not checked") for c in claims)
     assert "primary: per-image interpolation" in md and "Secondary: averaged per setting" in md
@@ -279,3 +282,12 @@ def test_bd_max_bpp_cuts_every_curve_and_the_report_says_so(workspace):
     E.evaluate(tiny_params(), rnn_loader=lambda model, device: FakeRNNCodec())
     whole = {(r["anchor"], r["test"], r["metric"]): r["bd_rate_pct"] for r in E.read_csv(workspace / "data/evaluation/bd.csv")}
     assert cut.keys() == whole.keys() and cut != whole  # the same pairs, over other rates
+
+
+def test_the_codec_trained_for_ms_ssim_is_said_to_trade_psnr():
+    p = tiny_params().train_compressor
+    plain = R.codec_training(p)
+    assert "L1 (mean absolute error)" in plain and "trades" not in plain
+    ms = R.codec_training(p.model_copy(update={"loss": "l1_msssim", "ssim_weight": 0.84, "init": "models/rnnc-cpu.pt"}))
+    assert "0.84 (1 - MS-SSIM) + 0.16 L1" in ms and "trades some PSNR for MS-SSIM" in ms
+    assert "warm-started from models/rnnc-cpu.pt" in ms

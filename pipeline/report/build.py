@@ -226,6 +226,22 @@ def classifier_summary(params, m: ClassifierMetrics | None) -> tuple[list[dict[s
     return [{"key": k, "value": v} for k, v in rows], per_class
 
 
+LOSSES = {"l1": "L1 (mean absolute error)", "l2": "L2 (mean squared error)",
+          "l1_ssim": "{w:g} (1 - SSIM) + {r:g} L1", "l1_msssim": "{w:g} (1 - MS-SSIM) + {r:g} L1"}
+
+
+def codec_training(p) -> str:
+    """One sentence on how the RNN codec of this run was trained (``params.train_compressor``): what its
+    quality figures should be read against (a codec trained for MS-SSIM trades PSNR for it)."""
+    loss = LOSSES.get(p.loss, p.loss).format(w=p.ssim_weight, r=round(1 - p.ssim_weight, 6))
+    start = f"warm-started from {p.init} and " if p.init else ""
+    text = (f"The RNN codec ({p.cell.upper()} cells, {p.iterations} iterations) was {start}trained with the loss "
+            f"{loss} on every iteration's reconstruction")
+    if p.loss in ("l1_ssim", "l1_msssim"):
+        text += ": trained for structural similarity as well as for the pixels, it trades some PSNR for MS-SSIM"
+    return text + "."
+
+
 def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, eval_dir: Path) -> dict[str, Any]:
     rp = params.report
     s = inputs.summary
@@ -279,7 +295,8 @@ def context(params, inputs: Inputs, prov: dict[str, Any], classifier_dir: Path, 
         "eval_figs": eval_figs, "long_run": as_dict(inputs.long_run),
         "visual": visual, "visual_info": inputs.visual, "claims": claims, "missing": inputs.missing,
         "set_name": set_name(s), "extra_sets": extra_sets(eval_dir, s),
-        "skipped": s.skipped, "durations": durations, "convention": CONVENTION, **tables(inputs),
+        "skipped": s.skipped, "durations": durations, "convention": CONVENTION, "codec_training": codec_training(params.train_compressor),
+        **tables(inputs),
     }
 
 
@@ -310,7 +327,8 @@ def render_md(ctx: dict[str, Any]) -> str:
         out += [LONG_RUN_TITLE, "", "| | |", "|---|---|"]
         out += [f"| {r['key']} | {r['value']} |" for r in ctx["long_run"]["rows"]]
         out += ["", "Its Figures 1.1, 1.2 and confusion matrix are in report.html.", ""]
-    out += [f"## Compression on {ctx['set_name']}", "", f"Evaluated on {ctx['scope']}.", "", ctx["convention"], "",
+    out += [f"## Compression on {ctx['set_name']}", "", f"Evaluated on {ctx['scope']}.", "",
+            ctx["codec_training"], "", ctx["convention"], "",
             "### Quality at fixed rates (primary: per-image interpolation)", "",
             "Mean over the images that reach the rate, 95% bootstrap interval, n/N images; n/a: no image reaches it.", ""]
     head = "| codec | " + " | ".join(f"MS-SSIM @{r:g} | PSNR @{r:g} | n @{r:g}" for r in ctx["rates"]) + " |"
