@@ -272,7 +272,9 @@ def test_trigger_tiny_pipeline_from_the_ui_and_find_it_in_mlflow(stack: Stack, b
         expect(section).to_be_visible()
         section.screenshot(path=str(SCREENSHOTS / f"10_report_{sid}.png"))
     classifier = page.locator("section#classifier")
-    expect(classifier.get_by_text("recipe")).to_be_visible()
+    expect(classifier.get_by_role("rowheader", name="recipe", exact=True)).to_be_visible()
     expect(classifier.get_by_text("airplane")).to_be_visible()  # per-class accuracy
-    assert page.locator("section#classifier img").count() == 3  # Figures 1.1, 1.2, the confusion matrix
+    expect(classifier.locator("h3#coursework-run")).to_be_visible()  # the shipped record of the 300-epoch run
+    # Figures 1.1, 1.2 and the confusion matrix, of this run and of the coursework recipe's record
+    assert page.locator("section#classifier img").count() == 3 + 3
     context.close()
