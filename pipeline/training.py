@@ -82,6 +82,15 @@ def params_key(section, *, exclude: Iterable[str] = (), left_out_at_default: dic
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def read_state(path: Path) -> Any:
+    """A checkpoint file's contents, loaded weights-only (tensors and plain values, nothing else unpickled); an
+    unreadable file is one PipelineError naming it. The caller checks the shape of what it reads."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise PipelineError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+
+
 class Checkpoint:
     """One resumable checkpoint file (``path`` None: none), valid for one ``key``, stored under ``key_field``."""
 

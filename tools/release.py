@@ -142,10 +142,9 @@ def release(checkpoint: Path, workdir: Path, out: Path, kodak: Path | None, curv
 
     if not checkpoint.is_file():
         raise PipelineError(f"{checkpoint}: no such checkpoint")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise PipelineError(f"{checkpoint}: not a readable checkpoint ({type(err).__name__})") from None
+    from pipeline.training import read_state
+
+    state = read_state(checkpoint)
     if not isinstance(state, dict) or "history" not in state or "epoch" not in state:
         raise PipelineError(f"{checkpoint}: not a train_compressor checkpoint (no epoch/history)")
     params = load_params(workdir / "params.yaml")

@@ -34,10 +34,9 @@ HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise PipelineError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    from pipeline.training import read_state
+
+    state = read_state(path)
     if not isinstance(state, dict):
         raise PipelineError(f"{path}: not a train_classifier checkpoint")
     return state

@@ -36,8 +36,13 @@ class LongRun:
         return wilson(self.acc, self.n)
 
 
+def classes(predictions: str) -> np.ndarray:
+    """A record's predictions (one digit per test image) as class indices."""
+    return np.frombuffer(predictions.encode(), dtype=np.uint8).astype(np.int64) - ord("0")
+
+
 def _accuracy(predictions: str, labels: np.ndarray) -> float:
-    return float((np.frombuffer(predictions.encode(), dtype=np.uint8) - ord("0") == labels).mean())
+    return float((classes(predictions) == labels).mean())
 
 
 def _png_uri(draw: Callable[[io.BytesIO], None]) -> str:
@@ -93,7 +98,7 @@ def figures(run: LongRun, images: np.ndarray, labels: np.ndarray) -> list[dict[s
 
     r = run.record
     history = [{k: (math.nan if v is None else v) for k, v in e.model_dump().items()} for e in r.history]
-    preds = np.frombuffer(r.predictions.encode(), dtype=np.uint8).astype(np.int64) - ord("0")
+    preds = classes(r.predictions)
     idx = np.array([e.index for e in r.examples], dtype=np.int64)
     probs = np.array([e.probs for e in r.examples], dtype=np.float64).reshape(len(idx), len(r.label_names))
     title = f"{r.recipe} recipe, {r.epochs_done} of {r.epochs} epochs"
